@@ -1,0 +1,86 @@
+"""The one way to open the cache's DuckDB file.
+
+DuckDB lets one process hold the file at a time when any connection writes ("Could not set lock
+on file"), so every connection here is short-lived: open, do one unit of work, close. A process
+that finds the file locked retries with backoff until ``timeout``. Within one process, a lock
+serialises connections, because DuckDB also refuses a read-only and a read-write connection to
+the same file side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+from cache.schema import ensure_schema
+
+DB_NAME = "workbench.duckdb"
+_process_lock = threading.RLock()
+
+
+class CacheBusy(TimeoutError):
+    """The cache file stayed locked by another process for longer than the timeout."""
+
+
+def default_cache_dir() -> Path:
+    """``$ISLE_CACHE_DIR`` if set, else ``workbench-cache/`` at the repository root."""
+    env = os.environ.get("ISLE_CACHE_DIR")
+    return Path(env).resolve() if env else Path(__file__).resolve().parents[1] / "workbench-cache"
+
+
+def db_path(cache_dir: Path) -> Path:
+    return Path(cache_dir) / DB_NAME
+
+
+def _is_lock_conflict(exc: Exception) -> bool:
+    text = str(exc)
+    return "lock" in text.lower() or "different configuration" in text
+
+
+@contextmanager
+def connect(cache_dir: Path, *, read_only: bool = False, timeout: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A connection to the cache in ``cache_dir``, closed on exit.
+
+    A writer creates the directory and the schema and runs inside one transaction (committed on
+    success, rolled back on error). Raises ``FileNotFoundError`` for a read-only connection to a
+    cache that does not exist yet, and ``CacheBusy`` after ``timeout`` seconds of lock conflicts.
+    """
+    path = db_path(cache_dir)
+    if read_only and not path.exists():
+        raise FileNotFoundError(f"{path}: no cache yet (queue a job first)")
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    with _process_lock:
+        while True:
+            try:
+                con = duckdb.connect(str(path), read_only=read_only)
+                break
+            except (duckdb.IOException, duckdb.ConnectionException) as exc:
+                if not _is_lock_conflict(exc) or time.monotonic() > deadline:
+                    if _is_lock_conflict(exc):
+                        raise CacheBusy(f"{path}: still locked by another process after {timeout:.0f} s") from exc
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        try:
+            if read_only:
+                yield con
+            else:
+                con.execute("BEGIN TRANSACTION")
+                ensure_schema(con)
+                try:
+                    yield con
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+                con.execute("COMMIT")
+        finally:
+            con.close()

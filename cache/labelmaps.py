@@ -1,0 +1,80 @@
+"""Label maps and class scores on disk.
+
+Label maps are VOC palette ("P" mode) PNGs, ``(H, W) uint8`` with values 0-20 and 255 (ignore);
+class scores are ``.npz`` files holding ``classes: (K,) int16`` and ``scores: (K, h, w) float16``.
+Files are written to a temporary name and renamed, so a killed process never leaves half a file
+under the final name. Their paths are recorded only in DuckDB (``cache/queries.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cache.voc import IGNORE_INDEX, NUM_CLASSES, VOC_PALETTE
+
+
+class LabelMapError(ValueError):
+    """A label map file that cannot be used; the message names the file and the problem."""
+
+
+def _atomic_target(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_label_map(path: Path, label: np.ndarray) -> None:
+    """Write ``label: (H, W) uint8`` (0-20, 255) as a VOC palette PNG at ``path``."""
+    label = np.asarray(label)
+    if label.ndim != 2 or label.dtype != np.uint8:
+        raise LabelMapError(f"{path}: expected a (H, W) uint8 label map, got {label.shape} {label.dtype}")
+    bad = np.setdiff1d(np.unique(label), [*range(NUM_CLASSES), IGNORE_INDEX])
+    if bad.size:
+        raise LabelMapError(f"{path}: label values {bad.tolist()} are not VOC classes 0-20 or 255")
+    image = Image.fromarray(label, mode="P")
+    image.putpalette(VOC_PALETTE.flatten().tolist())
+    tmp = _atomic_target(path)
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def read_label_map(path: Path) -> np.ndarray:
+    """Read a label map PNG (palette or single-channel) as ``(H, W) uint8``.
+
+    Raises ``LabelMapError`` naming the file when it is missing, unreadable or not single-channel.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LabelMapError(f"{path}: label map file is missing")
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L"):
+                raise LabelMapError(f"{path}: expected a palette or grayscale PNG, got mode {image.mode}")
+            return np.array(image, dtype=np.uint8)
+    except LabelMapError:
+        raise
+    except Exception as exc:  # PIL raises many types for a corrupt file
+        raise LabelMapError(f"{path}: cannot decode label map ({exc})") from exc
+
+
+def write_scores(path: Path, classes: tuple[int, ...], scores: np.ndarray) -> None:
+    """Store ``scores: (K, h, w)`` for ``classes`` (K ids, 0 = background) as float16."""
+    scores = np.asarray(scores)
+    if scores.ndim != 3 or scores.shape[0] != len(classes):
+        raise LabelMapError(f"{path}: expected scores of shape ({len(classes)}, h, w), got {scores.shape}")
+    tmp = _atomic_target(path)
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, classes=np.asarray(classes, np.int16), scores=scores.astype(np.float16))
+    os.replace(tmp, path)
+
+
+def read_scores(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """``(classes, (K, h, w) float32)`` from a scores file written by ``write_scores``."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabelMapError(f"{path}: scores file is missing")
+    with np.load(path) as data:
+        return tuple(int(c) for c in data["classes"]), data["scores"].astype(np.float32)

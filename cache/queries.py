@@ -1,0 +1,356 @@
+"""Every SQL string of the workbench, one function per question.
+
+Functions take an open connection from ``cache.db.connect``; writers are called only by the
+engine (the app writes nothing but job requests and cancel flags).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+
+from cache.schema import FINISHED, JobStatus
+
+Con = duckdb.DuckDBPyConnection
+
+
+def _dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+# --- datasets and images -------------------------------------------------------------------
+
+
+def upsert_dataset(con: Con, dataset_id: str, name: str, root: str) -> None:
+    con.execute(
+        "INSERT INTO datasets (id, name, root) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        [dataset_id, name, root],
+    )
+
+
+def replace_split_images(con: Con, dataset_id: str, split: str, rows: Sequence[tuple]) -> None:
+    """Replace a split's image rows; each row is ``(image_id, image_path, mask_path, height,
+    width, labels, problem)``."""
+    con.execute("DELETE FROM images WHERE dataset_id = ? AND split = ?", [dataset_id, split])
+    if rows:
+        con.executemany(
+            "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(dataset_id, split, *row) for row in rows],
+        )
+
+
+def mark_scanned(con: Con, dataset_id: str) -> None:
+    con.execute("UPDATE datasets SET scanned_at = ? WHERE id = ?", [time.time(), dataset_id])
+
+
+def datasets(con: Con) -> list[dict[str, Any]]:
+    return _dicts(con.execute("SELECT * FROM datasets ORDER BY name"))
+
+
+def get_dataset(con: Con, dataset_id: str) -> dict[str, Any] | None:
+    rows = _dicts(con.execute("SELECT * FROM datasets WHERE id = ?", [dataset_id]))
+    return rows[0] if rows else None
+
+
+def split_summary(con: Con, dataset_id: str) -> list[dict[str, Any]]:
+    """Per split: images listed, usable, and with a problem."""
+    return _dicts(con.execute(
+        """SELECT split, count(*) AS listed, count(*) FILTER (WHERE problem IS NULL) AS usable,
+                  count(*) FILTER (WHERE problem IS NOT NULL) AS with_problem
+           FROM images WHERE dataset_id = ? GROUP BY split ORDER BY split""",
+        [dataset_id],
+    ))
+
+
+def image_problems(con: Con, dataset_id: str) -> list[dict[str, Any]]:
+    return _dicts(con.execute(
+        "SELECT split, image_id, problem FROM images WHERE dataset_id = ? AND problem IS NOT NULL "
+        "ORDER BY split, image_id",
+        [dataset_id],
+    ))
+
+
+def usable_images(con: Con, dataset_id: str, split: str) -> list[dict[str, Any]]:
+    """The split's images without a problem, in id order."""
+    return _dicts(con.execute(
+        "SELECT * FROM images WHERE dataset_id = ? AND split = ? AND problem IS NULL ORDER BY image_id",
+        [dataset_id, split],
+    ))
+
+
+# --- variants and label maps ---------------------------------------------------------------
+
+
+def insert_variant(con: Con, row: dict[str, Any]) -> None:
+    """Add a variant unless one with the same id (same chain and parameters) exists."""
+    con.execute(
+        """INSERT INTO variants (id, dataset_id, name, method, step, params, steps, source_id,
+                                 code_version, created_at)
+           VALUES ($id, $dataset_id, $name, $method, $step, $params, $steps, $source_id,
+                   $code_version, $created_at)
+           ON CONFLICT (id) DO NOTHING""",
+        row,
+    )
+
+
+def get_variant(con: Con, variant_id: str) -> dict[str, Any] | None:
+    rows = _dicts(con.execute("SELECT * FROM variants WHERE id = ?", [variant_id]))
+    return rows[0] if rows else None
+
+
+def variants(con: Con, dataset_id: str) -> list[dict[str, Any]]:
+    """Every variant of the dataset with its number of label maps, sources before refinements."""
+    return _dicts(con.execute(
+        """SELECT v.*, count(m.image_id) AS n_label_maps
+           FROM variants v LEFT JOIN label_maps m ON m.variant_id = v.id
+           WHERE v.dataset_id = ? GROUP BY ALL ORDER BY v.created_at, v.name""",
+        [dataset_id],
+    ))
+
+
+def label_map_rows(con: Con, variant_id: str) -> dict[str, tuple[str, str | None]]:
+    """``{image_id: (label path, scores path or None)}``, paths relative to the cache dir."""
+    rows = con.execute(
+        "SELECT image_id, path, scores_path FROM label_maps WHERE variant_id = ?", [variant_id]
+    ).fetchall()
+    return {image_id: (path, scores) for image_id, path, scores in rows}
+
+
+@dataclass(frozen=True)
+class ResultRows:
+    """What one flush of the worker records: label maps, their counts, and skipped images."""
+
+    label_maps: list[tuple[str, str, str | None]]  # (image_id, path, scores_path)
+    counts: list[tuple[str, int, int, int, int]]  # (image_id, class_id, tp, fp, fn)
+    errors: list[tuple[str, str]]  # (image_id, message)
+
+
+def record_results(con: Con, job_id: int, variant_id: str, rows: ResultRows) -> None:
+    now = time.time()
+    if rows.label_maps:
+        ids = [r[0] for r in rows.label_maps]
+        # A re-run image replaces its old rows (a crash may have left a PNG but no row).
+        con.execute("DELETE FROM counts WHERE variant_id = ? AND image_id IN (SELECT unnest(?))", [variant_id, ids])
+        con.executemany(
+            "INSERT OR REPLACE INTO label_maps VALUES (?, ?, ?, ?, ?)",
+            [(variant_id, image_id, path, scores, now) for image_id, path, scores in rows.label_maps],
+        )
+    if rows.counts:
+        con.executemany(
+            "INSERT INTO counts VALUES (?, ?, ?, ?, ?, ?)",
+            [(variant_id, *r) for r in rows.counts],
+        )
+    if rows.errors:
+        con.executemany(
+            "INSERT INTO image_errors VALUES (?, ?, ?, ?, ?)",
+            [(job_id, variant_id, image_id, message, now) for image_id, message in rows.errors],
+        )
+
+
+def image_errors(con: Con, job_id: int) -> list[dict[str, Any]]:
+    return _dicts(con.execute(
+        "SELECT image_id, message FROM image_errors WHERE job_id = ? ORDER BY image_id", [job_id]
+    ))
+
+
+# --- per-class IoU -------------------------------------------------------------------------
+
+
+def class_counts(con: Con, dataset_id: str, split: str) -> list[dict[str, Any]]:
+    """Per variant and class, over the split's images the variant has labelled: summed TP, FP,
+    FN, the number of images whose ground truth holds the class, and IoU = TP / (TP + FP + FN)
+    (NULL when no image of the split holds the class). One aggregation; no label map decoded."""
+    return _dicts(con.execute(
+        """SELECT c.variant_id, c.class_id::INTEGER AS class_id,
+                  sum(c.tp) AS tp, sum(c.fp) AS fp, sum(c.fn) AS fn,
+                  count(*) FILTER (WHERE c.tp + c.fn > 0) AS n_images,
+                  CASE WHEN sum(c.tp + c.fn) > 0
+                       THEN sum(c.tp) / sum(c.tp + c.fp + c.fn) END AS iou
+           FROM counts c
+           JOIN images i ON i.image_id = c.image_id AND i.dataset_id = ? AND i.split = ?
+                        AND i.problem IS NULL
+           JOIN variants v ON v.id = c.variant_id AND v.dataset_id = i.dataset_id
+           GROUP BY c.variant_id, c.class_id
+           ORDER BY c.variant_id, c.class_id""",
+        [dataset_id, split],
+    ))
+
+
+def labelled_in_split(con: Con, dataset_id: str, split: str) -> dict[str, int]:
+    """``{variant_id: number of the split's usable images with a label map}``."""
+    rows = con.execute(
+        """SELECT m.variant_id, count(*) FROM label_maps m
+           JOIN images i ON i.image_id = m.image_id AND i.dataset_id = ? AND i.split = ?
+                        AND i.problem IS NULL
+           GROUP BY m.variant_id""",
+        [dataset_id, split],
+    ).fetchall()
+    return dict(rows)
+
+
+# --- jobs ----------------------------------------------------------------------------------
+
+
+def insert_job(con: Con, kind: str, dataset_id: str, variant_id: str | None, split: str | None,
+               depends_on: int | None) -> int:
+    return con.execute(
+        """INSERT INTO jobs (kind, dataset_id, variant_id, split, status, depends_on, created_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id""",
+        [kind, dataset_id, variant_id, split, JobStatus.QUEUED.value, depends_on, time.time()],
+    ).fetchone()[0]
+
+
+def open_job(con: Con, kind: str, dataset_id: str, variant_id: str | None, split: str | None) -> dict[str, Any] | None:
+    """A queued or running job doing exactly this, if any."""
+    rows = _dicts(con.execute(
+        """SELECT * FROM jobs WHERE kind = ? AND dataset_id = ? AND variant_id IS NOT DISTINCT FROM ?
+                  AND split IS NOT DISTINCT FROM ? AND status IN (?, ?) ORDER BY id LIMIT 1""",
+        [kind, dataset_id, variant_id, split, JobStatus.QUEUED.value, JobStatus.RUNNING.value],
+    ))
+    return rows[0] if rows else None
+
+
+def get_job(con: Con, job_id: int) -> dict[str, Any] | None:
+    rows = _dicts(con.execute("SELECT * FROM jobs WHERE id = ?", [job_id]))
+    return rows[0] if rows else None
+
+
+def recent_jobs(con: Con, limit: int = 50) -> list[dict[str, Any]]:
+    """Newest first, with the variant's name."""
+    return _dicts(con.execute(
+        """SELECT j.*, v.name AS variant_name FROM jobs j LEFT JOIN variants v ON v.id = j.variant_id
+           ORDER BY j.id DESC LIMIT ?""",
+        [limit],
+    ))
+
+
+def runnable_jobs(con: Con) -> list[dict[str, Any]]:
+    """Queued jobs whose dependency has finished (or that have none), oldest first."""
+    return _dicts(con.execute(
+        """SELECT j.*, d.status AS dependency_status FROM jobs j
+           LEFT JOIN jobs d ON d.id = j.depends_on
+           WHERE j.status = ? AND (j.depends_on IS NULL OR d.status IN (?, ?, ?))
+           ORDER BY j.id""",
+        [JobStatus.QUEUED.value, *(s.value for s in FINISHED)],
+    ))
+
+
+def has_unfinished_jobs(con: Con) -> bool:
+    return con.execute(
+        "SELECT count(*) FROM jobs WHERE status IN (?, ?)",
+        [JobStatus.QUEUED.value, JobStatus.RUNNING.value],
+    ).fetchone()[0] > 0
+
+
+def claim_job(con: Con, job_id: int, worker: str) -> bool:
+    """queued -> running, guarded by the old state; False if another worker took it first."""
+    now = time.time()
+    row = con.execute(
+        """UPDATE jobs SET status = ?, worker = ?, attempts = attempts + 1, started_at = ?,
+                  heartbeat_at = ?, error = NULL
+           WHERE id = ? AND status = ? RETURNING id""",
+        [JobStatus.RUNNING.value, worker, now, now, job_id, JobStatus.QUEUED.value],
+    ).fetchone()
+    return row is not None
+
+
+def set_progress(con: Con, job_id: int, stage: str, done: int, total: int, n_errors: int) -> bool:
+    """Record progress and a heartbeat; returns whether the user asked to cancel."""
+    row = con.execute(
+        """UPDATE jobs SET stage = ?, done = ?, total = ?, n_errors = ?, heartbeat_at = ?
+           WHERE id = ? AND status = ? RETURNING cancel_requested""",
+        [stage, done, total, n_errors, time.time(), job_id, JobStatus.RUNNING.value],
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def finish_job(con: Con, job_id: int, status: JobStatus, error: str | None = None) -> bool:
+    """running -> done | failed | cancelled, guarded by the old state."""
+    row = con.execute(
+        "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ? AND status = ? RETURNING id",
+        [status.value, error, time.time(), job_id, JobStatus.RUNNING.value],
+    ).fetchone()
+    return row is not None
+
+
+def fail_queued_job(con: Con, job_id: int, error: str) -> bool:
+    """queued -> failed (its dependency failed), guarded by the old state."""
+    row = con.execute(
+        "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ? AND status = ? RETURNING id",
+        [JobStatus.FAILED.value, error, time.time(), job_id, JobStatus.QUEUED.value],
+    ).fetchone()
+    return row is not None
+
+
+def running_jobs(con: Con) -> list[dict[str, Any]]:
+    return _dicts(con.execute("SELECT * FROM jobs WHERE status = ?", [JobStatus.RUNNING.value]))
+
+
+def requeue_stale_job(con: Con, job_id: int, heartbeat_at: float | None) -> str | None:
+    """A running job whose worker died: back to queued while attempts remain, else failed.
+
+    Guarded by the old state and heartbeat, so a job that came back to life is left alone.
+    Returns the new status, or None when the guard did not match."""
+    row = con.execute(
+        """UPDATE jobs SET status = CASE WHEN attempts < max_attempts THEN ? ELSE ? END,
+                  error = CASE WHEN attempts < max_attempts THEN NULL
+                               ELSE 'worker died ' || attempts || ' times' END,
+                  finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE ? END
+           WHERE id = ? AND status = ? AND heartbeat_at IS NOT DISTINCT FROM ? RETURNING status""",
+        [JobStatus.QUEUED.value, JobStatus.FAILED.value, time.time(), job_id,
+         JobStatus.RUNNING.value, heartbeat_at],
+    ).fetchone()
+    return row[0] if row else None
+
+
+def request_cancel(con: Con, job_ids: Iterable[int]) -> None:
+    """Ask the worker to stop these jobs; a queued job is cancelled when the worker reaches it."""
+    con.execute(
+        "UPDATE jobs SET cancel_requested = TRUE WHERE id IN (SELECT unnest(?)) AND status IN (?, ?)",
+        [list(job_ids), JobStatus.QUEUED.value, JobStatus.RUNNING.value],
+    )
+
+
+def cancel_queued_job(con: Con, job_id: int) -> bool:
+    """queued -> cancelled, for a job whose cancel was requested before it started."""
+    row = con.execute(
+        "UPDATE jobs SET status = ?, finished_at = ? WHERE id = ? AND status = ? RETURNING id",
+        [JobStatus.CANCELLED.value, time.time(), job_id, JobStatus.QUEUED.value],
+    ).fetchone()
+    return row is not None
+
+
+def class_image_counts(con: Con, dataset_id: str, split: str) -> dict[int, int]:
+    """``{class_id: usable images of the split whose image-level labels hold it}``; background
+    (0) is given as the number of usable images, since labels list foreground classes only."""
+    rows = con.execute(
+        """SELECT unnest(labels)::INTEGER AS class_id, count(*) FROM images
+           WHERE dataset_id = ? AND split = ? AND problem IS NULL GROUP BY 1""",
+        [dataset_id, split],
+    ).fetchall()
+    total = con.execute(
+        "SELECT count(*) FROM images WHERE dataset_id = ? AND split = ? AND problem IS NULL",
+        [dataset_id, split],
+    ).fetchone()[0]
+    return {0: total, **dict(rows)}
+
+
+def splits(con: Con, dataset_id: str) -> list[str]:
+    return [r[0] for r in con.execute(
+        "SELECT DISTINCT split FROM images WHERE dataset_id = ? ORDER BY split", [dataset_id]
+    ).fetchall()]
+
+
+def cache_state(con: Con) -> tuple:
+    """A cheap fingerprint that changes whenever label maps, variants or jobs change: the key of
+    the app's cached query results."""
+    return con.execute(
+        """SELECT (SELECT count(*) FROM label_maps), (SELECT max(created_at) FROM label_maps),
+                  (SELECT count(*) FROM variants), (SELECT count(*) FROM images),
+                  (SELECT string_agg(id || status || done, ',' ORDER BY id) FROM jobs)"""
+    ).fetchone()

@@ -1,0 +1,84 @@
+"""Every table of the cache, and its version.
+
+Times are UNIX epoch seconds (DOUBLE). JSON is stored as VARCHAR. Label-map and score paths are
+relative to the cache directory, so a cache folder can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import duckdb
+
+SCHEMA_VERSION = 1
+
+STATEMENTS = (
+    "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
+    # A VOCdevkit root; id = hash of its resolved path.
+    """CREATE TABLE IF NOT EXISTS datasets (
+        id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, root VARCHAR NOT NULL,
+        scanned_at DOUBLE)""",
+    # One row per (split, image); labels = image-level foreground classes (1-20) from the mask;
+    # problem names the bad file and what is wrong, NULL for a usable image.
+    """CREATE TABLE IF NOT EXISTS images (
+        dataset_id VARCHAR NOT NULL, split VARCHAR NOT NULL, image_id VARCHAR NOT NULL,
+        image_path VARCHAR NOT NULL, mask_path VARCHAR, height INTEGER, width INTEGER,
+        labels UTINYINT[] NOT NULL, problem VARCHAR,
+        PRIMARY KEY (dataset_id, split, image_id))""",
+    # A variant = a method followed by a chain of refinements; id hashes the whole chain with its
+    # parameters, so the same chain is the same variant and a changed parameter a new one.
+    """CREATE TABLE IF NOT EXISTS variants (
+        id VARCHAR PRIMARY KEY, dataset_id VARCHAR NOT NULL, name VARCHAR NOT NULL,
+        method VARCHAR NOT NULL, step VARCHAR NOT NULL, params VARCHAR NOT NULL,
+        steps VARCHAR NOT NULL, source_id VARCHAR, code_version VARCHAR NOT NULL,
+        created_at DOUBLE NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS label_maps (
+        variant_id VARCHAR NOT NULL, image_id VARCHAR NOT NULL, path VARCHAR NOT NULL,
+        scores_path VARCHAR, created_at DOUBLE NOT NULL,
+        PRIMARY KEY (variant_id, image_id))""",
+    # Per image and class, against the ground truth with GT 255 pixels ignored; a predicted 255
+    # counts as a miss (FN) of the true class. Only rows with tp + fp + fn > 0 are stored.
+    """CREATE TABLE IF NOT EXISTS counts (
+        variant_id VARCHAR NOT NULL, image_id VARCHAR NOT NULL, class_id UTINYINT NOT NULL,
+        tp BIGINT NOT NULL, fp BIGINT NOT NULL, fn BIGINT NOT NULL,
+        PRIMARY KEY (variant_id, image_id, class_id))""",
+    "CREATE SEQUENCE IF NOT EXISTS job_ids START 1",
+    # kind 'scan' registers a dataset; kind 'label' makes a variant's label maps for a split.
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id BIGINT PRIMARY KEY DEFAULT nextval('job_ids'), kind VARCHAR NOT NULL,
+        dataset_id VARCHAR NOT NULL, variant_id VARCHAR, split VARCHAR,
+        status VARCHAR NOT NULL, stage VARCHAR, done BIGINT NOT NULL DEFAULT 0,
+        total BIGINT NOT NULL DEFAULT 0, n_errors BIGINT NOT NULL DEFAULT 0, error VARCHAR,
+        depends_on BIGINT, cancel_requested BOOLEAN NOT NULL DEFAULT FALSE,
+        attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL DEFAULT 3,
+        worker VARCHAR, created_at DOUBLE NOT NULL, started_at DOUBLE, heartbeat_at DOUBLE,
+        finished_at DOUBLE)""",
+    # Bad input met while running a job: the image is skipped, the job goes on.
+    """CREATE TABLE IF NOT EXISTS image_errors (
+        job_id BIGINT NOT NULL, variant_id VARCHAR, image_id VARCHAR NOT NULL,
+        message VARCHAR NOT NULL, created_at DOUBLE NOT NULL)""",
+)
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create missing tables; refuse a cache written by a newer schema."""
+    for statement in STATEMENTS:
+        con.execute(statement)
+    row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row is None:
+        con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+    elif int(row[0]) > SCHEMA_VERSION:
+        raise RuntimeError(f"cache schema version {row[0]} is newer than this code ({SCHEMA_VERSION})")
+
+
+class JobStatus(str, Enum):
+    """queued -> running -> done | failed | cancelled; only ``engine/worker.py`` moves a job."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)

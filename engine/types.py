@@ -1,0 +1,100 @@
+"""What flows between the worker and the method/refinement plugins.
+
+A plugin turns a ``RunContext`` into a stream of ``LabelResult``s, one per image of
+``ctx.todo``; the worker writes each result to the cache as it arrives, so a killed job loses at
+most the image in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class Cancelled(Exception):
+    """Raised by ``RunContext.report`` when the user cancelled the job."""
+
+
+class ImageError(Exception):
+    """A bad input file; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a dataset split, as registered in the cache.
+
+    ``labels`` are the image-level foreground class ids (1-20), derived from the ground-truth
+    mask. ``mask_path`` is the ground truth: WSSS methods must only use ``labels``; it is here for
+    evaluation and for modes explicitly marked as oracle.
+    """
+
+    image_id: str
+    image_path: Path
+    mask_path: Path | None
+    labels: tuple[int, ...]
+    height: int
+    width: int
+
+
+@dataclass
+class LabelResult:
+    """A pseudo-label for one image, or the reason there is none.
+
+    label: ``(H, W) uint8``, values 0-20 or 255 (ignore), H and W the image size.
+    scores: ``(K, h, w) float16/float32 in [0, 1]``, the per-class scores the label was derived
+        from (any resolution; stored as float16). Channel k belongs to class ``score_classes[k]``;
+        class 0 is the background score.
+    error: set instead of ``label`` when the image could not be processed (bad input).
+    """
+
+    image_id: str
+    label: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    score_classes: tuple[int, ...] = ()
+    error: str | None = None
+
+
+class SourceVariant:
+    """Read access to the variant a refinement starts from (its label maps and scores)."""
+
+    def __init__(self, label_path: Callable[[str], Path], scores_path: Callable[[str], Path | None]):
+        self._label_path = label_path
+        self._scores_path = scores_path
+
+    def label(self, image_id: str) -> np.ndarray:
+        """``(H, W) uint8`` label map of the source variant for ``image_id``."""
+        from cache.labelmaps import read_label_map
+
+        return read_label_map(self._label_path(image_id))
+
+    def scores(self, image_id: str) -> tuple[tuple[int, ...], np.ndarray] | None:
+        """``(classes, (K, h, w) float32)`` stored scores, or None if the source kept none."""
+        from cache.labelmaps import read_scores
+
+        path = self._scores_path(image_id)
+        return None if path is None else read_scores(path)
+
+
+@dataclass
+class RunContext:
+    """Everything a plugin may use.
+
+    items: every valid image of the split (a method trains on these).
+    todo: the images that still need a label map; a resumed job gets only the unfinished ones.
+    workdir: a directory private to this variant that survives restarts (checkpoints).
+    device: ``"cuda"`` when available, else ``"cpu"``.
+    report: ``report(stage, done, total)`` records progress and a heartbeat; raises ``Cancelled``.
+    source: the input variant, for refinements (None for methods).
+    processes: how many worker processes CPU-bound per-image steps may use.
+    """
+
+    items: Sequence[Item]
+    todo: Sequence[Item]
+    workdir: Path
+    device: str = "cpu"
+    report: Callable[[str, int, int], None] = field(default=lambda stage, done, total: None)
+    source: SourceVariant | None = None
+    processes: int = 2

@@ -1,0 +1,272 @@
+"""The background worker: takes queued jobs from the cache and runs them, one at a time.
+
+Job states (``cache.schema.JobStatus``) move only here: queued -> running -> done | failed |
+cancelled, one guarded UPDATE per change. A running job writes a heartbeat with its progress; a
+job whose worker died (a dead local PID, or a heartbeat older than ``stale_seconds``) is queued
+again while attempts remain. Label maps are written one by one and recorded in batches, so a
+restarted job skips every image already recorded: nothing finished is redone or lost.
+
+Only this process writes label maps and counts; it holds the DuckDB file for a few milliseconds
+per batch (``cache.db.connect``), so the app can read in between.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cache import queries
+from cache.db import connect
+from cache.labelmaps import write_label_map, write_scores
+from cache.schema import JobStatus
+from engine import registry
+from engine.dataset import DatasetError, list_splits, read_mask, scan_split
+from engine.metrics import confusion_counts
+from engine.types import Cancelled, ImageError, Item, LabelResult, RunContext, SourceVariant
+
+log = logging.getLogger("isle.worker")
+
+ProgressFn = Callable[[dict[str, Any], str, int, int], None]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    cache_dir: Path
+    poll_seconds: float = 1.0
+    stale_seconds: float = 120.0  # no heartbeat for this long: the job's worker is presumed dead
+    flush_seconds: float = 1.0  # how often results and progress are written to the cache
+    processes: int = 2  # for per-image CPU work (dCRF)
+    until_idle: bool = False  # stop when no job is queued or running
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _worker_is_dead(name: str | None, heartbeat_at: float | None, stale_seconds: float) -> bool:
+    host, _, pid = (name or "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    return heartbeat_at is None or time.time() - heartbeat_at > stale_seconds
+
+
+def sweep_stale_jobs(cache_dir: Path, stale_seconds: float) -> list[int]:
+    """Requeue (or fail, when out of attempts) running jobs whose worker died; returns their ids."""
+    swept = []
+    with connect(cache_dir) as con:
+        for job in queries.running_jobs(con):
+            if job["worker"] != worker_name() and _worker_is_dead(job["worker"], job["heartbeat_at"], stale_seconds):
+                if queries.requeue_stale_job(con, job["id"], job["heartbeat_at"]):
+                    log.warning("job %s: worker %s is gone; requeued or failed", job["id"], job["worker"])
+                    swept.append(job["id"])
+    return swept
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _item(row: dict[str, Any]) -> Item:
+    return Item(
+        image_id=row["image_id"],
+        image_path=Path(row["image_path"]),
+        mask_path=Path(row["mask_path"]) if row["mask_path"] else None,
+        labels=tuple(int(c) for c in row["labels"]),
+        height=int(row["height"]),
+        width=int(row["width"]),
+    )
+
+
+class _JobRun:
+    """One running job: progress reporting, cancel checks, and batched recording of results."""
+
+    def __init__(self, cfg: WorkerConfig, job: dict[str, Any], on_progress: ProgressFn | None):
+        self.cfg, self.job, self.on_progress = cfg, job, on_progress
+        self.stage, self.done, self.total, self.n_errors = "start", 0, 0, 0
+        self.pending = queries.ResultRows([], [], [])
+        self.last_flush = 0.0
+
+    def report(self, stage: str, done: int, total: int) -> None:
+        """Progress from a plugin (e.g. training steps); raises ``Cancelled`` if asked to stop."""
+        self.stage, self.done, self.total = stage, done, total
+        if self.on_progress:
+            self.on_progress(self.job, stage, done, total)
+        if time.monotonic() - self.last_flush >= self.cfg.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        with connect(self.cfg.cache_dir) as con:
+            if self.job["kind"] == "label":
+                queries.record_results(con, self.job["id"], self.job["variant_id"], self.pending)
+            cancel = queries.set_progress(con, self.job["id"], self.stage, self.done, self.total, self.n_errors)
+        self.pending = queries.ResultRows([], [], [])
+        self.last_flush = time.monotonic()
+        if cancel:
+            raise Cancelled(f"job {self.job['id']} cancelled")
+
+
+def _run_scan(run: _JobRun, dataset: dict[str, Any]) -> None:
+    root = Path(dataset["root"])
+    splits = list_splits(root)
+    if not splits:
+        raise DatasetError(f"{root / 'ImageSets' / 'Segmentation'}: no split lists (*.txt)")
+    problems = []
+    for index, split in enumerate(splits):
+        run.report(f"scan {split}", index, len(splits))
+        try:
+            records = scan_split(root, split, processes=run.cfg.processes)
+        except DatasetError as exc:
+            problems.append(str(exc))
+            continue
+        rows = [(r.image_id, str(r.image_path), str(r.mask_path) if r.mask_path else None,
+                 r.height, r.width, list(r.labels), r.problem) for r in records]
+        with connect(run.cfg.cache_dir) as con:
+            queries.replace_split_images(con, dataset["id"], split, rows)
+        run.n_errors += sum(r.problem is not None for r in records)
+    with connect(run.cfg.cache_dir) as con:
+        queries.mark_scanned(con, dataset["id"])
+    run.report("scanned", len(splits), len(splits))
+    if problems:
+        raise DatasetError("; ".join(problems))
+
+
+def _record(run: _JobRun, result: LabelResult, item: Item, labels_dir: Path, variant_id: str) -> None:
+    """Write one result's files and queue its rows; bad results become per-image errors."""
+    cache_dir = run.cfg.cache_dir
+    try:
+        if result.error is not None:
+            raise ImageError(result.error)
+        label = result.label
+        if label is None or label.shape != (item.height, item.width):
+            shape = None if label is None else label.shape
+            raise ImageError(f"{item.image_path}: pseudo-label shape {shape} differs from image size {(item.height, item.width)}")
+        path = labels_dir / f"{item.image_id}.png"
+        write_label_map(cache_dir / path, label)
+        scores_path = None
+        if result.scores is not None:
+            scores_path = Path("scores") / variant_id / f"{item.image_id}.npz"
+            write_scores(cache_dir / scores_path, result.score_classes, result.scores)
+        if item.mask_path is not None:
+            counts = confusion_counts(read_mask(item.mask_path, (item.height, item.width)), label)
+            for class_id, (tp, fp, fn) in enumerate(counts.tolist()):
+                if tp or fp or fn:
+                    run.pending.counts.append((item.image_id, class_id, tp, fp, fn))
+        run.pending.label_maps.append((item.image_id, str(path), str(scores_path) if scores_path else None))
+    except (ImageError, ValueError) as exc:
+        run.n_errors += 1
+        run.pending.errors.append((item.image_id, str(exc)))
+        log.warning("job %s: %s", run.job["id"], exc)
+
+
+def _run_label(run: _JobRun, dataset: dict[str, Any]) -> None:
+    cache_dir = run.cfg.cache_dir
+    job = run.job
+    with connect(cache_dir, read_only=True) as con:
+        variant = queries.get_variant(con, job["variant_id"])
+        rows = queries.usable_images(con, dataset["id"], job["split"])
+        finished = queries.label_map_rows(con, variant["id"])
+        source_rows = queries.label_map_rows(con, variant["source_id"]) if variant["source_id"] else None
+    if not rows:
+        raise DatasetError(f"split {job['split']!r} of {dataset['root']} has no usable images")
+    plugin = registry.get(variant["step"])
+    cfg = plugin.make_config(json.loads(variant["params"]))
+    items = [_item(r) for r in rows]
+    by_id = {it.image_id: it for it in items}
+    todo = [it for it in items if it.image_id not in finished]
+
+    source = None
+    if source_rows is not None:
+        def source_file(image_id: str, column: int) -> Path | None:
+            if image_id not in source_rows:
+                raise ImageError(f"source variant {variant['source_id']} has no label map for image {image_id}")
+            value = source_rows[image_id][column]
+            return cache_dir / value if value else None
+
+        source = SourceVariant(lambda i: source_file(i, 0), lambda i: source_file(i, 1))
+
+    ctx = RunContext(items=items, todo=todo, workdir=cache_dir / "work" / variant["id"], device=_device(),
+                     report=run.report, source=source, processes=run.cfg.processes)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    labels_dir = Path("labels") / variant["id"]
+    done = len(items) - len(todo)
+    run.report("label", done, len(items))
+    if not todo:
+        return
+    for result in plugin.run(cfg, ctx):
+        _record(run, result, by_id[result.image_id], labels_dir, variant["id"])
+        done += 1
+        run.report("label", done, len(items))
+
+
+def run_job(cfg: WorkerConfig, job: dict[str, Any], on_progress: ProgressFn | None = None) -> JobStatus:
+    """Run a claimed job to its end state and record it."""
+    run = _JobRun(cfg, job, on_progress)
+    with connect(cfg.cache_dir, read_only=True) as con:
+        dataset = queries.get_dataset(con, job["dataset_id"])
+    status, error = JobStatus.DONE, None
+    try:
+        if job["kind"] == "scan":
+            _run_scan(run, dataset)
+        else:
+            _run_label(run, dataset)
+        run.flush()
+    except Cancelled:
+        status = JobStatus.CANCELLED
+    except Exception as exc:  # the job fails, the worker goes on
+        status, error = JobStatus.FAILED, f"{type(exc).__name__}: {exc}"
+        log.error("job %s failed:\n%s", job["id"], traceback.format_exc())
+    if status is not JobStatus.DONE:
+        try:
+            run.flush()  # keep every finished image
+        except Cancelled:
+            pass
+    with connect(cfg.cache_dir) as con:
+        queries.finish_job(con, job["id"], status, error)
+    return status
+
+
+def run_next(cfg: WorkerConfig, on_progress: ProgressFn | None = None) -> bool:
+    """Claim and run the oldest runnable job; False when there was none."""
+    with connect(cfg.cache_dir) as con:
+        for job in queries.runnable_jobs(con):
+            if job["cancel_requested"]:
+                queries.cancel_queued_job(con, job["id"])
+            elif job["dependency_status"] in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
+                queries.fail_queued_job(con, job["id"], f"job {job['depends_on']} it depends on {job['dependency_status']}")
+            elif queries.claim_job(con, job["id"], worker_name()):
+                claimed = queries.get_job(con, job["id"])
+                break
+        else:
+            return False
+    log.info("job %s (%s) started", claimed["id"], claimed["kind"])
+    status = run_job(cfg, claimed, on_progress)
+    log.info("job %s %s", claimed["id"], status.value)
+    return True
+
+
+def serve(cfg: WorkerConfig, on_progress: ProgressFn | None = None) -> None:
+    """The worker loop: sweep dead workers' jobs, run jobs, poll; returns only with ``until_idle``."""
+    while True:
+        sweep_stale_jobs(cfg.cache_dir, cfg.stale_seconds)
+        if run_next(cfg, on_progress):
+            continue
+        if cfg.until_idle:
+            with connect(cfg.cache_dir, read_only=True) as con:
+                if not queries.has_unfinished_jobs(con):
+                    return
+        time.sleep(cfg.poll_seconds)

@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--progress", action="store_true", help="show progress bars")
     w.add_argument("--stale-seconds", type=float, default=120.0)
     w.add_argument("--processes", type=int, default=2)
+    w.add_argument("--flush-seconds", type=float, default=1.0, help="how often results are recorded")
     sub.add_parser("status", help="jobs, and per-class IoU of every variant on --split")
     c = sub.add_parser("cancel", help="cancel jobs")
     c.add_argument("job_ids", nargs="+", type=int)
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             _print_status(cache_dir, root, args.split)
     elif args.command == "worker":
         cfg = WorkerConfig(cache_dir, until_idle=args.until_idle, stale_seconds=args.stale_seconds,
-                           processes=args.processes)
+                           processes=args.processes, flush_seconds=args.flush_seconds)
         serve(cfg, _Bars() if args.progress else None)
     elif args.command == "status":
         _print_status(cache_dir, root, args.split)

@@ -160,7 +160,8 @@ class FeatureExtractor(nn.Module):
     Forward: ``(B, 3, H, W) float32`` (``to_input`` normalisation) ->
     ``(B, num_features, ceil(H / output_stride), ceil(W / output_stride)) float32``, values in
     [0, 6]. ``num_features`` is 1280 for lite0 and lite2. ``stages`` lists the sub-modules in
-    network order (stem, the 7 block stages, head) so a caller can freeze a prefix.
+    network order (stem, the 7 block stages, head; running them in turn equals ``forward``) so a
+    caller can freeze a prefix.
     """
 
     def __init__(self, model: nn.Module, output_stride: int):
@@ -172,7 +173,7 @@ class FeatureExtractor(nn.Module):
     @property
     def stages(self) -> list[nn.Module]:
         m = self.model
-        return [nn.ModuleList([m.conv_stem, m.bn1]), *m.blocks, nn.ModuleList([m.conv_head, m.bn2])]
+        return [nn.Sequential(m.conv_stem, m.bn1), *m.blocks, nn.Sequential(m.conv_head, m.bn2)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)
@@ -196,7 +197,7 @@ def to_input(rgb: np.ndarray) -> torch.Tensor:
     """``rgb: (H, W, 3) uint8`` -> ``(3, H, W) float32`` normalised for these weights."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.shape} {rgb.dtype}")
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.tensor(rgb).permute(2, 0, 1).float().div_(255.0)  # copies: PIL arrays are read-only
     mean = torch.tensor(INPUT_MEAN).view(3, 1, 1)
     std = torch.tensor(INPUT_STD).view(3, 1, 1)
     return (x - mean) / std

@@ -120,11 +120,11 @@ class _JobRun:
             raise Cancelled(f"job {self.job['id']} cancelled")
 
 
-def _run_scan(run: _JobRun, dataset: dict[str, Any]) -> None:
+def _run_scan(run: _JobRun, dataset: dict[str, Any]) -> str | None:
+    """Record every split's images; a broken split list is reported (returned) and the other
+    splits stay usable, so the job still ends done."""
     root = Path(dataset["root"])
-    splits = list_splits(root)
-    if not splits:
-        raise DatasetError(f"{root / 'ImageSets' / 'Segmentation'}: no split lists (*.txt)")
+    splits = list_splits(root)  # raises DatasetError when there is none
     problems = []
     for index, split in enumerate(splits):
         run.report(f"scan {split}", index, len(splits))
@@ -141,8 +141,7 @@ def _run_scan(run: _JobRun, dataset: dict[str, Any]) -> None:
     with connect(run.cfg.cache_dir) as con:
         queries.mark_scanned(con, dataset["id"])
     run.report("scanned", len(splits), len(splits))
-    if problems:
-        raise DatasetError("; ".join(problems))
+    return "; ".join(problems) or None
 
 
 def _record(run: _JobRun, result: LabelResult, item: Item, labels_dir: Path, variant_id: str) -> None:
@@ -221,7 +220,7 @@ def run_job(cfg: WorkerConfig, job: dict[str, Any], on_progress: ProgressFn | No
     status, error = JobStatus.DONE, None
     try:
         if job["kind"] == "scan":
-            _run_scan(run, dataset)
+            error = _run_scan(run, dataset)
         else:
             _run_label(run, dataset)
         run.flush()

@@ -53,7 +53,7 @@ def jobs_panel() -> None:
         [{"job": j["id"], "kind": j["kind"], "variant": j["variant_name"], "split": j["split"],
           "status": j["status"], "stage": j["stage"], "done": j["done"], "total": j["total"],
           "bad images": j["n_errors"], "error": j["error"]} for j in jobs],
-        hide_index=True, use_container_width=True,
+        hide_index=True,
     )
 
 
@@ -66,14 +66,14 @@ if dataset:
     problems = read("image_problems", dataset["id"])
     if problems:
         with st.expander(f"{len(problems)} image(s) with a problem, left out of every job"):
-            st.dataframe(problems, hide_index=True, use_container_width=True)
+            st.dataframe(problems, hide_index=True)
     st.subheader("Variants")
     variants = read("variants", dataset["id"])
     if variants:
         st.dataframe(
             [{"variant": v["name"], "id": v["id"], "method": v["method"], "label maps": v["n_label_maps"],
               "parameters": v["params"]} for v in variants],
-            hide_index=True, use_container_width=True,
+            hide_index=True,
         )
     else:
         st.info("No variants yet.")

@@ -29,7 +29,7 @@ empty = [name for c, name in enumerate(VOC_CLASSES) if not class_images.get(c)]
 if empty:
     st.warning(f"No image of {', '.join(empty)} in {split}: those columns are empty, not 0, "
                "and left out of the mIoU.")
-st.plotly_chart(iou_heatmap(table, class_images), use_container_width=True, key="heatmap")
+st.plotly_chart(iou_heatmap(table, class_images), key="heatmap")
 
 with st.expander("The numbers"):
     columns = column_labels(class_images)
@@ -37,5 +37,5 @@ with st.expander("The numbers"):
         [{"variant": label, "label maps": int(n),
           **{col: (None if iou != iou else round(100 * iou, 2)) for col, iou in zip(columns, [*row, miou])}}
          for label, n, row, miou in zip(row_labels(table), table.labelled, table.iou, table.miou)],
-        hide_index=True, use_container_width=True,
+        hide_index=True,
     )

@@ -39,3 +39,22 @@ def voc_root() -> Path:
 def tiny_voc(tmp_path: Path) -> Path:
     """A writable VOCdevkit with 12 real train and 4 real val images."""
     return make_voc_copy(tmp_path / "voc", {"train": _split_ids("train")[:12], "val": _split_ids("val")[:4]})
+
+
+# A CAM run small enough for tests: a few optimisation steps on small crops, one scale.
+TINY_CAM = {"epochs": 1, "batch_size": 4, "crop_size": 160, "scales": [1.0], "flip": False}
+
+
+@pytest.fixture(scope="session")
+def baseline_cache(tmp_path_factory) -> tuple[Path, Path]:
+    """``(cache_dir, voc_root)`` after the real worker ran CAM and CAM -> dCRF on 8 real train
+    images (tiny CAM training) and scanned the 4 val images."""
+    from engine.jobs import Step, submit_chain
+    from engine.worker import WorkerConfig, serve
+
+    base = tmp_path_factory.mktemp("baseline")
+    root = make_voc_copy(base / "voc", {"train": _split_ids("train")[:8], "val": _split_ids("val")[:4]})
+    cache_dir = base / "cache"
+    submit_chain(cache_dir, root, "train", [Step("cam", TINY_CAM), Step("dcrf")])
+    serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.1))
+    return cache_dir, root

@@ -1,0 +1,34 @@
+# ISLE Workbench. `make demo`: install, run CAM and CAM -> dCRF on the bundled train split while
+# serving the app. `make test`: install (with Chromium for the browser test) and run the tests.
+PY := .venv/bin/python
+PORT ?= 8501
+
+.PHONY: install browser demo app worker test
+
+.venv/installed: requirements.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -r requirements.txt
+	touch $@
+
+install: .venv/installed
+
+# Debian's Chromium and its driver for the headless browser test (root: apt-get directly).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; }
+
+# The app serves while the worker runs the two jobs in the foreground; Ctrl-C stops both.
+demo: install
+	$(PY) -m streamlit run app.py --server.headless true --server.port $(PORT) & \
+	$(PY) -m engine run cam dcrf; \
+	echo "App: http://localhost:$(PORT)  (Ctrl-C to stop)"; wait
+
+app: install
+	$(PY) -m streamlit run app.py --server.headless true --server.port $(PORT)
+
+worker: install
+	$(PY) -m engine worker --progress
+
+test: install browser
+	$(PY) -m pytest -q

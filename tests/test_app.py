@@ -1,0 +1,88 @@
+"""The Streamlit pages, driven by AppTest over a cache the real worker filled."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import plotly.io
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from cache import reports
+from cache.db import connect
+from engine.jobs import dataset_id_for
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def app_env(baseline_cache, monkeypatch):
+    cache_dir, root = baseline_cache
+    monkeypatch.setenv("ISLE_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("ISLE_VOC_ROOT", str(root))
+    return cache_dir, root
+
+
+def _typed_array(value) -> np.ndarray:
+    """Plotly 7 sends numpy arrays as ``{"dtype", "bdata" (base64), "shape"}``."""
+    if isinstance(value, dict):
+        shape = tuple(int(n) for n in value["shape"].split(","))
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).reshape(shape)
+    return np.array(value, dtype=float)
+
+
+def _page(name: str) -> AppTest:
+    return AppTest.from_file(str(REPO / "pages" / name), default_timeout=60)
+
+
+def test_home_lists_variants_and_finished_jobs(app_env):
+    at = _page("home.py").run()
+    assert not at.exception
+    frames = [f.value for f in at.dataframe]
+    jobs = next(f for f in frames if "status" in f.columns)
+    assert set(jobs["status"]) == {"done"}
+    assert {"scan", "label"} <= set(jobs["kind"])
+    variants = next(f for f in frames if "variant" in f.columns and "label maps" in f.columns)
+    assert list(variants["variant"]) == ["CAM", "CAM → dCRF"]
+    assert list(variants["label maps"]) == [8, 8]
+
+
+def test_home_button_queues_the_baseline_once(app_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("ISLE_CACHE_DIR", str(tmp_path / "fresh"))  # an empty cache
+    at = _page("home.py").run()
+    assert not at.exception
+    assert "No cache yet" in at.info[0].value
+    at.button(key="queue_baseline").click().run()
+    assert "Queued jobs [1, 2, 3]" in at.toast[0].value
+    at.button(key="queue_baseline").click().run()  # a second click adds nothing
+    with connect(tmp_path / "fresh", read_only=True) as con:
+        jobs = con.execute("SELECT kind, status, depends_on FROM jobs ORDER BY id").fetchall()
+    assert jobs == [("scan", "queued", None), ("label", "queued", 1), ("label", "queued", 2)]
+    status = at.dataframe[0].value
+    assert list(status["status"]) == ["queued"] * 3
+    assert "none is running" in " ".join(c.value for c in at.caption)
+
+
+def test_heatmap_page_shows_both_variants_with_the_cached_numbers(app_env):
+    cache_dir, root = app_env
+    at = _page("per_class_iou.py").run()
+    assert not at.exception
+    assert at.selectbox(key="split").value == "train"
+    chart = at.get("plotly_chart")[0].proto
+    heat = plotly.io.from_json(chart.spec).data[0]
+    assert [y.split(" · ")[0] for y in heat.y] == ["CAM", "CAM → dCRF"]
+    assert heat.x[-1] == "mIoU" and heat.x[1] == "aeroplane (no images)"
+    with connect(cache_dir, read_only=True) as con:
+        table = reports.iou_table(con, dataset_id_for(root), "train")
+    z = _typed_array(heat.z)
+    assert np.allclose(z[:, :21], table.iou * 100, equal_nan=True)
+    assert np.isnan(z[:, 1]).all() and heat.text[0][1] == "no images"
+    assert "no images" not in heat.text[0][0]
+    assert any("aeroplane" in w.value for w in at.warning)
+
+
+def test_heatmap_page_switches_to_val(app_env):
+    at = _page("per_class_iou.py").run()
+    at.selectbox(key="split").set_value("val").run()
+    assert not at.exception
+    assert "No variant has label maps on val" in at.info[0].value

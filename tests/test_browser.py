@@ -1,0 +1,87 @@
+"""A real ``streamlit run app.py`` in headless Chromium: the heatmap page renders the cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.conftest import REPO
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1600,1100")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served_app(baseline_cache):
+    cache_dir, root = baseline_cache
+    port = _free_port()
+    env = {**os.environ, "ISLE_CACHE_DIR": str(cache_dir), "ISLE_VOC_ROOT": str(root)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+         "--server.port", str(port), "--browser.gatherUsageStats", "false"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "streamlit did not start"
+            time.sleep(0.3)
+    yield url
+    server.terminate()
+    server.wait(timeout=20)
+
+
+@pytest.fixture
+def browser():
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_path, "Debian chromium and chromium-driver are needed (make browser)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    options.add_argument(f"--user-data-dir={profile}")
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_heatmap_page_renders_in_chromium(served_app, browser, tmp_path):
+    browser.get(f"{served_app}/per_class_iou")
+    wait = WebDriverWait(browser, 90)
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".js-plotly-plot .heatmaplayer")))
+    wait.until(lambda d: "mIoU" in d.find_element(By.CSS_SELECTOR, ".js-plotly-plot").text)
+    plot_text = browser.find_element(By.CSS_SELECTOR, ".js-plotly-plot").text
+    assert "CAM → dCRF" in plot_text and "aeroplane (no images)" in plot_text
+    assert "no images" in plot_text  # the empty cells are labelled, not drawn as 0
+    page_text = browser.find_element(By.TAG_NAME, "body").text
+    assert "Per-class IoU" in page_text and "Traceback" not in page_text
+    shot = tmp_path / "heatmap.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("ISLE_SCREENSHOT"):
+        shutil.copy(shot, os.environ["ISLE_SCREENSHOT"])

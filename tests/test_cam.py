@@ -1,0 +1,238 @@
+"""engine/methods/cam.py: CAM numerics by hand, then real training + inference on real VOC images."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine import registry
+from engine.methods import cam
+from engine.methods.cam import (
+    CAMConfig,
+    cam_to_image_size,
+    cams_to_label,
+    downsample_scores,
+    multilabel_target,
+    normalise_cams,
+    poly_lr,
+    select_classes,
+)
+from engine.types import Cancelled, Item, RunContext
+
+# A few optimisation steps on small crops; one scale with flip at inference.
+TINY = CAMConfig(epochs=1, batch_size=4, crop_size=128, resize_long=(128, 192), scales=(1.0,),
+                 checkpoint_every=2, score_max_side=64)
+
+
+# ---------------------------------------------------------------- numerics worked out by hand
+
+def test_two_class_cams_thresholded_by_hand():
+    cat = [[0.9, 0.2, 0.0], [0.5, 0.1, 0.3]]
+    dog = [[0.1, 0.6, 0.25], [0.5, 0.05, 0.2]]
+    cams = np.array([cat, dog], dtype=np.float32)
+    # 0.25: (0,2) ties background with dog -> background; (1,0) ties cat with dog -> cat (first).
+    expected = np.array([[8, 12, 0], [8, 0, 8]], dtype=np.uint8)
+    label = cams_to_label(cams, (8, 12), 0.25)
+    assert label.dtype == np.uint8 and np.array_equal(label, expected)
+    # isim's 0.3: the cat pixel at exactly 0.3 ties with background and goes to background.
+    assert np.array_equal(cams_to_label(cams, (8, 12), 0.3), [[8, 12, 0], [8, 0, 0]])
+    # A threshold above every score leaves only background.
+    assert not cams_to_label(cams, (8, 12), 0.95).any()
+
+
+def test_cams_to_label_checks_shapes_and_ids():
+    with pytest.raises(ValueError, match=r"\(2, H, W\)"):
+        cams_to_label(np.zeros((3, 2, 2), np.float32), (8, 12), 0.15)
+    with pytest.raises(ValueError, match="1-20"):
+        cams_to_label(np.zeros((1, 2, 2), np.float32), (21,), 0.15)
+    # An image without foreground classes is all background.
+    assert np.array_equal(cams_to_label(np.zeros((0, 2, 3), np.float32), (), 0.15), np.zeros((2, 3)))
+
+
+def test_normalise_cams_divides_by_max_plus_eps():
+    cams = np.array([[[0, 2], [4, 1]], [[0, 0], [0, 0]]], dtype=np.float32)
+    out = normalise_cams(cams)
+    assert out.dtype == np.float32 and out.shape == (2, 2, 2)
+    np.testing.assert_allclose(out[0], np.array([[0, 2], [4, 1]]) / (4 + 1e-5), rtol=1e-6)
+    assert out[0].max() < 1 and out[0, 1, 0] > 0.99999
+    assert not out[1].any()  # an all-zero class stays zero
+
+
+def test_select_classes_keeps_only_the_image_classes():
+    maps = torch.arange(20, dtype=torch.float32).view(1, 20, 1, 1)  # channel c-1 holds c-1
+    assert select_classes(maps, (8, 15)).flatten().tolist() == [7.0, 14.0]
+    with pytest.raises(ValueError, match="1-20"):
+        select_classes(maps, (0,))
+    with pytest.raises(ValueError, match=r"\(B, 20, h, w\)"):
+        select_classes(maps[:, :5], (1,))
+
+
+def test_cam_to_image_size_bilinear_then_crop_by_hand():
+    # A 2x2 CAM at stride 2 covers 4x4 pixels of a 3x3 image: bilinear (half-pixel centres)
+    # gives rows [0 1 3 4], [2 3 5 6], [6 7 9 10], [8 9 11 12]; the crop keeps the top-left 3x3.
+    cam = torch.tensor([[[0.0, 4.0], [8.0, 12.0]]])
+    out = cam_to_image_size(cam, stride=2, scaled_hw=(3, 3), image_hw=(3, 3))
+    assert torch.allclose(out, torch.tensor([[[0.0, 1, 3], [2, 3, 5], [6, 7, 9]]]))
+    # At scale 0.5 a 1x1 CAM (stride 4, scaled image 2x2) spans 8x8 original pixels: constant.
+    out = cam_to_image_size(torch.full((1, 1, 1), 0.7), stride=4, scaled_hw=(2, 2), image_hw=(4, 4))
+    assert out.shape == (1, 4, 4) and torch.allclose(out, torch.full((1, 4, 4), 0.7))
+
+
+def test_downsample_scores_area_average_by_hand():
+    scores = np.arange(24, dtype=np.float32).reshape(1, 4, 6)
+    small = downsample_scores(scores, max_side=3)
+    assert small.dtype == np.float16 and small.shape == (1, 2, 3)
+    np.testing.assert_array_equal(small[0], [[3.5, 5.5, 7.5], [15.5, 17.5, 19.5]])
+    assert downsample_scores(scores, max_side=6).shape == (1, 4, 6)  # already fits
+
+
+def test_targets_and_poly_schedule_by_hand():
+    target = multilabel_target((8, 15))
+    assert target.shape == (20,) and target.dtype == np.float32
+    assert np.flatnonzero(target).tolist() == [7, 14]
+    assert poly_lr(0.1, 0, 10, 0.9) == pytest.approx(0.1)
+    assert poly_lr(0.1, 5, 10, 1.0) == pytest.approx(0.05)
+    assert poly_lr(0.1, 9, 10, 0.9) == pytest.approx(0.1 * 0.1**0.9)
+
+
+def test_augment_rescales_flips_crops_and_pads():
+    rgb = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)  # values 0..71, never PAD_VALUE
+    rng = np.random.default_rng(0)
+    # Long side drawn from (6, 6): no rescale. A crop of 8 holds the whole (maybe flipped) image.
+    big = cam.augment(rgb, rng, (6, 6), 8)
+    assert big.shape == (8, 8, 3) and big.dtype == np.uint8
+    inside = (big != cam.PAD_VALUE).all(axis=2)
+    assert inside.sum() == 24
+    ys, xs = np.nonzero(inside)
+    window = big[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    assert np.array_equal(window, rgb) or np.array_equal(window, rgb[:, ::-1])
+    # A crop of 2 is a 2x2 window of the image or of its mirror image.
+    small = cam.augment(rgb, rng, (6, 6), 2)
+    windows = [im[y : y + 2, x : x + 2] for im in (rgb, rgb[:, ::-1]) for y in range(3) for x in range(5)]
+    assert any(np.array_equal(small, w) for w in windows)
+
+
+def test_registered_with_config_and_paper_preset():
+    plugin = registry.get("cam")
+    assert plugin.kind == "method" and plugin.config is CAMConfig and plugin.title == "CAM"
+    paper = plugin.make_config(cam.PAPER_PARAMS)
+    assert paper.scales == (1.0, 0.5, 1.5, 2.0) and paper.crop_size == 512 and paper.flip
+    default = CAMConfig()
+    assert default.output_stride == 16 and default.flip and 0.1 <= default.bg_threshold <= 0.5
+    with pytest.raises(ValueError, match="unknown parameter"):
+        plugin.make_config({"threshold": 0.3})
+
+
+def test_camnet_logits_are_the_mean_of_its_cams():
+    net = cam.build_net(TINY).train()
+    assert all(not m.training for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    frozen = [p.requires_grad for s in net.features.stages[: TINY.frozen_stages] for p in s.parameters()]
+    assert frozen and not any(frozen)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        maps = net.class_maps(x)
+        assert maps.shape == (2, 20, 4, 6)
+        assert torch.allclose(net(x), maps.mean(dim=(2, 3)), atol=1e-5)
+
+
+# ---------------------------------------------------------------- real training and inference
+
+def _items(voc: Path, split: str) -> list[Item]:
+    items = []
+    for image_id in (voc / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split():
+        image_path = voc / "JPEGImages" / f"{image_id}.jpg"
+        mask_path = voc / "SegmentationClassAug" / f"{image_id}.png"
+        mask = np.asarray(Image.open(mask_path))
+        labels = tuple(int(c) for c in np.unique(mask) if 1 <= c <= 20)
+        items.append(Item(image_id, image_path, mask_path, labels, *mask.shape))
+    return items
+
+
+class Reports:
+    """A ``RunContext.report`` that records the training steps and can cancel at one of them."""
+
+    def __init__(self, cancel_at: int | None = None):
+        self.steps: list[tuple[int, int]] = []
+        self.cancel_at = cancel_at
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage == "train":
+            self.steps.append((done, total))
+            if done == self.cancel_at:
+                raise Cancelled()
+
+
+def test_run_end_to_end_on_real_images(tiny_voc, tmp_path):
+    train_items = _items(tiny_voc, "train")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    todo = [*_items(tiny_voc, "val"), Item("broken", broken, None, (8,), 10, 10), train_items[0]]
+    reports = Reports()
+    ctx = RunContext(items=train_items, todo=todo, workdir=tmp_path / "work", report=reports)
+    results = list(cam.run(TINY, ctx))
+
+    assert reports.steps == [(1, 3), (2, 3), (3, 3)]  # 12 images, batch 4, one epoch
+    assert [r.image_id for r in results] == [i.image_id for i in todo]
+    bad = results[-2]
+    assert bad.label is None and "broken.jpg" in bad.error
+    for item, result in zip(todo, results):
+        if item.image_id == "broken":
+            continue
+        assert result.error is None
+        assert result.label.shape == (item.height, item.width) and result.label.dtype == np.uint8
+        assert set(np.unique(result.label)) <= {0, *item.labels}
+        if len(item.labels) == 1:  # the peak of a lone class (1 after normalisation) beats 0.15
+            assert item.labels[0] in result.label
+        assert result.score_classes == (0, *item.labels)
+        k, h, w = result.scores.shape
+        assert k == len(item.labels) + 1 and result.scores.dtype == np.float16
+        assert max(h, w) == TINY.score_max_side and abs(h / w - item.height / item.width) < 0.05
+        assert np.all(result.scores[0] == np.float16(TINY.bg_threshold))
+        assert 0 <= result.scores.min() and result.scores[1:].max() <= 1
+    assert (ctx.workdir / cam.FINAL_NAME).is_file() and not (ctx.workdir / cam.CHECKPOINT_NAME).exists()
+
+
+def test_killed_training_resumes_from_its_checkpoint(tiny_voc, tmp_path):
+    items = _items(tiny_voc, "train")
+    cfg = replace(TINY, epochs=2, scales=(0.5,), flip=False)  # 6 steps, checkpoints at 2, 3, 4, 6
+    workdir = tmp_path / "work"
+
+    first = Reports(cancel_at=5)
+    with pytest.raises(Cancelled):
+        list(cam.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=first)))
+    assert first.steps == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6)]
+    assert (workdir / cam.CHECKPOINT_NAME).is_file() and not (workdir / cam.FINAL_NAME).exists()
+
+    second = Reports()
+    resumed = list(cam.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=second)))
+    assert second.steps == [(5, 6), (6, 6)]  # continues after the step-4 checkpoint
+    assert (workdir / cam.FINAL_NAME).is_file() and not (workdir / cam.CHECKPOINT_NAME).exists()
+
+    # Same batches and optimiser state: the resumed model equals an uninterrupted run's.
+    straight = tmp_path / "straight"
+    list(cam.run(cfg, RunContext(items=items, todo=[], workdir=straight)))
+    a = torch.load(workdir / cam.FINAL_NAME, weights_only=True)["model"]
+    b = torch.load(straight / cam.FINAL_NAME, weights_only=True)["model"]
+    assert torch.allclose(a["classifier.weight"], b["classifier.weight"], atol=1e-5)
+
+    # Once trained, a rerun only loads the model: no training steps, same labels.
+    third = Reports()
+    again = list(cam.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=third)))
+    assert third.steps == []
+    assert all(np.array_equal(x.label, y.label) for x, y in zip(resumed, again))
+
+
+def test_changed_training_settings_refuse_a_stale_checkpoint(tiny_voc, tmp_path):
+    items = _items(tiny_voc, "train")
+    workdir = tmp_path / "work"
+    with pytest.raises(Cancelled):
+        list(cam.run(TINY, RunContext(items=items, todo=[], workdir=workdir, report=Reports(cancel_at=2))))
+    with pytest.raises(ValueError, match="training settings"):
+        list(cam.run(replace(TINY, lr=0.5), RunContext(items=items, todo=[], workdir=workdir)))
+    # Inference-only settings may differ.
+    list(cam.run(replace(TINY, bg_threshold=0.3), RunContext(items=items, todo=[], workdir=workdir)))

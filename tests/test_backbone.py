@@ -91,10 +91,15 @@ def test_real_cats_and_dogs_land_in_imagenet_cat_and_dog_classes(voc_root, lite0
 
 def test_input_normalisation_matches_the_stem_batchnorm_statistics(voc_root, lite0):
     # The stem BN's running_var is the variance of conv_stem outputs on the training inputs: with
-    # the right normalisation real photos reproduce it; ImageNet mean/std (std ~0.226 instead of
-    # 0.5) inflates it ~4-5x.
-    crops = np.stack([_center_crop(voc_root, i, 224) for i in CAT_IDS + DOG_IDS])
-    pixels = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
+    # the right normalisation ordinary photos reproduce it (median |log ratio| ~0.2 on the first
+    # 16 train images); ImageNet mean/std (std ~0.226 instead of 0.5) inflates it ~4x (~1.45).
+    # (Close-up animal photos alone are too smooth for this check: both come out near 1.)
+    ids = (voc_root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[:16]
+    photos = []
+    for image_id in ids:
+        with Image.open(voc_root / "JPEGImages" / f"{image_id}.jpg") as image:
+            photos.append(np.asarray(image.convert("RGB").resize((224, 224), Image.BICUBIC)))
+    pixels = torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2).float() / 255
 
     def log_var_ratio(mean, std):
         x = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
@@ -105,7 +110,7 @@ def test_input_normalisation_matches_the_stem_batchnorm_statistics(voc_root, lit
     assert INPUT_MEAN == INPUT_STD == (0.5, 0.5, 0.5)
     ours = log_var_ratio(INPUT_MEAN, INPUT_STD)
     imagenet = log_var_ratio((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    assert ours < 0.5 < 1.0 < imagenet, (ours, imagenet)
+    assert ours < 0.5 and imagenet > 1.0, (ours, imagenet)
 
 
 def test_to_input_by_hand():

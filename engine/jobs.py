@@ -18,6 +18,7 @@ from typing import Any
 from cache import queries
 from cache.db import connect
 from engine import __version__, registry
+from engine.dataset import check_root
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,9 @@ def submit_chain(cache_dir: Path, root: Path, split: str, steps: Sequence[Step] 
     A variant that already has label maps for all the split's usable images needs no job, and
     a job already queued or running for the same variant and split is reused, so submitting the
     same chain twice queues nothing new. The dataset is scanned first if it never was.
+    Raises ``DatasetError`` when ``root`` is not a VOCdevkit root.
     """
-    root = Path(root).resolve()
+    root = check_root(Path(root)).resolve()  # a wrong path fails here, not in the worker
     dataset_id = dataset_id_for(root)
     job_ids: list[int] = []
     with connect(cache_dir) as con:

@@ -108,3 +108,33 @@ def test_reader_and_writer_processes_share_the_file(tmp_path):
         assert con.execute("SELECT count(*) FROM label_maps").fetchone()[0] == n
     assert reads > 10, "the reader never got in while the writer ran"
     assert seen == sorted(seen) and len(set(seen)) > 3, "the reader did not see progress arrive"
+
+
+def test_cached_iou_equals_sklearn_on_the_cached_label_maps(baseline_cache):
+    """The heatmap's numbers (SQL over counts) equal an independent computation that decodes the
+    worker's label maps and the ground truth and uses scikit-learn's confusion matrix."""
+    from PIL import Image
+    from sklearn.metrics import confusion_matrix
+
+    from engine.jobs import dataset_id_for
+
+    cache_dir, root = baseline_cache
+    dataset_id = dataset_id_for(root)
+    with connect(cache_dir, read_only=True) as con:
+        table = reports.iou_table(con, dataset_id, "train")
+        maps = {vid: queries.label_map_rows(con, vid) for vid in table.variant_ids}
+    assert len(table.variant_ids) == 2
+    for row, variant_id in enumerate(table.variant_ids):
+        gts, preds = [], []
+        for image_id, (path, _) in sorted(maps[variant_id].items()):
+            gts.append(np.array(Image.open(root / "SegmentationClassAug" / f"{image_id}.png")).ravel())
+            preds.append(np.array(Image.open(cache_dir / path)).ravel())
+        gt, pred = np.concatenate(gts), np.concatenate(preds)
+        keep = gt != 255
+        cm = confusion_matrix(gt[keep], pred[keep], labels=[*range(21), 255])[:21]
+        tp = np.diag(cm[:, :21])
+        union = cm.sum(axis=1) + cm[:, :21].sum(axis=0) - tp
+        present = cm.sum(axis=1) > 0
+        expected = np.where(present, tp / np.maximum(union, 1), np.nan)
+        assert np.allclose(table.iou[row], expected, equal_nan=True)
+        assert np.isclose(table.miou[row], np.nanmean(expected))

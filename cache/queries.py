@@ -216,7 +216,11 @@ def open_job(con: Con, kind: str, dataset_id: str, variant_id: str | None, split
 
 
 def get_job(con: Con, job_id: int) -> dict[str, Any] | None:
-    rows = _dicts(con.execute("SELECT * FROM jobs WHERE id = ?", [job_id]))
+    """The job row, with its variant's name (None for a scan)."""
+    rows = _dicts(con.execute(
+        "SELECT j.*, v.name AS variant_name FROM jobs j LEFT JOIN variants v ON v.id = j.variant_id WHERE j.id = ?",
+        [job_id],
+    ))
     return rows[0] if rows else None
 
 

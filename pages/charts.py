@@ -51,7 +51,7 @@ def iou_heatmap(table: IoUTable, class_images: dict[int, int]) -> go.Figure:
     labels = row_labels(table)
     figure = go.Figure(go.Heatmap(
         z=z, x=column_labels(class_images), y=[f"{name} · {n} imgs" for name, n in zip(labels, table.labelled)],
-        text=text, texttemplate="%{text}", hovertext=hover, hovertemplate="%{hovertext}<extra>%{y}</extra>",
+        text=text, texttemplate="%{text}", textfont={"size": 13}, hovertext=hover, hovertemplate="%{hovertext}<extra>%{y}</extra>",
         colorscale="Viridis", zmin=0, zmax=100, colorbar={"title": "IoU %"}, xgap=2, ygap=2,
     ))
     figure.update_layout(height=160 + 48 * len(labels), margin={"l": 10, "r": 10, "t": 30, "b": 10},

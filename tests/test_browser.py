@@ -71,15 +71,24 @@ def browser():
 
 
 def test_heatmap_page_renders_in_chromium(served_app, browser, tmp_path):
-    browser.get(f"{served_app}/per_class_iou")
+    # As a user does: open the app, then follow the sidebar link. (A deep link as the very first
+    # session of a fresh server passes through Streamlit's legacy pages/ mode first.)
+    browser.get(served_app)
     wait = WebDriverWait(browser, 90)
+    link = wait.until(EC.element_to_be_clickable((By.PARTIAL_LINK_TEXT, "Per-class IoU")))
+    assert "ISLE Workbench" in browser.find_element(By.TAG_NAME, "h1").text
+    link.click()
     wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".js-plotly-plot .heatmaplayer")))
     wait.until(lambda d: "mIoU" in d.find_element(By.CSS_SELECTOR, ".js-plotly-plot").text)
     plot_text = browser.find_element(By.CSS_SELECTOR, ".js-plotly-plot").text
     assert "CAM → dCRF" in plot_text and "aeroplane (no images)" in plot_text
     assert "no images" in plot_text  # the empty cells are labelled, not drawn as 0
     page_text = browser.find_element(By.TAG_NAME, "body").text
-    assert "Per-class IoU" in page_text and "Traceback" not in page_text
+    assert "Per-class IoU" in page_text and "Traceback" not in page_text and "Page not found" not in page_text
+    assert browser.current_url.endswith("/per-class-iou")
+    links = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebarNav"] a')
+    hrefs = [a.get_attribute("href").removeprefix(served_app) for a in links]
+    assert hrefs == ["/", "/per-class-iou"]  # app.py's router, not a listing of pages/
     shot = tmp_path / "heatmap.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 20_000

@@ -22,6 +22,7 @@ from cache.schema import ensure_schema
 
 DB_NAME = "workbench.duckdb"
 _process_lock = threading.RLock()
+_schema_ready: set[tuple[Path, int]] = set()  # (file, inode) whose schema this process ensured
 
 
 class CacheBusy(TimeoutError):
@@ -75,12 +76,15 @@ def connect(cache_dir: Path, *, read_only: bool = False, timeout: float = 60.0) 
                 yield con
             else:
                 con.execute("BEGIN TRANSACTION")
-                ensure_schema(con)
+                file_key = (path, path.stat().st_ino)
+                if file_key not in _schema_ready:
+                    ensure_schema(con)
                 try:
                     yield con
                 except BaseException:
                     con.execute("ROLLBACK")
                     raise
                 con.execute("COMMIT")
+                _schema_ready.add(file_key)
         finally:
             con.close()

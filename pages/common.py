@@ -25,14 +25,16 @@ def cache_exists() -> bool:
     return db_path(cache_dir()).exists()
 
 
-def state() -> tuple:
-    with connect(cache_dir(), read_only=True) as con:
+@st.cache_data(ttl=1, show_spinner=False)
+def _state(directory: Path) -> tuple:
+    """The cache fingerprint, re-read at most once a second."""
+    with connect(directory, read_only=True) as con:
         return queries.cache_state(con)
 
 
 @st.cache_data(show_spinner=False)
-def _read(question: str, key: tuple, *args):
-    with connect(cache_dir(), read_only=True) as con:
+def _read(directory: Path, question: str, key: tuple, *args):
+    with connect(directory, read_only=True) as con:
         if question == "iou_table":
             return reports.iou_table(con, *args)
         return getattr(queries, question)(con, *args)
@@ -40,7 +42,8 @@ def _read(question: str, key: tuple, *args):
 
 def read(question: str, *args):
     """``cache.queries.<question>(con, *args)`` (or ``iou_table``), cached until the cache changes."""
-    return _read(question, state(), *args)
+    directory = cache_dir()
+    return _read(directory, question, _state(directory), *args)
 
 
 def pick_dataset() -> dict | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import sys
 
 import numpy as np
 import plotly.io
@@ -20,6 +21,9 @@ def app_env(baseline_cache, monkeypatch):
     cache_dir, root = baseline_cache
     monkeypatch.setenv("ISLE_CACHE_DIR", str(cache_dir))
     monkeypatch.setenv("ISLE_VOC_ROOT", str(root))
+    # AppTest runs the page as __main__; restore it, or later spawned worker processes (dCRF,
+    # dataset scan) would re-run the page script as their main module.
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
     return cache_dir, root
 
 

@@ -101,7 +101,7 @@ def test_cancel_stops_the_job_and_keeps_finished_images(baseline_cache, tmp_path
     assert job["status"] == "cancelled"
     with connect(cache_dir, read_only=True) as con:
         kept = queries.label_map_rows(con, job["variant_id"])
-    assert 1 <= len(kept) < 8 and all((cache_dir / p).is_file() for p, _ in kept.values())
+    assert 0 < len(kept) < 8 and all((cache_dir / p).is_file() for p, _ in kept.values())
     # Queuing the chain again resumes: only the missing images are labelled.
     (again,) = submit_chain(cache_dir, root, "train", DCRF_5)
     serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.1))

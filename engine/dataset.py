@@ -20,10 +20,8 @@ Whole-dataset problems (root, folders or split list missing, an empty list) rais
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from cache.voc import IGNORE_INDEX, NUM_CLASSES
+from engine.pool import process_pool
 from engine.types import ImageError, Item
 
 ENV_VOC_ROOT = "ISLE_VOC_ROOT"
@@ -235,8 +234,7 @@ def scan_split(root: Path, split: str, processes: int = 2) -> list[ImageRecord]:
         return _scan_chunk(jobs)
     size = math.ceil(len(jobs) / (processes * 8))  # a few chunks per process balance the load
     chunks = [jobs[k : k + size] for k in range(0, len(jobs), size)]
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+    with process_pool(processes) as pool:
         return [record for chunk in pool.map(_scan_chunk, chunks) for record in chunk]
 
 

@@ -172,3 +172,44 @@ def test_bad_inputs_are_reported_by_file_and_the_rest_is_processed(tiny_voc, tmp
         after = queries.label_map_rows(con, variant_id)
     assert errors[0]["image_id"] == ids[5] and f"{ids[5]}.jpg" in errors[0]["message"]
     assert {k: v for k, v in before.items() if k != ids[5]} == after
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_killed_worker_leaves_no_dcrf_processes_behind(baseline_cache, tmp_path):
+    _, root = baseline_cache
+    cache_dir = _copy(baseline_cache, tmp_path / "cache")
+    (job_id,) = submit_chain(cache_dir, root, "train", DCRF_5)
+    env = {**os.environ, "ISLE_CACHE_DIR": str(cache_dir)}
+    worker = subprocess.Popen([sys.executable, "-m", "engine", "worker", "--processes", "2"],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while _job(cache_dir, job_id)["done"] < 1:
+        assert worker.poll() is None
+        time.sleep(0.05)
+    pool = [pid for pid in _children(worker.pid)
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(pool) == 2  # the two dCRF processes
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in pool) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pool), "dCRF processes outlived the killed worker"

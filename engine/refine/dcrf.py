@@ -15,11 +15,10 @@ Out: per image, the label ``classes[argmax Q]`` as ``(H, W) uint8`` and the marg
 
 from __future__ import annotations
 
-import multiprocessing
 import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from cache.labelmaps import LabelMapError
 from cache.voc import IGNORE_INDEX
 from engine.dataset import read_image
 from engine.registry import register
+from engine.pool import process_pool
 from engine.types import ImageError, LabelResult, RunContext
 
 
@@ -262,8 +262,7 @@ def run(cfg: DCRFConfig, ctx: RunContext) -> Iterator[LabelResult]:
         for job in jobs:
             yield job if isinstance(job, LabelResult) else _refine_job(job, cfg)
         return
-    context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=ctx.processes, mp_context=context)
+    pool = process_pool(ctx.processes)
     try:
         yield from map_in_order(pool, _refine_job, jobs, 2 * ctx.processes, cfg)
     finally:

@@ -55,6 +55,10 @@ def jobs_panel() -> None:
           "bad images": j["n_errors"], "error": j["error"]} for j in jobs],
         hide_index=True,
     )
+    for job in jobs:
+        if job["kind"] == "label" and job["n_errors"]:
+            with st.expander(f"job {job['id']}: {job['n_errors']} image(s) skipped for bad input"):
+                st.dataframe(read("image_errors", job["id"]), hide_index=True)
 
 
 st.subheader("Jobs")

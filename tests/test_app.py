@@ -90,3 +90,20 @@ def test_heatmap_page_switches_to_val(app_env):
     at.selectbox(key="split").set_value("val").run()
     assert not at.exception
     assert "No variant has label maps on val" in at.info[0].value
+
+
+def test_home_lists_the_images_a_job_skipped(app_env, tmp_path, monkeypatch):
+    import shutil
+
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(app_env[0], cache_dir)
+    with connect(cache_dir) as con:
+        con.execute("UPDATE jobs SET n_errors = 1 WHERE id = 2")
+        con.execute("INSERT INTO image_errors VALUES (2, NULL, '2007_000063', '/x/2007_000063.jpg: cannot decode image', 0)")
+    monkeypatch.setenv("ISLE_CACHE_DIR", str(cache_dir))
+    at = _page("home.py").run()
+    assert not at.exception
+    (expander,) = [e for e in at.expander if "skipped" in e.label]
+    assert expander.label == "job 2: 1 image(s) skipped for bad input"
+    skipped = expander.dataframe[0].value
+    assert list(skipped["image_id"]) == ["2007_000063"] and "cannot decode" in skipped["message"][0]

@@ -81,7 +81,7 @@ def test_killed_worker_resumes_without_redoing_images_and_matches_an_uninterrupt
     for image_id, mtime in before.items():  # finished images were not redone
         assert (cache_dir / after[image_id][0]).stat().st_mtime_ns == mtime
     assert _counts(cache_dir, variant_id) == _counts(reference, variant_id)
-    for image_id, (path, _) in after.items():
+    for path, _ in after.values():
         assert (cache_dir / path).read_bytes() == (reference / path).read_bytes()
 
 

@@ -28,7 +28,7 @@ from cache.db import connect
 from cache.labelmaps import write_label_map, write_scores
 from cache.schema import JobStatus
 from engine import registry
-from engine.dataset import DatasetError, list_splits, read_mask, scan_split
+from engine.dataset import DatasetError, ImageRecord, list_splits, read_mask, scan_split, to_item
 from engine.metrics import confusion_counts
 from engine.types import Cancelled, ImageError, Item, LabelResult, RunContext, SourceVariant
 
@@ -82,14 +82,12 @@ def _device() -> str:
 
 
 def _item(row: dict[str, Any]) -> Item:
-    return Item(
-        image_id=row["image_id"],
-        image_path=Path(row["image_path"]),
-        mask_path=Path(row["mask_path"]) if row["mask_path"] else None,
-        labels=tuple(int(c) for c in row["labels"]),
-        height=int(row["height"]),
-        width=int(row["width"]),
-    )
+    """An ``images`` row as the ``Item`` plugins receive (through the dataset's own converter)."""
+    return to_item(ImageRecord(
+        image_id=row["image_id"], split=row["split"], image_path=Path(row["image_path"]),
+        mask_path=Path(row["mask_path"]) if row["mask_path"] else None, height=int(row["height"]),
+        width=int(row["width"]), labels=tuple(int(c) for c in row["labels"]), problem=row["problem"],
+    ))
 
 
 class _JobRun:

@@ -23,10 +23,15 @@ from engine.dataset import check_root
 
 @dataclass(frozen=True)
 class Step:
-    """One link of a chain: a registered plugin name and parameters overriding its defaults."""
+    """One link of a chain: a registered plugin name and parameters overriding its defaults.
+
+    ``title`` names the step's variant instead of the plugin's title (e.g. the name a user gave
+    an imported folder); it is a label only and not part of the variant's identity.
+    """
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
+    title: str | None = None
 
 
 DEFAULT_CHAIN = (Step("cam"), Step("dcrf"))
@@ -56,13 +61,14 @@ def chain_variants(dataset_id: str, steps: Sequence[Step], source: dict[str, Any
         if plugin.kind != wanted:
             raise ValueError(f"step {position + 1} ({step.name}) must be a {wanted}, not a {plugin.kind}")
         params = registry.config_to_params(plugin.make_config(step.params))
+        title = step.title or plugin.title
         parent_id = parent["id"] if parent else None
         variant_id = _hash({"dataset": dataset_id, "source": parent_id, "step": step.name, "params": params})
         chain = (json.loads(parent["steps"]) if parent else []) + [{"name": step.name, "params": params}]
         row = {
             "id": variant_id,
             "dataset_id": dataset_id,
-            "name": f"{parent['name']} → {plugin.title}" if parent else plugin.title,
+            "name": f"{parent['name']} → {title}" if parent else title,
             "method": parent["method"] if parent else step.name,
             "step": step.name,
             "params": json.dumps(params, sort_keys=True),

@@ -7,9 +7,13 @@ most the image in flight.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +88,9 @@ class RunContext:
 
     items: every valid image of the split (a method trains on these).
     todo: the images that still need a label map; a resumed job gets only the unfinished ones.
-    workdir: a directory private to this variant that survives restarts (checkpoints).
+    workdir: a directory private to this variant that survives restarts.
+    models: the cache's store of trained models, shared between variants (see ``model_dir``);
+        None keeps them under ``workdir``.
     device: ``"cuda"`` when available, else ``"cpu"``.
     report: ``report(stage, done, total)`` records progress and a heartbeat; raises ``Cancelled``.
     source: the input variant, for refinements (None for methods).
@@ -98,3 +104,16 @@ class RunContext:
     report: Callable[[str, int, int], None] = field(default=lambda stage, done, total: None)
     source: SourceVariant | None = None
     processes: int = 2
+    models: Path | None = None
+
+    def model_dir(self, family: str, params: dict[str, Any]) -> Path:
+        """The directory of the model of ``family`` trained with ``params`` (created).
+
+        Keyed by a hash of the training settings only, so variants that differ in inference
+        settings (a threshold, the scales, which output is read) share one trained model, and a
+        changed training setting gets a new directory instead of a stale checkpoint.
+        """
+        key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+        path = (self.models if self.models is not None else self.workdir / "models") / family / key
+        path.mkdir(parents=True, exist_ok=True)
+        return path

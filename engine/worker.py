@@ -197,7 +197,7 @@ def _run_label(run: _JobRun, dataset: dict[str, Any]) -> None:
         source = SourceVariant(lambda i: source_file(i, 0), lambda i: source_file(i, 1))
 
     ctx = RunContext(items=items, todo=todo, workdir=cache_dir / "work" / variant["id"], device=_device(),
-                     report=run.report, source=source, processes=run.cfg.processes)
+                     report=run.report, source=source, processes=run.cfg.processes, models=cache_dir / "models")
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     labels_dir = Path("labels") / variant["id"]
     done = len(items) - len(todo)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from engine import registry
+from engine.checkpoints import load_checked
 from engine.methods import cam
 from engine.methods.cam import (
     CAMConfig,
@@ -194,30 +195,33 @@ def test_run_end_to_end_on_real_images(tiny_voc, tmp_path):
         assert max(h, w) == TINY.score_max_side and abs(h / w - item.height / item.width) < 0.05
         assert np.all(result.scores[0] == np.float16(TINY.bg_threshold))
         assert 0 <= result.scores.min() and result.scores[1:].max() <= 1
-    assert (ctx.workdir / cam.FINAL_NAME).is_file() and not (ctx.workdir / cam.CHECKPOINT_NAME).exists()
+    model_dir = ctx.model_dir("cam", cam.training_params(TINY))
+    assert (model_dir / cam.FINAL_NAME).is_file() and not (model_dir / cam.CHECKPOINT_NAME).exists()
 
 
 def test_killed_training_resumes_from_its_checkpoint(tiny_voc, tmp_path):
     items = _items(tiny_voc, "train")
     cfg = replace(TINY, epochs=2, scales=(0.5,), flip=False)  # 6 steps, checkpoints at 2, 3, 4, 6
     workdir = tmp_path / "work"
+    model_dir = RunContext(items=items, todo=[], workdir=workdir).model_dir("cam", cam.training_params(cfg))
 
     first = Reports(cancel_at=5)
     with pytest.raises(Cancelled):
         list(cam.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=first)))
     assert first.steps == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6)]
-    assert (workdir / cam.CHECKPOINT_NAME).is_file() and not (workdir / cam.FINAL_NAME).exists()
+    assert (model_dir / cam.CHECKPOINT_NAME).is_file() and not (model_dir / cam.FINAL_NAME).exists()
 
     second = Reports()
     resumed = list(cam.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=second)))
     assert second.steps == [(5, 6), (6, 6)]  # continues after the step-4 checkpoint
-    assert (workdir / cam.FINAL_NAME).is_file() and not (workdir / cam.CHECKPOINT_NAME).exists()
+    assert (model_dir / cam.FINAL_NAME).is_file() and not (model_dir / cam.CHECKPOINT_NAME).exists()
 
     # Same batches and optimiser state: the resumed model equals an uninterrupted run's.
     straight = tmp_path / "straight"
     list(cam.run(cfg, RunContext(items=items, todo=[], workdir=straight)))
-    a = torch.load(workdir / cam.FINAL_NAME, weights_only=True)["model"]
-    b = torch.load(straight / cam.FINAL_NAME, weights_only=True)["model"]
+    straight_dir = RunContext(items=items, todo=[], workdir=straight).model_dir("cam", cam.training_params(cfg))
+    a = torch.load(model_dir / cam.FINAL_NAME, weights_only=True)["model"]
+    b = torch.load(straight_dir / cam.FINAL_NAME, weights_only=True)["model"]
     assert torch.allclose(a["classifier.weight"], b["classifier.weight"], atol=1e-5)
 
     # Once trained, a rerun only loads the model: no training steps, same labels.
@@ -227,12 +231,21 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_voc, tmp_path):
     assert all(np.array_equal(x.label, y.label) for x, y in zip(resumed, again))
 
 
-def test_changed_training_settings_refuse_a_stale_checkpoint(tiny_voc, tmp_path):
+def test_models_are_keyed_by_training_settings_only(tiny_voc, tmp_path):
     items = _items(tiny_voc, "train")
-    workdir = tmp_path / "work"
-    with pytest.raises(Cancelled):
-        list(cam.run(TINY, RunContext(items=items, todo=[], workdir=workdir, report=Reports(cancel_at=2))))
+    ctx = RunContext(items=items, todo=[], workdir=tmp_path / "work", models=tmp_path / "models")
+    # Inference-only settings share the trained model; a training setting gets its own.
+    assert ctx.model_dir("cam", cam.training_params(replace(TINY, bg_threshold=0.5))) == \
+        ctx.model_dir("cam", cam.training_params(TINY))
+    assert ctx.model_dir("cam", cam.training_params(replace(TINY, lr=0.5))) != \
+        ctx.model_dir("cam", cam.training_params(TINY))
+    list(cam.run(TINY, ctx))
+    steps = Reports()
+    list(cam.run(replace(TINY, bg_threshold=0.5), RunContext(items=items, todo=[], workdir=tmp_path / "other",
+                                                              models=tmp_path / "models", report=steps)))
+    assert steps.steps == []  # loaded, not retrained
+
+    # A checkpoint written with other settings is refused, naming the file.
+    final = ctx.model_dir("cam", cam.training_params(TINY)) / cam.FINAL_NAME
     with pytest.raises(ValueError, match="training settings"):
-        list(cam.run(replace(TINY, lr=0.5), RunContext(items=items, todo=[], workdir=workdir)))
-    # Inference-only settings may differ.
-    list(cam.run(replace(TINY, bg_threshold=0.5), RunContext(items=items, todo=[], workdir=workdir)))
+        load_checked(final, cam.training_params(replace(TINY, lr=0.5)))

@@ -25,7 +25,7 @@ Papers:
 Data flow:
     train:  ``ctx.items`` (rgb (H, W, 3) uint8, labels) -> augment -> ``(B, 3, c, c) float32``
             -> ``CAMNet`` -> ``(B, 20)`` logits, MultiLabelSoftMarginLoss; checkpoints in
-            ``ctx.workdir``.
+            ``ctx.model_dir("cam", training settings)``.
     infer:  rgb -> ``multiscale_cams`` ``(K, H, W) float32 >= 0`` (K = image classes)
             -> ``normalise_cams`` ``[0, 1]`` -> ``cams_to_label`` ``(H, W) uint8``;
             scores ``(K + 1, h, w) float16`` (channel 0 = background) via ``downsample_scores``.
@@ -50,7 +50,6 @@ other jobs shared (load ~2):
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +62,7 @@ from PIL import Image
 from torch import nn
 
 from engine.backbone import FeatureExtractor, load_feature_extractor, to_input
+from engine.checkpoints import load_checked, save_atomic
 from engine.dataset import read_image
 from engine.registry import config_to_params, register
 from engine.types import ImageError, Item, LabelResult, RunContext
@@ -337,22 +337,9 @@ def label_image(net: CAMNet, rgb: np.ndarray, item: Item, cfg: CAMConfig, device
 # Training with checkpoints
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _training_params(cfg: CAMConfig) -> dict[str, Any]:
+def training_params(cfg: CAMConfig) -> dict[str, Any]:
+    """The settings that change the trained model (everything but ``_INFERENCE_FIELDS``)."""
     return {k: v for k, v in config_to_params(cfg).items() if k not in _INFERENCE_FIELDS}
-
-
-def _load_state(path: Path, cfg: CAMConfig) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["params"] != _training_params(cfg):
-        raise ValueError(f"{path} was written with training settings {state['params']}, "
-                         f"not {_training_params(cfg)}; delete it to retrain")
-    return state
 
 
 def _batch(items: Sequence[Item], cfg: CAMConfig, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -379,7 +366,7 @@ def _batch(items: Sequence[Item], cfg: CAMConfig, epoch: int, index: int) -> tup
 def train(cfg: CAMConfig, ctx: RunContext) -> CAMNet:
     """Train (or resume training) the CAM classifier on ``ctx.items``; returns it in eval mode.
 
-    Checkpoints go to ``ctx.workdir / CHECKPOINT_NAME`` every ``cfg.checkpoint_every`` steps and at
+    Checkpoints go to ``CHECKPOINT_NAME`` in ``ctx.model_dir("cam", training settings)`` every ``cfg.checkpoint_every`` steps and at
     every epoch end (atomic rename); a rerun continues from the last one. Once training is
     complete the model is saved as ``FINAL_NAME`` and a rerun only loads it. ``ctx.report("train",
     step, total)`` is called after every step and may raise ``Cancelled``, which propagates.
@@ -387,10 +374,11 @@ def train(cfg: CAMConfig, ctx: RunContext) -> CAMNet:
     if not ctx.items:
         raise ValueError("CAM needs training images: ctx.items is empty")
     net = build_net(cfg).to(ctx.device)
-    ctx.workdir.mkdir(parents=True, exist_ok=True)
-    final, checkpoint = ctx.workdir / FINAL_NAME, ctx.workdir / CHECKPOINT_NAME
+    params = training_params(cfg)
+    model_dir = ctx.model_dir("cam", params)
+    final, checkpoint = model_dir / FINAL_NAME, model_dir / CHECKPOINT_NAME
     if final.is_file():
-        net.load_state_dict(_load_state(final, cfg)["model"], strict=True)
+        net.load_state_dict(load_checked(final, params)["model"], strict=True)
         return net.eval()
     steps_per_epoch = max(1, len(ctx.items) // cfg.batch_size)  # last partial batch dropped (IRN)
     total = cfg.epochs * steps_per_epoch
@@ -403,7 +391,7 @@ def train(cfg: CAMConfig, ctx: RunContext) -> CAMNet:
     )
     start = 0
     if checkpoint.is_file():
-        state = _load_state(checkpoint, cfg)
+        state = load_checked(checkpoint, params)
         net.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
@@ -422,10 +410,10 @@ def train(cfg: CAMConfig, ctx: RunContext) -> CAMNet:
             optimizer.step()
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done % steps_per_epoch == 0:
-            _save_atomic({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                          "params": _training_params(cfg)}, checkpoint)
+            save_atomic({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                         "params": params}, checkpoint)
         ctx.report("train", done, total)
-    _save_atomic({"model": net.state_dict(), "step": total, "params": _training_params(cfg)}, final)
+    save_atomic({"model": net.state_dict(), "step": total, "params": params}, final)
     checkpoint.unlink(missing_ok=True)
     return net.eval()
 

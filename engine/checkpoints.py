@@ -1,0 +1,34 @@
+"""Saving training state so a killed job resumes: atomic writes of torch checkpoints.
+
+A method trains into ``RunContext.model_dir(family, training_params)``; a checkpoint file there
+is rewritten atomically (write a temporary file, then rename), so a kill mid-write leaves the
+previous checkpoint intact, and the stored ``params`` are checked on load so a file written with
+other settings is never silently reused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` through a temporary file and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checked(path: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint dict saved with ``{"params": params, ...}``.
+
+    Raises ``ValueError`` naming the file when it was written with other training settings.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("params") != params:
+        raise ValueError(f"{path} was written with training settings {state.get('params')}, "
+                         f"not {params}; delete it to retrain")
+    return state

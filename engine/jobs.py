@@ -46,6 +46,13 @@ def _hash(payload: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _title(title: str, params: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """A step's display name: the plugin title plus the parameters that differ from its defaults,
+    so two variants of one method are told apart, e.g. "dCRF (iters=5)"."""
+    changed = [f"{k}={json.dumps(v)}" for k, v in sorted(params.items()) if defaults.get(k) != v]
+    return f"{title} ({', '.join(changed)})" if changed else title
+
+
 def chain_variants(dataset_id: str, steps: Sequence[Step], source: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The variant rows of each prefix of ``steps``, parameters filled with the configs' defaults.
 
@@ -61,7 +68,7 @@ def chain_variants(dataset_id: str, steps: Sequence[Step], source: dict[str, Any
         if plugin.kind != wanted:
             raise ValueError(f"step {position + 1} ({step.name}) must be a {wanted}, not a {plugin.kind}")
         params = registry.config_to_params(plugin.make_config(step.params))
-        title = step.title or plugin.title
+        title = step.title or _title(plugin.title, params, registry.config_to_params(plugin.make_config()))
         parent_id = parent["id"] if parent else None
         variant_id = _hash({"dataset": dataset_id, "source": parent_id, "step": step.name, "params": params})
         chain = (json.loads(parent["steps"]) if parent else []) + [{"name": step.name, "params": params}]

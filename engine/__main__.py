@@ -1,7 +1,9 @@
-"""Command line: ``python -m engine {submit,worker,run,status,cancel}``.
+"""Command line: ``python -m engine {submit,worker,run,import,status,cancel}``.
 
     python -m engine run cam dcrf            # queue CAM and CAM -> dCRF on train, work until done
     python -m engine submit cam --param cam.epochs=3
+    python -m engine import ~/irn/result/sem_seg --name "IRN"          # a folder of <id>.png
+    python -m engine import ~/irn/result/cam --name "IRN CAM" --format npy --param import.bg_threshold=0.2
     python -m engine worker                  # the background worker the app relies on
     python -m engine status                  # jobs, and mIoU per variant
 """
@@ -21,6 +23,7 @@ from cache.db import connect, default_cache_dir
 from cache.voc import VOC_CLASSES
 from engine.dataset import default_voc_root
 from engine.jobs import Step, cancel, dataset_id_for, submit_chain
+from engine.methods.imported import FORMATS, import_step
 from engine.worker import WorkerConfig, serve
 
 
@@ -79,6 +82,24 @@ def _print_status(cache_dir: Path, root: Path, split: str) -> None:
               f"mIoU={miou:.2f} over {len(ious)} classes | {detail}")
 
 
+def _queue_and_work(cache_dir: Path, root: Path, split: str, steps: list[Step], source: str | None,
+                    work: bool) -> None:
+    """Queue ``steps``; with ``work``, run the jobs here until none is left (``run``, ``import``),
+    then print the per-file errors of the queued jobs and the status."""
+    ids = submit_chain(cache_dir, root, split, steps, source)
+    print(f"queued jobs {ids}" if ids else "nothing to do: every variant of the chain is complete")
+    if not work:
+        return
+    serve(WorkerConfig(cache_dir, until_idle=True), _Bars())
+    with connect(cache_dir, read_only=True) as con:
+        errors = [e for job_id in ids for e in queries.image_errors(con, job_id)]
+    for error in errors[:20]:
+        print(f"skipped {error['image_id']}: {error['message']}")
+    if len(errors) > 20:
+        print(f"... and {len(errors) - 20} more skipped image(s)")
+    _print_status(cache_dir, root, split)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,6 +113,13 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("steps", nargs="+", help="a method then refinements, e.g. cam dcrf")
         p.add_argument("--param", action="append", default=[], metavar="STEP.KEY=VALUE")
         p.add_argument("--from-variant", default=None, help="refine this existing variant id")
+    i = sub.add_parser("import", help="import a folder of pseudo-labels as a variant and work until done")
+    i.add_argument("folder", type=Path, help="folder of <image id>.png label maps or <image id>.npy score dicts")
+    i.add_argument("--name", default="", help="the variant's name (default: the folder's name)")
+    i.add_argument("--format", choices=FORMATS, default=None, help="png (default) or npy")
+    i.add_argument("--param", action="append", default=[], metavar="import.KEY=VALUE",
+                   help="score_key, bg_threshold, keys (index|class_id): engine/methods/imported.py")
+    i.add_argument("--split", default=argparse.SUPPRESS, help="as --split before the command")
     w = sub.add_parser("worker", help="run the background worker")
     w.add_argument("--until-idle", action="store_true", help="exit when no job is queued or running")
     w.add_argument("--progress", action="store_true", help="show progress bars")
@@ -109,11 +137,17 @@ def main(argv: list[str] | None = None) -> None:
     root = (args.root or default_voc_root()).resolve()
 
     if args.command in ("submit", "run"):
-        ids = submit_chain(cache_dir, root, args.split, _steps(args.steps, args.param), args.from_variant)
-        print(f"queued jobs {ids}" if ids else "nothing to do: every variant of the chain is complete")
-        if args.command == "run":
-            serve(WorkerConfig(cache_dir, until_idle=True), _Bars())
-            _print_status(cache_dir, root, args.split)
+        _queue_and_work(cache_dir, root, args.split, _steps(args.steps, args.param), args.from_variant,
+                        work=args.command == "run")
+    elif args.command == "import":
+        params = _steps(["import"], args.param)[0].params
+        if args.format:
+            params["format"] = args.format
+        try:
+            step = import_step(args.folder, args.name, **params)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"import: {exc}") from None
+        _queue_and_work(cache_dir, root, args.split, [step], None, work=True)
     elif args.command == "worker":
         cfg = WorkerConfig(cache_dir, until_idle=args.until_idle, stale_seconds=args.stale_seconds,
                            processes=args.processes, flush_seconds=args.flush_seconds)

@@ -1,4 +1,6 @@
-"""Home: the dataset, the variants, the jobs with live progress, and queueing the baseline jobs."""
+"""Home: the dataset, the variants, the jobs with live progress, and queueing work: the baseline,
+any registered method with refinements after it, refinements of an existing variant, and
+imported pseudo-labels (a folder of PNG label maps or WSSS npy score dicts)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ from pathlib import Path
 import streamlit as st
 
 from cache.schema import JobStatus
-from engine.dataset import default_voc_root
-from engine.jobs import DEFAULT_CHAIN, cancel, submit_chain
+from engine import registry
+from engine.dataset import DatasetError, default_voc_root
+from engine.jobs import DEFAULT_CHAIN, Step, cancel, submit_chain
+from engine.methods.imported import DEFAULT_BG_THRESHOLDS, FORMATS, KEY_CONVENTIONS, SCORE_KEYS, import_step
 from pages.common import cache_dir, cache_exists, pick_dataset, read
 
 st.title("ISLE Workbench")
@@ -18,13 +22,77 @@ st.caption("Weakly supervised segmentation: compare pseudo-label methods class b
 
 dataset = pick_dataset() if cache_exists() else None
 root = Path(dataset["root"]) if dataset else default_voc_root()
+SPLIT = "train"  # pseudo-labels are made for the training images (WSSS)
+KEYS_HELP = {"index": "0-based foreground indices, class id = key + 1 (IRN)",
+             "class_id": "VOC class ids, a leading 0 = background (PuzzleCAM)"}
 
-st.subheader("Queue the baseline")
-st.write(f"CAM, then CAM → dCRF, on the **train** split of `{root}`. "
+
+def queue(steps: list[Step], source_variant_id: str | None = None) -> None:
+    """Submit a chain and say what was queued, or why nothing was."""
+    try:
+        ids = submit_chain(cache_dir(), root, SPLIT, steps, source_variant_id)
+    except (DatasetError, KeyError, ValueError) as exc:
+        st.error(str(exc))
+        return
+    st.toast(f"Queued jobs {ids}" if ids else "Nothing to do: every variant of the chain is complete.")
+
+
+st.subheader("Queue work")
+st.write(f"On the **{SPLIT}** split of `{root}`. "
          "The background worker (`python -m engine worker`) picks the jobs up.")
-if st.button("Queue CAM and CAM → dCRF", type="primary", key="queue_baseline"):
-    ids = submit_chain(cache_dir(), root, "train", DEFAULT_CHAIN)
-    st.toast(f"Queued jobs {ids}" if ids else "Nothing to do: both variants are complete.")
+methods = {p.name: p.title for p in registry.plugins("method") if p.name != "import"}
+refinements = {p.name: p.title for p in registry.plugins("refine")}
+baseline_tab, method_tab, refine_tab, import_tab = st.tabs(
+    ["Baseline", "Queue a method", "Refine a variant", "Import pseudo-labels"])
+
+with baseline_tab:
+    st.write("CAM, then CAM → dCRF.")
+    if st.button("Queue CAM and CAM → dCRF", type="primary", key="queue_baseline"):
+        ids = submit_chain(cache_dir(), root, SPLIT, DEFAULT_CHAIN)
+        st.toast(f"Queued jobs {ids}" if ids else "Nothing to do: both variants are complete.")
+
+with method_tab:
+    method = st.selectbox("Method", list(methods), format_func=methods.get, key="method")
+    chain = st.multiselect("Then refine with (in this order)", list(refinements), format_func=refinements.get,
+                           key="method_refinements")
+    if st.button("Queue", key="queue_method"):
+        queue([Step(method), *(Step(name) for name in chain)])
+
+with refine_tab:
+    variants = {v["id"]: v["name"] for v in read("variants", dataset["id"])} if dataset else {}
+    if not variants:
+        st.caption("No variants yet: queue a method or import pseudo-labels first.")
+    else:
+        source = st.selectbox("Variant to refine", list(variants), format_func=variants.get, key="source_variant")
+        source_chain = st.multiselect("Refinements (in this order)", list(refinements),
+                                      format_func=refinements.get, key="source_refinements")
+        if st.button("Queue refinements", key="queue_refinement", disabled=not source_chain):
+            queue([Step(name) for name in source_chain], source)
+
+with import_tab:
+    st.write("Pseudo-labels made elsewhere, one file per image named `<image id>.png` (VOC palette or "
+             "grey label maps) or `<image id>.npy` (IRN/PuzzleCAM dicts of `keys` and class scores). "
+             "Files with problems are listed with the job; the others import.")
+    folder = st.text_input("Folder", key="import_folder", placeholder="/path/to/pseudo-labels")
+    name = st.text_input("Name of the variant", key="import_name", placeholder="default: the folder's name")
+    fmt = st.radio("Format", FORMATS, horizontal=True, key="import_format")
+    params: dict = {"format": fmt}
+    if fmt == "npy":
+        score_key = st.selectbox("Scores", ["first present", *SCORE_KEYS], key="import_score_key",
+                                 help=f"first present, in the order {', '.join(SCORE_KEYS)}")
+        params["keys"] = st.selectbox("Keys", KEY_CONVENTIONS, format_func=KEYS_HELP.get, key="import_keys")
+        params["bg_threshold"] = st.number_input(
+            "Background threshold", min_value=0.0, max_value=1.0, value=None, step=0.05, key="import_threshold",
+            placeholder=", ".join(f"{k}: {v}" for k, v in DEFAULT_BG_THRESHOLDS.items()),
+            help="constant background score when the file has one channel per key; empty = by score key (IRN)")
+        params["score_key"] = None if score_key == "first present" else score_key
+    if st.button("Import", key="queue_import", disabled=not folder.strip()):
+        try:
+            step = import_step(folder.strip(), name, **params)
+        except (OSError, ValueError) as exc:
+            st.error(str(exc))
+        else:
+            queue([step])
 
 
 @st.fragment(run_every=2)

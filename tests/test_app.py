@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import sys
 
 import numpy as np
@@ -10,10 +11,15 @@ import plotly.io
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from cache import reports
+from cache import queries, reports
 from cache.db import connect
-from engine.jobs import dataset_id_for
-from tests.conftest import REPO
+from cache.labelmaps import write_label_map
+from engine.jobs import Step, chain_variants, dataset_id_for
+from tests.conftest import REPO, TINY_CAM
+
+# The baseline cache's variant names: the tiny CAM settings differ from the defaults, so its name
+# lists them (engine.jobs names variants by the parameters that differ).
+BASELINE_NAMES = [row["name"] for row in chain_variants("d", [Step("cam", TINY_CAM), Step("dcrf")])]
 
 
 @pytest.fixture
@@ -47,7 +53,7 @@ def test_home_lists_variants_and_finished_jobs(app_env):
     assert set(jobs["status"]) == {"done"}
     assert {"scan", "label"} <= set(jobs["kind"])
     variants = next(f for f in frames if "variant" in f.columns and "label maps" in f.columns)
-    assert list(variants["variant"]) == ["CAM", "CAM → dCRF"]
+    assert list(variants["variant"]) == BASELINE_NAMES
     assert list(variants["label maps"]) == [8, 8]
 
 
@@ -74,7 +80,7 @@ def test_heatmap_page_shows_both_variants_with_the_cached_numbers(app_env):
     assert at.selectbox(key="split").value == "train"
     chart = at.get("plotly_chart")[0].proto
     heat = plotly.io.from_json(chart.spec).data[0]
-    assert [y.split(" · ")[0] for y in heat.y] == ["CAM", "CAM → dCRF"]
+    assert [y.split(" · ")[0] for y in heat.y] == BASELINE_NAMES
     assert heat.x[-1] == "mIoU" and heat.x[1] == "aeroplane (no images)"
     with connect(cache_dir, read_only=True) as con:
         table = reports.iou_table(con, dataset_id_for(root), "train")
@@ -107,3 +113,65 @@ def test_home_lists_the_images_a_job_skipped(app_env, tmp_path, monkeypatch):
     assert expander.label == "job 2: 1 image(s) skipped for bad input"
     skipped = expander.dataframe[0].value
     assert list(skipped["image_id"]) == ["2007_000063"] and "cannot decode" in skipped["message"][0]
+
+
+def _jobs(cache_dir) -> list[tuple]:
+    with connect(cache_dir, read_only=True) as con:
+        return [(j["kind"], j["variant_name"], j["status"]) for j in reversed(queries.recent_jobs(con))]
+
+
+def test_import_form_queues_a_job_with_the_given_name(app_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("ISLE_CACHE_DIR", str(tmp_path / "fresh"))
+    folder = tmp_path / "labels"
+    write_label_map(folder / "2007_000032.png", np.zeros((2, 2), np.uint8))
+    at = _page("home.py").run()
+    assert at.button(key="queue_import").disabled  # no folder yet
+    at.text_input(key="import_folder").input(str(tmp_path / "nowhere")).run()
+    at.button(key="queue_import").click().run()
+    assert "does not exist" in at.error[0].value and not (tmp_path / "fresh").exists()
+    at.text_input(key="import_folder").input(str(folder))
+    at.text_input(key="import_name").input("Their labels").run()
+    at.button(key="queue_import").click().run()
+    assert not at.exception and "Queued jobs [1, 2]" in at.toast[0].value
+    assert _jobs(tmp_path / "fresh") == [("scan", None, "queued"), ("label", "Their labels", "queued")]
+    with connect(tmp_path / "fresh", read_only=True) as con:
+        (variant,) = con.execute("SELECT step, params FROM variants").fetchall()
+    assert variant[0] == "import" and json.loads(variant[1])["folder"] == str(folder)
+    # npy settings appear only for npy; the chosen ones are the variant's parameters.
+    assert not [s for s in at.selectbox if s.key == "import_keys"]
+    at.radio(key="import_format").set_value("npy").run()
+    at.selectbox(key="import_keys").set_value("class_id").run()
+    at.button(key="queue_import").click().run()
+    assert "no .npy files (it holds .png files" in at.error[0].value
+
+
+def test_queue_a_method_control_queues_the_chosen_chain(app_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("ISLE_CACHE_DIR", str(tmp_path / "fresh"))
+    at = _page("home.py").run()
+    assert "CAM" in at.selectbox(key="method").options and "Imported" not in at.selectbox(key="method").options
+    at.selectbox(key="method").set_value("cam")
+    at.multiselect(key="method_refinements").set_value(["dcrf"])
+    at.button(key="queue_method").click().run()
+    assert not at.exception and "Queued jobs [1, 2, 3]" in at.toast[0].value
+    assert _jobs(tmp_path / "fresh") == [("scan", None, "queued"), ("label", "CAM", "queued"),
+                                         ("label", "CAM → dCRF", "queued")]
+
+
+def test_refine_an_existing_variant(app_env, tmp_path, monkeypatch):
+    import shutil
+
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(app_env[0], cache_dir)
+    monkeypatch.setenv("ISLE_CACHE_DIR", str(cache_dir))
+    before = len(_jobs(cache_dir))
+    at = _page("home.py").run()
+    assert at.button(key="queue_refinement").disabled  # no refinement chosen yet
+    with connect(cache_dir, read_only=True) as con:
+        source = next(v["id"] for v in queries.variants(con, dataset_id_for(app_env[1])) if v["name"] == BASELINE_NAMES[1])
+    assert BASELINE_NAMES[1] in at.selectbox(key="source_variant").options
+    at.selectbox(key="source_variant").set_value(source)
+    at.multiselect(key="source_refinements").set_value(["dcrf"]).run()
+    at.button(key="queue_refinement").click().run()
+    assert not at.exception
+    jobs = _jobs(cache_dir)
+    assert len(jobs) == before + 1 and jobs[-1] == ("label", f"{BASELINE_NAMES[1]} → dCRF", "queued")

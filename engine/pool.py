@@ -1,4 +1,4 @@
-"""Worker processes for per-image CPU work (dataset scan, dCRF).
+"""Worker processes for per-image CPU work (dataset scan, dCRF, SVM expansion).
 
 Spawned, not forked: the worker process holds torch threads, which fork does not copy safely.
 Each child watches its parent and exits when it is gone, so a SIGKILLed worker leaves no orphan
@@ -11,7 +11,12 @@ import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from typing import Any
+
+from engine.types import LabelResult
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -27,3 +32,30 @@ def process_pool(processes: int) -> ProcessPoolExecutor:
     """A pool of ``processes`` spawned workers that end when this process dies."""
     return ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+
+def map_in_order(
+    pool: Executor, fn: Callable[..., LabelResult], jobs: Iterable[Any], window: int, *args: Any
+) -> Iterator[LabelResult]:
+    """``fn(job, *args)`` for each job on ``pool``, yielded in input order.
+
+    At most ``window`` jobs are submitted ahead of the one being waited for, so closing the
+    generator (cancel) leaves at most ``window`` images to finish or drop. A job that is already
+    a ``LabelResult`` (an error found by the parent) passes through in its place.
+    """
+    pending: deque[Future | LabelResult] = deque()
+    jobs = iter(jobs)
+    try:
+        while True:
+            for job in jobs:
+                pending.append(job if isinstance(job, LabelResult) else pool.submit(fn, job, *args))
+                if len(pending) >= window:
+                    break
+            if not pending:
+                return
+            head = pending.popleft()
+            yield head if isinstance(head, LabelResult) else head.result()
+    finally:
+        for entry in pending:
+            if isinstance(entry, Future):
+                entry.cancel()

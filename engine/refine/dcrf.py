@@ -16,12 +16,9 @@ Out: per image, the label ``classes[argmax Q]`` as ``(H, W) uint8`` and the marg
 from __future__ import annotations
 
 import zipfile
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
@@ -32,7 +29,7 @@ from cache.labelmaps import LabelMapError
 from cache.voc import IGNORE_INDEX
 from engine.dataset import read_image
 from engine.registry import register
-from engine.pool import process_pool
+from engine.pool import map_in_order, process_pool
 from engine.types import ImageError, LabelResult, RunContext
 
 
@@ -221,33 +218,6 @@ def _make_job(ctx: RunContext, image_id: str, image_path: Path) -> _Job | LabelR
         return LabelResult(image_id, error=f"source of {image_id} unreadable: {exc}")
     classes = tuple(int(c) for c in np.unique(label) if c != IGNORE_INDEX) or (0,)
     return _Job(image_id, image_path, classes, None, label)
-
-
-def map_in_order(
-    pool: Executor, fn: Callable[..., LabelResult], jobs: Iterable[Any], window: int, *args: Any
-) -> Iterator[LabelResult]:
-    """``fn(job, *args)`` for each job on ``pool``, yielded in input order.
-
-    At most ``window`` jobs are submitted ahead of the one being waited for, so closing the
-    generator (cancel) leaves at most ``window`` images to finish or drop. A job that is already
-    a ``LabelResult`` (an error found by the parent) passes through in its place.
-    """
-    pending: deque[Future | LabelResult] = deque()
-    jobs = iter(jobs)
-    try:
-        while True:
-            for job in jobs:
-                pending.append(job if isinstance(job, LabelResult) else pool.submit(fn, job, *args))
-                if len(pending) >= window:
-                    break
-            if not pending:
-                return
-            head = pending.popleft()
-            yield head if isinstance(head, LabelResult) else head.result()
-    finally:
-        for entry in pending:
-            if isinstance(entry, Future):
-                entry.cancel()
 
 
 @register("dcrf", kind="refine", config=DCRFConfig, title="dCRF")

@@ -109,11 +109,13 @@ class RunContext:
     def model_dir(self, family: str, params: dict[str, Any]) -> Path:
         """The directory of the model of ``family`` trained with ``params`` (created).
 
-        Keyed by a hash of the training settings only, so variants that differ in inference
-        settings (a threshold, the scales, which output is read) share one trained model, and a
-        changed training setting gets a new directory instead of a stale checkpoint.
+        Keyed by a hash of the training settings and of the training images (``items``' paths),
+        so variants that differ in inference settings (a threshold, the scales, which output is
+        read) share one trained model, while a changed training setting or another image set gets
+        a new directory instead of a stale checkpoint.
         """
-        key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+        images = [str(item.image_path) for item in self.items]
+        key = hashlib.sha1(json.dumps([params, images], sort_keys=True).encode()).hexdigest()[:12]
         path = (self.models if self.models is not None else self.workdir / "models") / family / key
         path.mkdir(parents=True, exist_ok=True)
         return path

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from cache.voc import IGNORE_INDEX
 from engine.backbone import FeatureExtractor, load_feature_extractor, to_input
 from engine.checkpoints import load_checked, save_atomic
 from engine.dataset import read_image
@@ -221,15 +222,32 @@ def augment(rgb: np.ndarray, rng: np.random.Generator, resize_long: tuple[int, i
     ``crop_size`` square is cut at a random place; where the image is smaller, the crop is padded
     with ``PAD_VALUE`` (IRN ``random_crop``). Returns ``(crop_size, crop_size, 3) uint8``.
     """
+    return augment_with_label(rgb, None, rng, resize_long, crop_size)[0]
+
+
+def augment_with_label(rgb: np.ndarray, label: np.ndarray | None, rng: np.random.Generator,
+                       resize_long: tuple[int, int], crop_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``augment`` applied to an image and its pseudo-label alike (IRN/isim segmentation loaders).
+
+    label: ``(h, w) uint8`` pseudo-label of the same image at any resolution (same aspect), or
+    None. It is resized (nearest) to the rescaled image's size, flipped and cropped with it; crop
+    padding is ``IGNORE_INDEX`` (255). Returns ``(crop_size, crop_size, 3) uint8`` and
+    ``(crop_size, crop_size) uint8`` (or None). The random draws are those of ``augment``.
+    """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got {rgb.shape}")
+    if label is not None and label.ndim != 2:
+        raise ValueError(f"expected an (h, w) label, got {label.shape}")
     height, width = rgb.shape[:2]
     long_side = int(rng.integers(resize_long[0], resize_long[1] + 1))
     scale = long_side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     image = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+    if label is not None:
+        label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
     if rng.random() < 0.5:
         image = image[:, ::-1]
+        label = None if label is None else label[:, ::-1]
     height, width = image.shape[:2]
     out = np.full((crop_size, crop_size, 3), PAD_VALUE, dtype=np.uint8)
     # Offsets as in IRN: the larger of (image, crop) is cut, the smaller placed at random in it.
@@ -238,7 +256,11 @@ def augment(rgb: np.ndarray, rng: np.random.Generator, resize_long: tuple[int, i
     src_x, dst_x = (dx, 0) if width > crop_size else (0, dx)
     h, w = min(height, crop_size), min(width, crop_size)
     out[dst_y : dst_y + h, dst_x : dst_x + w] = image[src_y : src_y + h, src_x : src_x + w]
-    return out
+    if label is None:
+        return out, None
+    out_label = np.full((crop_size, crop_size), IGNORE_INDEX, dtype=np.uint8)
+    out_label[dst_y : dst_y + h, dst_x : dst_x + w] = label[src_y : src_y + h, src_x : src_x + w]
+    return out, out_label
 
 
 def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:

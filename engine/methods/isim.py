@@ -1,0 +1,725 @@
+"""ISIM: an iterative self-improved DeepLabCAM (methods ``"isim-cam"`` and ``"isim-decoder"``).
+
+First stage of the pipeline, like the CAM baseline (``engine/methods/cam.py``): image-level labels
+-> one ``LabelResult`` per image; refinements (``engine/refine/``) can start from either variant.
+
+Paper: Bircanoglu & Arica, "ISIM: Iterative Self-Improved Model for Weakly Supervised Segmentation"
+(shared/papers/isim-iterative-self-improved.md) and its code (github.com/cenkbircanoglu/isim:
+``train.py``, ``losses.py``, ``misc/generate_label.py``, ``voc12/dataloader.py``).
+- Sec. 3.2, Fig. 2-3: an encoder-decoder segmentation network (DeepLabV3, here smp's
+  ``DeepLabV3Plus``) plus a classification branch after the encoder (global average pooling and a
+  bias-free 1x1 conv, as in CAM), which yields the CAMs. Here the branch starts with
+  EfficientNet's ImageNet head block, which timm's features_only encoder leaves out (``build_net``).
+- Algorithm 1: train the encoder + branch on image labels (warm-up), then repeatedly generate
+  pseudo-ground-truths from the model's own CAMs and train encoder, branch and decoder on them.
+- Sec. 4.1 "Generation of Pseudo-ground-truths": CAMs -> threshold 0.3 -> dCRF on the thresholded
+  map (a label unary, ``crf_inference_label`` in the isim code), restricted to the image's classes.
+- Sec. 3.2 Eq. 2-3: the decoder's loss is a cross-entropy that skips every image whose
+  pseudo-label is all background; Sec. 4.1 "Training Process": multi-label soft-margin loss for the
+  branch, SGD (momentum 0.9) with a poly schedule and per-group learning rates (encoder 0.1,
+  decoder 0.01, classifier 1), 50 epochs, 5 of warm-up, pseudo-labels regenerated every 10.
+
+Data flow (one trained model serves both variants; ``ctx.model_dir("isim", training settings)``):
+    warm-up:         ``ctx.items`` rgb (H, W, 3) uint8 -> ``cam.augment`` -> ``(B, 3, c, c)``
+                     -> encoder + CAM branch -> ``(B, 20)`` logits, MultiLabelSoftMarginLoss.
+    pseudo-labels r: rgb -> ``multiscale_cams`` (pseudo_scales) -> ``normalise_cams`` -> resized so
+                     the long side is ``crf_max_side`` -> ``cams_to_label`` at ``pseudo_threshold``
+                     -> ``dcrf_refine_labels`` -> ``(h, w) uint8`` in {0, image classes}, stored in
+                     the model dir in files of ``PSEUDO_CHUNK`` images (a killed round resumes).
+    self-training:   rgb + pseudo-label -> ``cam.augment_with_label`` -> ``(B, 3, c, c)``,
+                     ``(B, c, c)`` int64 -> ``(B, 20)`` logits + ``(B, 21, c, c)`` decoder logits,
+                     loss = soft margin + ``modified_cross_entropy``.
+    "isim-cam":      as ``cam.label_image``: CAMs of the image's classes at ``scales`` (+ flips),
+                     label by the ``bg_threshold`` argmax; scores ``(K + 1, h, w) float16``,
+                     channel 0 the constant background score.
+    "isim-decoder":  decoder softmax over background + the image's classes, averaged over
+                     ``decoder_scales`` (+ flips) -> argmax label; scores = those probabilities.
+
+Decoder labels use the image-level labels: the softmax and argmax run over background and the
+image's classes only. The paper never reads labels off the decoder (its pseudo-labels and Tables 2
+and 7 come from the CAMs, which the isim code also restricts to the image's classes in
+``generate_label.py``); the decoder output is offered here as a second variant, and restricting
+it the same way keeps the workbench's rule that a pseudo-label holds only the image's classes.
+
+Defaults and measured costs. The 2 cores were shared with other jobs (load 3-6), under which
+two-thread torch timings swing 5x, so each operation was timed as the minimum single-thread CPU
+time and scaled by the CAM baseline timed the same way (cam.py: a 1.6 s step = 3.4-4.5 CPU-s,
+0.2 s/image inference = 0.28-0.34 CPU-s). Per unit, on 2 free cores:
+    warm-up step (batch 8, 224 crops, encoder + branch)          0.40 s
+    self-training step (batch 8, 224 crops, + decoder)           0.70 s  (256 crops: 0.91 s)
+    pseudo-labels: CAM at scale 1, no flip, in the main process  0.10 s/image
+                   + dCRF at long side 160 in worker processes   0.04-0.06 CPU-s/image (128: 0.03,
+                     200: 0.07, 256: 0.10; full size 0.3-0.8 s)  -> ~0.12 s/image wall
+    "isim-cam" inference (scales 1, 0.5, flips)                  0.21 s/image
+    "isim-decoder" inference (scale 1, no flip)                  0.16 s/image (flip: 0.31)
+A real run of both plugins on 32 train images with one torch thread (load ~2) agrees: warm-up
+1.1 s/step, self-training 1.8 s/step, pseudo-labels 0.34 s/image wall (0.13 CPU-s in the main
+process; the worker pool's start-up included), "isim-cam" 0.34 s/image, "isim-decoder" 0.21
+s/image; that is ~40 min for the split on one thread, and two threads run the CAM baseline ~2x
+faster than one.
+Extrapolated to the train split (1,861 images, 232 steps an epoch), defaults (1 warm-up epoch,
+one round of 2 self-training epochs):
+    warm-up 232 x 0.40 = 95 s; pseudo-labels 1,861 x 0.12 = 225 s; self-training 464 x 0.70 =
+    325 s; "isim-cam" 1,861 x 0.21 = 390 s; "isim-decoder" 1,861 x 0.16 = 300 s;
+    total ~1,335 s = 22 min. Each further round (``regenerate_every=1``: two rounds of one epoch)
+    adds a regeneration, ~4 min.
+Quality check (every 6th train image, 300 images, as the only training set: 37 steps an epoch;
+two rounds of one epoch, ``regenerate_every=1``, else the defaults; train mIoU against
+SegmentationClassAug, 255 ignored): "isim-cam" 22.7
+(23.5 at ``bg_threshold`` 0.2, 21.9 at 0.35), pseudo-labels of round 1 15.7 (3 of 300 all
+background), round 2 13.2 (11 of 300); the decoder after 74 steps only separated background and
+cat (7.6). With ``decoder_lr_mult`` 10 the decoder's gradients dragged the shared encoder:
+"isim-cam" 13.7, round-2 pseudo-labels 7.9 (40 all background), decoder 5.3; so the decoder keeps
+the encoder's rate. The CAM baseline, trained on the full split, scores 32.3 on the same images.
+These runs saw 1/6 of the data; the full split gives the decoder 464 steps instead of 74.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from cache.voc import IGNORE_INDEX, NUM_CLASSES
+from engine.backbone import BACKBONES, BackboneWeightsError, load_imagenet_model, to_input
+from engine.checkpoints import load_checked, save_atomic
+from engine.dataset import read_image
+from engine.methods.cam import (
+    NUM_FOREGROUND,
+    augment_with_label,
+    cams_to_label,
+    downsample_scores,
+    label_image,
+    multilabel_target,
+    multiscale_cams,
+    normalise_cams,
+    poly_lr,
+)
+from engine.pool import map_in_order, process_pool
+from engine.refine.dcrf import DCRFConfig, dcrf_refine_labels, resize_channels
+from engine.registry import config_to_params, register
+from engine.types import ImageError, Item, LabelResult, RunContext
+
+FAMILY = "isim"  # ctx.model_dir family shared by both variants
+CHECKPOINT_NAME = "isim_checkpoint.pt"  # training state, rewritten during training
+FINAL_NAME = "isim_model.pt"  # the trained model; its presence means "training is done"
+PSEUDO_CHUNK = 64  # images per pseudo-label file: a killed regeneration loses at most this many
+_PSEUDO_FILE = re.compile(r"^pseudo_r(\d+)_(\d+)\.npz$")
+# The ImageNet weights timm's features_only encoder does not hold (it stops at the last block
+# stage): EfficientNet's head block (1x1 conv + BN), used by the CAM branch, and the classifier.
+_HEAD_PREFIXES = ("conv_head.", "bn2.", "classifier.")
+# isim's dCRF (``misc/imutils.py: crf_inference_label``, from IRN): label unary trusted at 0.7,
+# smoothness kernel sxy 3 / weight 3, appearance kernel sxy 50 / srgb 5 / weight 10, 10 steps.
+ISIM_DCRF = DCRFConfig(iters=10, gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=50.0,
+                       bilateral_srgb=5.0, bilateral_compat=10.0, gt_prob=0.7)
+
+
+@dataclass(frozen=True)
+class ISIMConfig:
+    """Settings of ISIM (both variants). Defaults fit the CPU budget of this workbench.
+
+    Schedule: ``epochs`` passes over ``ctx.items``; the first ``warmup_epochs`` train only the
+    classification branch (Algorithm 1, TrainEncoder); pseudo-labels are then regenerated at the
+    start of every ``regenerate_every``-th later epoch (rounds 1, 2, ...), each round training the
+    whole network on its pseudo-labels. Defaults: 1 warm-up epoch + 1 round of 2 epochs, ~22 min
+    on 2 cores for the 1,861 train images including labelling them for both variants (costs and
+    the extrapolation: module docstring).
+
+    The paper-scale settings (Sec. 4.1) are ``PAPER_PARAMS``:
+    ``registry.get("isim-cam").make_config(PAPER_PARAMS)``; on these cores that is days, not minutes.
+    """
+
+    backbone: str = "efficientnet_lite0"  # engine.backbone.BACKBONES key (ImageNet weights)
+    output_stride: int = 16  # DeepLab encoder stride; CAMs at 1/16 (isim Sec. 3.2.1 dilates too)
+    # Stem + block stages 0-2 (to stride 8) keep their ImageNet weights and get no gradients, as in
+    # the CAM baseline (cam.py: freezing them costs nothing in 2 epochs and saves ~1/3 of a step).
+    # BN statistics of the encoder stay ImageNet's (IRN); the new decoder's BN layers train.
+    frozen_stages: int = 4
+    epochs: int = 3  # isim: 50
+    warmup_epochs: int = 1  # classification only (isim: 5)
+    # Epochs per pseudo-label round (isim: 10). 2 with 3 epochs = one round: a second round would
+    # cost a regeneration (~4 min) and its labels were not better on the 300-image check.
+    regenerate_every: int = 2
+    batch_size: int = 8  # >= 2: the decoder's batch norm trains
+    crop_size: int = 224  # isim: 320 (Sec. 4.1, Table 6); a multiple of output_stride
+    resize_long: tuple[int, int] = (224, 448)  # random long side before the crop (isim: 320, 640)
+    lr: float = 0.02  # encoder (isim: 0.1 at batch 32 on a GPU; cam.py found 0.02 best here)
+    classifier_lr_mult: float = 10.0  # classification branch (isim: 1 = 10x the encoder)
+    # Decoder: the isim code uses the encoder's rate (train.py), the paper text a tenth of it.
+    # The code's choice: the fresh decoder gets only 2 epochs; 10x hurt the CAMs (module docstring).
+    decoder_lr_mult: float = 1.0
+    momentum: float = 0.9  # isim Sec. 4.1
+    weight_decay: float = 1e-4  # isim conf/train.yaml
+    poly_power: float = 0.9  # lr * (1 - step / total) ** power over the whole schedule
+    seed: int = 0  # model init, data order and augmentation are derived from it
+    checkpoint_every: int = 20  # steps; also at every epoch end (so at every round start)
+    pseudo_threshold: float = 0.3  # background score for the pseudo-ground-truths (isim Sec. 4.1)
+    pseudo_scales: tuple[float, ...] = (1.0,)  # CAM scales at regeneration (isim: 1, 0.5, 1.5, 2)
+    pseudo_flip: bool = False  # add flipped copies at regeneration (isim: yes)
+    # dCRF runs on the image resized to this long side (None = full size): its cost grows with the
+    # pixel count (0.3-0.8 s at 500x375); its spatial kernel widths shrink by the same factor.
+    crf_max_side: int | None = 160
+    # Inference only (not part of the trained model's key):
+    scales: tuple[float, ...] = (1.0, 0.5)  # "isim-cam" CAM scales (isim: 1, 0.5, 1.5, 2)
+    flip: bool = True  # "isim-cam": add horizontally flipped copies at every scale
+    decoder_scales: tuple[float, ...] = (1.0,)  # "isim-decoder" input scales (probabilities averaged)
+    decoder_flip: bool = False  # "isim-decoder" flipped copies: doubles its ~0.08 s/image
+    bg_threshold: float = 0.3  # "isim-cam" constant background score (the training threshold)
+    score_max_side: int = 128  # stored scores are downsampled so max(h, w) <= this
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; valid: {sorted(BACKBONES)}")
+        if self.output_stride not in (8, 16):
+            raise ValueError(f"output_stride must be 8 or 16 (DeepLabV3+), got {self.output_stride}")
+        if not 1 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"need 1 <= warmup_epochs < epochs (Algorithm 1 warms up, then self-trains), "
+                             f"got warmup_epochs={self.warmup_epochs}, epochs={self.epochs}")
+        if self.regenerate_every < 1:
+            raise ValueError(f"regenerate_every must be >= 1, got {self.regenerate_every}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (the decoder's batch norm trains), got {self.batch_size}")
+        if self.crop_size % self.output_stride:
+            raise ValueError(f"crop_size must be a multiple of output_stride {self.output_stride}, got {self.crop_size}")
+        if self.crf_max_side is not None and self.crf_max_side < 8:
+            raise ValueError(f"crf_max_side must be >= 8 or None, got {self.crf_max_side}")
+        if not self.scales or not self.decoder_scales or not self.pseudo_scales:
+            raise ValueError("scales, decoder_scales and pseudo_scales must not be empty")
+
+
+PAPER_PARAMS: dict[str, Any] = {
+    "frozen_stages": 0,
+    "epochs": 50,
+    "warmup_epochs": 5,
+    "regenerate_every": 10,
+    "batch_size": 32,  # isim conf/train.yaml
+    "crop_size": 320,
+    "resize_long": (320, 640),
+    "lr": 0.1,
+    "classifier_lr_mult": 10.0,
+    "decoder_lr_mult": 0.1,
+    "pseudo_scales": (1.0, 0.5, 1.5, 2.0),
+    "pseudo_flip": True,
+    "crf_max_side": None,
+    "scales": (1.0, 0.5, 1.5, 2.0),
+    "decoder_scales": (1.0, 0.5, 1.5, 2.0),
+    "decoder_flip": True,
+}
+_INFERENCE_FIELDS = ("scales", "flip", "decoder_scales", "decoder_flip", "bg_threshold", "score_max_side")
+
+
+# --------------------------------------------------------------------------------------------
+# Numerics (pure functions)
+
+
+def foreground_images(target: torch.Tensor) -> torch.Tensor:
+    """``r_y`` of isim Eq. 3 per image: does its pseudo-label hold any foreground pixel?
+
+    target: ``(B, H, W)`` integer class ids (0 background, 1-20, ``IGNORE_INDEX`` 255).
+    Returns ``(B,) bool``. Eq. 3 sums the label values; with the crop padding marked 255 (the isim
+    code pads with 0), ignored pixels must not count, so only values 1-20 do.
+    """
+    if target.ndim != 3:
+        raise ValueError(f"expected a target of shape (B, H, W), got {tuple(target.shape)}")
+    foreground = (target > 0) & (target != IGNORE_INDEX)
+    return foreground.flatten(1).any(dim=1)
+
+
+def modified_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """isim Eq. 2-3: pixel-wise cross-entropy over the images whose pseudo-label has foreground.
+
+    logits: ``(B, C, H, W) float``; target: ``(B, H, W) int64`` in 0..C-1 or 255 (ignored).
+    Returns a scalar: the mean cross-entropy over the non-ignored pixels of the kept images, and
+    0 (still differentiable) when no image is kept. A dropped image gets no gradient. In training
+    ``target`` holds the crops, so a crop that misses the objects is dropped too, as in the isim
+    code (``train.py`` applies the loss to the cropped batch). The isim code (``losses.py``) multiplies a dropped image's logits by 0, which also gives it no
+    gradient but still counts its pixels (at ``log C`` each) in the mean, shrinking the other
+    images' gradients; here its pixels are left out of the mean, as the paper's text says ("do not
+    calculate any loss for that specific image").
+    """
+    if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"expected logits (B, C, H, W) and target (B, H, W), got "
+                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+    keep = foreground_images(target)
+    target = target.masked_fill(~keep[:, None, None], IGNORE_INDEX)
+    if not (target != IGNORE_INDEX).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+
+
+def training_round(epoch: int, warmup_epochs: int, regenerate_every: int) -> int:
+    """0 during the warm-up epochs, else the pseudo-label round (1, 2, ...) ``epoch`` belongs to.
+
+    Round r starts at epoch ``warmup_epochs + (r - 1) * regenerate_every`` (Algorithm 1; isim
+    Sec. 4.1: warm-up 5, regeneration every 10 epochs -> rounds start at epochs 5, 15, 25, ...).
+    """
+    if epoch < warmup_epochs:
+        return 0
+    return 1 + (epoch - warmup_epochs) // regenerate_every
+
+
+def restricted_softmax(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """Softmax over background + the image's classes: ``(B, 21, h, w)`` -> ``(B, K + 1, h, w)``.
+
+    Channel 0 is background, channel k the class ``classes[k - 1]`` (1-20); the other classes'
+    logits are dropped before the softmax, so the K + 1 channels sum to 1.
+    """
+    if logits.ndim != 4 or logits.shape[1] != NUM_CLASSES:
+        raise ValueError(f"expected logits of shape (B, {NUM_CLASSES}, h, w), got {tuple(logits.shape)}")
+    if any(not 1 <= c <= NUM_FOREGROUND for c in classes):
+        raise ValueError(f"class ids must be 1-{NUM_FOREGROUND}, got {tuple(classes)}")
+    return torch.softmax(logits[:, [0, *classes]], dim=1)
+
+
+def scaled_dcrf(cfg: DCRFConfig, scale: float) -> DCRFConfig:
+    """``cfg`` for an image resized by ``scale``: the spatial kernel widths (pixels) times ``scale``.
+
+    Keeps the CRF's neighbourhoods the same part of the scene when dCRF runs at reduced size.
+    """
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    return replace(cfg, gaussian_sxy=cfg.gaussian_sxy * scale, bilateral_sxy=cfg.bilateral_sxy * scale)
+
+
+def refine_pseudo_label(rgb: np.ndarray, cams: np.ndarray, classes: Sequence[int], threshold: float,
+                        cfg: DCRFConfig) -> np.ndarray:
+    """A pseudo-ground-truth (isim Sec. 4.1 steps ii-iii; ``voc12/dataloader.py: update_cam``).
+
+    rgb: ``(h, w, 3) uint8``; cams: ``(K, h, w) float32`` normalised CAMs of ``classes`` (1-20).
+    The CAMs are thresholded (``cams_to_label``: background unless a class exceeds ``threshold``)
+    and the hard map refined by dCRF with a label unary (``dcrf_refine_labels``).
+    Returns ``(h, w) uint8`` with values in ``{0, *classes}``.
+    """
+    seed = cams_to_label(cams, classes, threshold)
+    labels = (0, *classes)
+    q = dcrf_refine_labels(rgb, seed, labels, cfg)
+    return np.asarray(labels, dtype=np.uint8)[q.argmax(axis=0)]
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad ``(B, C, H, W)`` at the bottom/right to multiples of ``multiple``.
+
+    DeepLabV3+ concatenates stride-4 and upsampled stride-16 maps, so its input sides must divide
+    by the output stride; 0 is mid-grey after ``to_input`` (like cam.py's ``PAD_VALUE``).
+    """
+    height, width = x.shape[-2:]
+    return F.pad(x, (0, -width % multiple, 0, -height % multiple))
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+class DeepLabCAM(nn.Module):
+    """smp DeepLabV3+ with a CAM branch after the encoder (isim Sec. 3.2.1, Fig. 3).
+
+    ``seg``: ``smp.DeepLabV3Plus`` whose encoder is timm's features_only EfficientNet-Lite; it
+    ends at the last block stage, a linear bottleneck (``(B, 320, H / s, W / s)`` for Lite0, no
+    activation). ``head``: EfficientNet's last conv block left out of that encoder (1x1 conv to
+    1280 channels + BN + ReLU6, ImageNet weights), so the CAMs come from non-negative features as
+    after ResNet's ``layer4`` in the paper (see ``build_net``).
+    classify: ``(B, 3, H, W)`` -> ``(B, 20)`` logits = bias-free 1x1 conv of the globally pooled
+        head features (CAM Sec. 2).
+    class_maps: same input -> ``(B, 20, H / s, W / s)`` raw CAMs; ``classify`` is their mean.
+    forward: input sides divisible by ``s`` -> ``(B, 20)`` logits and ``(B, 21, H, W)`` decoder logits.
+    ``class_maps`` and ``features.output_stride`` make it usable by ``cam.multiscale_cams``.
+    The first ``frozen_stages`` encoder stages (stem, block stages) get no gradients.
+    """
+
+    def __init__(self, seg: smp.DeepLabV3Plus, head: nn.Module, frozen_stages: int, generator: torch.Generator):
+        super().__init__()
+        self.seg = seg
+        self.head = head
+        self.frozen_stages = frozen_stages
+        channels = [m for m in head.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+        self.classifier = nn.Conv2d(channels, NUM_FOREGROUND, 1, bias=False)
+        nn.init.kaiming_uniform_(self.classifier.weight, a=math.sqrt(5), generator=generator)  # torch's default
+        for stage in self.encoder_stages[:frozen_stages]:
+            stage.requires_grad_(False)
+
+    @property
+    def features(self) -> nn.Module:
+        """The encoder (smp ``TimmUniversalEncoder``; ``.output_stride``, ``.model``)."""
+        return self.seg.encoder
+
+    @property
+    def encoder_stages(self) -> list[nn.Module]:
+        m = self.seg.encoder.model
+        return [nn.ModuleList([m.conv_stem, m.bn1]), *m.blocks]
+
+    def _logits(self, deepest: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.head(deepest).mean(dim=(2, 3), keepdim=True)).flatten(1)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self._logits(self.seg.encoder(x)[-1])
+
+    def class_maps(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.head(self.seg.encoder(x)[-1]))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.seg.encoder(x)
+        return self._logits(features[-1]), self.seg.segmentation_head(self.seg.decoder(features))
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder logits ``(B, 21, H, W)``; input sides divisible by the output stride."""
+        return self.seg.segmentation_head(self.seg.decoder(self.seg.encoder(x)))
+
+    def train(self, mode: bool = True) -> DeepLabCAM:
+        """Train mode except the ImageNet parts' batch norm, whose statistics stay ImageNet's (IRN)."""
+        super().train(mode)
+        for module in (*self.seg.encoder.modules(), *self.head.modules()):
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+
+def load_imagenet_encoder(encoder: nn.Module, backbone: str, output_stride: int) -> nn.Sequential:
+    """Fill timm's features_only EfficientNet-Lite (smp's ``encoder.model``) with ImageNet weights;
+    returns the ImageNet head block the encoder lacks (``conv_head``, ``bn2`` incl. ReLU6).
+
+    The package weights are first loaded strictly into the full timm model (``engine.backbone``'s
+    key map: every weight used); every key of ``encoder`` must then exist there with the same
+    shape, and the only ones left over must be the head and the ImageNet classifier
+    (``_HEAD_PREFIXES``). Strict load. Raises ``BackboneWeightsError`` naming the keys otherwise.
+    """
+    full = load_imagenet_model(backbone, output_stride)
+    weights, target = full.state_dict(), encoder.state_dict()
+    missing = sorted(set(target) - set(weights))
+    extra = sorted(k for k in set(weights) - set(target) if not k.startswith(_HEAD_PREFIXES))
+    if missing or extra:
+        raise BackboneWeightsError(f"encoder keys without ImageNet weights {missing[:5]}, "
+                                   f"ImageNet weights the encoder lacks {extra[:5]}")
+    encoder.load_state_dict({k: weights[k] for k in target}, strict=True)
+    return nn.Sequential(full.conv_head, full.bn2)
+
+
+def build_net(cfg: ISIMConfig) -> DeepLabCAM:
+    """``DeepLabCAM``: ImageNet encoder + head, decoder and classifier initialised from ``cfg.seed``.
+
+    Deviation: the paper puts GAP + 1x1 conv straight after ResNet's last block, whose output is
+    ReLU'd. The matching EfficientNet features come after its head block (1x1 conv + BN + ReLU6),
+    which timm's features_only encoder leaves out; a branch on the bare last block stage (signed,
+    linear-bottleneck features) gave CAMs that peaked off the objects (train mIoU 10.7 for the
+    positive part vs 22.8 for the negative part on 25 images), so the branch keeps the ImageNet
+    head, exactly the features of the CAM baseline.
+    """
+    with torch.random.fork_rng(devices=[]):  # smp/timm init draw from the global RNG
+        torch.manual_seed(cfg.seed)
+        seg = smp.DeepLabV3Plus(encoder_name=f"tu-{BACKBONES[cfg.backbone].timm_name}", encoder_weights=None,
+                                encoder_output_stride=cfg.output_stride, classes=NUM_CLASSES)
+    head = load_imagenet_encoder(seg.encoder.model, cfg.backbone, cfg.output_stride)
+    return DeepLabCAM(seg, head, cfg.frozen_stages, torch.Generator().manual_seed(cfg.seed))
+
+
+@torch.no_grad()
+def decoder_probs(net: DeepLabCAM, rgb: np.ndarray, classes: Sequence[int], scales: Sequence[float],
+                  flip: bool, device: str = "cpu") -> np.ndarray:
+    """Decoder class probabilities of one image over background + ``classes``.
+
+    rgb: ``(H, W, 3) uint8``. At each scale the image (and its mirror image if ``flip``) is
+    resized, padded to the output stride, run through encoder + decoder, cropped back,
+    ``restricted_softmax``'d, un-flipped and resized to ``(H, W)``; the maps are averaged.
+    Returns ``(K + 1, H, W) float32`` summing to 1 over channels (channel 0 background).
+    """
+    height, width = rgb.shape[:2]
+    total = torch.zeros((len(classes) + 1, height, width), dtype=torch.float32)
+    image = to_input(rgb)[None].to(device)
+    for scale in scales:
+        sh, sw = max(1, round(height * scale)), max(1, round(width * scale))
+        x = image if (sh, sw) == (height, width) else F.interpolate(
+            image, size=(sh, sw), mode="bilinear", align_corners=False, antialias=scale < 1)
+        if flip:
+            x = torch.cat([x, x.flip(-1)])  # flip before padding: the padding stays bottom/right
+        logits = net.segment(pad_to_multiple(x, net.features.output_stride))[:, :, :sh, :sw]
+        probs = restricted_softmax(logits, classes).float()
+        p = (probs[0] + probs[1].flip(-1)) / 2 if flip else probs[0]
+        total += F.interpolate(p[None].cpu(), size=(height, width), mode="bilinear", align_corners=False)[0]
+    return (total / len(scales)).numpy()
+
+
+def decoder_label_image(net: DeepLabCAM, rgb: np.ndarray, item: Item, cfg: ISIMConfig, device: str) -> LabelResult:
+    """One image's "isim-decoder" result: label ``(H, W) uint8``, scores ``(K + 1, h, w) float16``."""
+    classes = (0, *item.labels)
+    probs = decoder_probs(net, rgb, item.labels, cfg.decoder_scales, cfg.decoder_flip, device)
+    label = np.asarray(classes, dtype=np.uint8)[probs.argmax(axis=0)]
+    return LabelResult(item.image_id, label=label, scores=downsample_scores(probs, cfg.score_max_side),
+                       score_classes=classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Pseudo-ground-truths (one round), stored in the model dir
+
+
+@dataclass(frozen=True)
+class _CRFJob:
+    """One image's dCRF work, run in a worker process (picklable)."""
+
+    image_id: str
+    rgb: np.ndarray  # (h, w, 3) uint8, at the dCRF size
+    cams: np.ndarray  # (K, h, w) float32, normalised
+    classes: tuple[int, ...]
+    scale: float  # h / original height: the dCRF kernels shrink by it
+
+
+def _crf_job(job: _CRFJob, threshold: float, cfg: DCRFConfig) -> LabelResult:
+    label = refine_pseudo_label(job.rgb, job.cams, job.classes, threshold, scaled_dcrf(cfg, job.scale))
+    return LabelResult(job.image_id, label=label)
+
+
+def _prepare_job(net: DeepLabCAM, item: Item, cfg: ISIMConfig, device: str) -> _CRFJob | LabelResult:
+    """CAMs of one image (in this process, on ``device``) resized to the dCRF size."""
+    try:
+        rgb = read_image(item.image_path)
+    except ImageError as exc:
+        return LabelResult(item.image_id, error=str(exc))
+    classes = tuple(item.labels)
+    cams = normalise_cams(multiscale_cams(net, rgb, classes, cfg.pseudo_scales, cfg.pseudo_flip, device))
+    height, width = rgb.shape[:2]
+    scale = 1.0
+    if cfg.crf_max_side is not None and max(height, width) > cfg.crf_max_side:
+        scale = cfg.crf_max_side / max(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        rgb = np.asarray(Image.fromarray(rgb).resize(size[::-1], Image.BILINEAR))
+        cams = resize_channels(cams, *size)
+    return _CRFJob(item.image_id, rgb, cams, classes, scale)
+
+
+def _chunk_path(model_dir: Path, round_: int, index: int) -> Path:
+    return model_dir / f"pseudo_r{round_}_{index:04d}.npz"
+
+
+def _save_chunk(path: Path, labels: dict[str, np.ndarray]) -> None:
+    """Atomically write ``{image_id: (h, w) uint8}`` as a compressed npz (no pickles)."""
+    arrays = {f"label_{i}": label for i, label in enumerate(labels.values())}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, ids=np.array(list(labels), dtype=str), **arrays)
+    os.replace(tmp, path)
+
+
+def _load_chunk(path: Path, image_ids: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """The stored labels of a chunk, or None when absent, damaged or for other images."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            ids = [str(i) for i in data["ids"]]
+            labels = {image_id: data[f"label_{i}"] for i, image_id in enumerate(ids)}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    return labels if set(ids) <= set(image_ids) else None
+
+
+def _remove_pseudo_labels(model_dir: Path, keep_round: int | None) -> None:
+    """Delete stored pseudo-label files of every round but ``keep_round``."""
+    for path in model_dir.glob("pseudo_r*.npz"):
+        match = _PSEUDO_FILE.match(path.name)
+        if match and int(match[1]) != keep_round:
+            path.unlink(missing_ok=True)
+
+
+def regenerate(net: DeepLabCAM, cfg: ISIMConfig, ctx: RunContext, model_dir: Path, round_: int) -> dict[str, np.ndarray]:
+    """Pseudo-labels of round ``round_`` for ``ctx.items``: ``{image_id: (h, w) uint8}``.
+
+    Files of ``PSEUDO_CHUNK`` images are written to ``model_dir`` as they complete and reused by
+    a rerun, so a killed regeneration resumes at its last unfinished file. CAMs are computed in
+    this process; dCRF runs on ``ctx.processes`` worker processes. An unreadable image gets no
+    pseudo-label. Reports ``("pseudo-labels round r", done, len(items))``.
+    """
+    net.eval()
+    items = ctx.items
+    stage = f"pseudo-labels round {round_}"
+    labels: dict[str, np.ndarray] = {}
+    pool = None
+    done = 0
+    try:
+        for index in range(math.ceil(len(items) / PSEUDO_CHUNK)):
+            chunk = items[index * PSEUDO_CHUNK : (index + 1) * PSEUDO_CHUNK]
+            path = _chunk_path(model_dir, round_, index)
+            stored = _load_chunk(path, [item.image_id for item in chunk])
+            if stored is None:
+                stored = {}
+                jobs = (_prepare_job(net, item, cfg, ctx.device) for item in chunk)
+                if ctx.processes > 1:
+                    pool = pool or process_pool(ctx.processes)
+                    results = map_in_order(pool, _crf_job, jobs, 2 * ctx.processes, cfg.pseudo_threshold, ISIM_DCRF)
+                else:
+                    results = (job if isinstance(job, LabelResult) else _crf_job(job, cfg.pseudo_threshold, ISIM_DCRF)
+                               for job in jobs)
+                for result in results:
+                    if result.label is not None:
+                        stored[result.image_id] = result.label
+                    done += 1
+                    ctx.report(stage, done, len(items))
+                _save_chunk(path, stored)
+            else:
+                done += len(chunk)
+                ctx.report(stage, done, len(items))
+            labels.update(stored)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return labels
+
+
+
+# --------------------------------------------------------------------------------------------
+# Training with checkpoints
+
+
+def training_params(cfg: ISIMConfig) -> dict[str, Any]:
+    """The settings that change the trained model (everything but ``_INFERENCE_FIELDS``)."""
+    return {k: v for k, v in config_to_params(cfg).items() if k not in _INFERENCE_FIELDS}
+
+
+def _batch(items: Sequence[Item], cfg: ISIMConfig, epoch: int, index: int,
+           pseudo: dict[str, np.ndarray] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """Batch ``index`` of ``epoch``: crops ``(B, 3, c, c) float32``, targets ``(B, 20) float32``
+    and, in self-training (``pseudo`` given), pseudo-labels ``(B, c, c) int64`` (255 = ignore).
+
+    Order and augmentation depend only on (seed, epoch, index), so a resumed run sees the same
+    batches. Unreadable images are skipped, an image without a pseudo-label is all-ignore (its
+    classification loss still counts); None when fewer than 2 images are left (the decoder's
+    batch norm needs 2).
+    """
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(items))
+    rng = np.random.default_rng([cfg.seed, epoch, index, 1])
+    unknown = np.full((1, 1), IGNORE_INDEX, dtype=np.uint8)
+    images, targets, segs = [], [], []
+    for j in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]:
+        try:
+            rgb = read_image(items[j].image_path)
+        except ImageError:
+            continue  # ctx.items were validated; a file broken since is left out of training
+        label = None if pseudo is None else pseudo.get(items[j].image_id, unknown)
+        image, crop_label = augment_with_label(rgb, label, rng, cfg.resize_long, cfg.crop_size)
+        images.append(to_input(image))
+        targets.append(torch.from_numpy(multilabel_target(items[j].labels)))
+        if crop_label is not None:
+            segs.append(torch.from_numpy(crop_label.astype(np.int64)))
+    if len(images) < 2:
+        return None
+    return torch.stack(images), torch.stack(targets), torch.stack(segs) if pseudo is not None else None
+
+
+def _optimizer(net: DeepLabCAM, cfg: ISIMConfig) -> torch.optim.SGD:
+    """SGD with one group per part (isim Sec. 4.1): encoder (+ ImageNet head block), decoder (+ its
+    segmentation head), classifier."""
+    groups = [
+        ([p for p in (*net.seg.encoder.parameters(), *net.head.parameters()) if p.requires_grad], cfg.lr),
+        ([*net.seg.decoder.parameters(), *net.seg.segmentation_head.parameters()], cfg.lr * cfg.decoder_lr_mult),
+        (list(net.classifier.parameters()), cfg.lr * cfg.classifier_lr_mult),
+    ]
+    return torch.optim.SGD([{"params": params, "lr": lr, "base_lr": lr} for params, lr in groups],
+                           momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def train(cfg: ISIMConfig, ctx: RunContext) -> DeepLabCAM:
+    """Train (or resume, or load) ISIM on ``ctx.items``; returns the model in eval mode.
+
+    Algorithm 1 as an epoch schedule (``training_round``): warm-up epochs on image labels, then
+    rounds that each regenerate the pseudo-labels (``regenerate``) from the current model and
+    train on them. The poly schedule runs over all epochs. A checkpoint (model, optimizer, step)
+    goes to ``CHECKPOINT_NAME`` in ``ctx.model_dir("isim", training settings)`` every
+    ``cfg.checkpoint_every`` steps and at every epoch end, so a round always starts from a saved
+    model and a rerun regenerates (or reloads) exactly its pseudo-labels. Once done the model is
+    saved as ``FINAL_NAME``, the pseudo-label files are deleted, and a rerun only loads it.
+    Reports ``("warm-up", step, warm-up steps)``, the regeneration stages and
+    ``("self-training", step, self-training steps)``; ``Cancelled`` from ``ctx.report`` propagates.
+    """
+    if not ctx.items:
+        raise ValueError("ISIM needs training images: ctx.items is empty")
+    net = build_net(cfg).to(ctx.device)
+    params = training_params(cfg)
+    model_dir = ctx.model_dir(FAMILY, params)
+    final, checkpoint = model_dir / FINAL_NAME, model_dir / CHECKPOINT_NAME
+    if final.is_file():
+        net.load_state_dict(load_checked(final, params)["model"], strict=True)
+        return net.eval()
+    steps_per_epoch = max(1, len(ctx.items) // cfg.batch_size)  # last partial batch dropped (IRN)
+    total = cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    optimizer = _optimizer(net, cfg)
+    start = 0
+    if checkpoint.is_file():
+        state = load_checked(checkpoint, params)
+        net.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    cls_loss = nn.MultiLabelSoftMarginLoss()
+    pseudo, pseudo_round = None, 0
+    net.train()
+    for step in range(start, total):
+        epoch, index = divmod(step, steps_per_epoch)
+        round_ = training_round(epoch, cfg.warmup_epochs, cfg.regenerate_every)
+        if round_ != pseudo_round:
+            pseudo = regenerate(net, cfg, ctx, model_dir, round_)
+            _remove_pseudo_labels(model_dir, keep_round=round_)
+            pseudo_round = round_
+            net.train()
+        batch = _batch(ctx.items, cfg, epoch, index, pseudo)
+        if batch is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = poly_lr(group["base_lr"], step, total, cfg.poly_power)
+            x, target = batch[0].to(ctx.device), batch[1].to(ctx.device)
+            if batch[2] is None:
+                loss = cls_loss(net.classify(x), target)
+            else:
+                logits, seg_logits = net(x)
+                loss = cls_loss(logits, target) + modified_cross_entropy(seg_logits, batch[2].to(ctx.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done % steps_per_epoch == 0:
+            save_atomic({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                         "params": params}, checkpoint)
+        if round_ == 0:
+            ctx.report("warm-up", done, warmup)
+        else:
+            ctx.report("self-training", done - warmup, total - warmup)
+    save_atomic({"model": net.state_dict(), "step": total, "params": params}, final)
+    checkpoint.unlink(missing_ok=True)
+    _remove_pseudo_labels(model_dir, keep_round=None)
+    return net.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# The two variants: one trained model, two read-outs
+
+
+def _label_all(cfg: ISIMConfig, ctx: RunContext, label_fn) -> Iterator[LabelResult]:
+    net = train(cfg, ctx)
+    for item in ctx.todo:
+        try:
+            rgb = read_image(item.image_path)
+        except ImageError as exc:
+            yield LabelResult(item.image_id, error=str(exc))
+            continue
+        yield label_fn(net, rgb, item, cfg, ctx.device)
+
+
+@register("isim-cam", kind="method", config=ISIMConfig, title="ISIM CAM")
+def run_cam(cfg: ISIMConfig, ctx: RunContext) -> Iterator[LabelResult]:
+    """Train ISIM (or load it), then each ``ctx.todo`` image's CAM pseudo-label (``cam.label_image``:
+    scales ``cfg.scales``, background at ``cfg.bg_threshold``) with the normalised CAMs as scores."""
+    yield from _label_all(cfg, ctx, label_image)
+
+
+@register("isim-decoder", kind="method", config=ISIMConfig, title="ISIM decoder")
+def run_decoder(cfg: ISIMConfig, ctx: RunContext) -> Iterator[LabelResult]:
+    """Train ISIM (or load it), then each ``ctx.todo`` image's decoder prediction over background +
+    its classes (``decoder_label_image``) with those softmax probabilities as scores."""
+    yield from _label_all(cfg, ctx, decoder_label_image)

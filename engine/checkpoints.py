@@ -32,3 +32,18 @@ def load_checked(path: Path, params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{path} was written with training settings {state.get('params')}, "
                          f"not {params}; delete it to retrain")
     return state
+
+
+def resume(checkpoint: Path, params: dict[str, Any], net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore ``net`` and ``optimizer`` from ``checkpoint`` when it exists; the step to continue from.
+
+    The checkpoint is a dict with ``model``, ``optimizer``, ``step`` and ``params`` (as saved by the
+    methods' training loops); 0 when there is no checkpoint yet. Raises ``ValueError`` (via
+    ``load_checked``) when it was written with other training settings.
+    """
+    if not checkpoint.is_file():
+        return 0
+    state = load_checked(checkpoint, params)
+    net.load_state_dict(state["model"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])

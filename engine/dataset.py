@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from PIL import Image
 
 from cache.voc import IGNORE_INDEX, NUM_CLASSES
 from engine.pool import process_pool
-from engine.types import ImageError, Item
+from engine.types import ImageError, Item, LabelResult
 
 ENV_VOC_ROOT = "ISLE_VOC_ROOT"
 MASK_FOLDERS = ("SegmentationClassAug", "SegmentationClass")  # first one present wins
@@ -250,3 +251,18 @@ def to_item(record: ImageRecord) -> Item:
         height=record.height,
         width=record.width,
     )
+
+
+def label_each(items: Iterable[Item], label: Callable[[np.ndarray, Item], LabelResult]) -> Iterator[LabelResult]:
+    """``label(rgb, item)`` for each item in order, ``rgb`` its ``(H, W, 3) uint8`` image.
+
+    An image that cannot be read gives ``LabelResult(error=...)`` naming the file instead, and the
+    others go on: what a method's labelling loop yields to the worker.
+    """
+    for item in items:
+        try:
+            rgb = read_image(item.image_path)
+        except ImageError as exc:
+            yield LabelResult(item.image_id, error=str(exc))
+            continue
+        yield label(rgb, item)

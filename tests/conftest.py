@@ -5,7 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from engine.types import Cancelled, Item
 
 REPO = Path(__file__).resolve().parents[1]
 VOC_ROOT = (REPO / ".." / "shared" / "data" / "voc2012-animals").resolve()
@@ -26,6 +30,41 @@ def make_voc_copy(dest: Path, splits: dict[str, list[str]]) -> Path:
             shutil.copy(VOC_ROOT / "SegmentationClassAug" / f"{image_id}.png", dest / "SegmentationClassAug")
         (dest / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     return dest
+
+
+def split_items(voc: Path, split: str, count: int | None = None) -> list[Item]:
+    """The ``Item``s of a split of a VOCdevkit folder (labels from the masks), as the worker builds them."""
+    items = []
+    for image_id in _read_ids(voc, split)[:count]:
+        mask_path = voc / "SegmentationClassAug" / f"{image_id}.png"
+        mask = np.asarray(Image.open(mask_path))
+        labels = tuple(int(c) for c in np.unique(mask) if 1 <= c <= 20)
+        items.append(Item(image_id, voc / "JPEGImages" / f"{image_id}.jpg", mask_path, labels, *mask.shape))
+    return items
+
+
+def _read_ids(voc: Path, split: str) -> list[str]:
+    return (voc / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+
+
+class Reports:
+    """A ``RunContext.report`` that records every call and raises ``Cancelled`` at one (stage, done)."""
+
+    def __init__(self, cancel_at: tuple[str, int] | None = None):
+        self.calls: list[tuple[str, int, int]] = []
+        self.cancel_at = cancel_at
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        self.calls.append((stage, done, total))
+        if (stage, done) == self.cancel_at:
+            raise Cancelled()
+
+    def stage(self, name: str) -> list[tuple[int, int]]:
+        """``(done, total)`` of every call of stage ``name``."""
+        return [(d, t) for s, d, t in self.calls if s == name]
+
+    def done(self, name: str) -> list[int]:
+        return [d for d, _ in self.stage(name)]
 
 
 @pytest.fixture(scope="session")

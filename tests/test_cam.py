@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from engine import registry
 from engine.checkpoints import load_checked
@@ -24,6 +22,7 @@ from engine.methods.cam import (
     select_classes,
 )
 from engine.types import Cancelled, Item, RunContext
+from tests.conftest import Reports, split_items
 
 # A few optimisation steps on small crops; one scale with flip at inference.
 TINY = CAMConfig(epochs=1, batch_size=4, crop_size=128, resize_long=(128, 192), scales=(1.0,),
@@ -143,41 +142,16 @@ def test_camnet_logits_are_the_mean_of_its_cams():
 
 # ---------------------------------------------------------------- real training and inference
 
-def _items(voc: Path, split: str) -> list[Item]:
-    items = []
-    for image_id in (voc / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split():
-        image_path = voc / "JPEGImages" / f"{image_id}.jpg"
-        mask_path = voc / "SegmentationClassAug" / f"{image_id}.png"
-        mask = np.asarray(Image.open(mask_path))
-        labels = tuple(int(c) for c in np.unique(mask) if 1 <= c <= 20)
-        items.append(Item(image_id, image_path, mask_path, labels, *mask.shape))
-    return items
-
-
-class Reports:
-    """A ``RunContext.report`` that records the training steps and can cancel at one of them."""
-
-    def __init__(self, cancel_at: int | None = None):
-        self.steps: list[tuple[int, int]] = []
-        self.cancel_at = cancel_at
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage == "train":
-            self.steps.append((done, total))
-            if done == self.cancel_at:
-                raise Cancelled()
-
-
 def test_run_end_to_end_on_real_images(tiny_voc, tmp_path):
-    train_items = _items(tiny_voc, "train")
+    train_items = split_items(tiny_voc, "train")
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    todo = [*_items(tiny_voc, "val"), Item("broken", broken, None, (8,), 10, 10), train_items[0]]
+    todo = [*split_items(tiny_voc, "val"), Item("broken", broken, None, (8,), 10, 10), train_items[0]]
     reports = Reports()
     ctx = RunContext(items=train_items, todo=todo, workdir=tmp_path / "work", report=reports)
     results = list(cam.run(TINY, ctx))
 
-    assert reports.steps == [(1, 3), (2, 3), (3, 3)]  # 12 images, batch 4, one epoch
+    assert reports.stage("train") == [(1, 3), (2, 3), (3, 3)]  # 12 images, batch 4, one epoch
     assert [r.image_id for r in results] == [i.image_id for i in todo]
     bad = results[-2]
     assert bad.label is None and "broken.jpg" in bad.error
@@ -200,20 +174,20 @@ def test_run_end_to_end_on_real_images(tiny_voc, tmp_path):
 
 
 def test_killed_training_resumes_from_its_checkpoint(tiny_voc, tmp_path):
-    items = _items(tiny_voc, "train")
+    items = split_items(tiny_voc, "train")
     cfg = replace(TINY, epochs=2, scales=(0.5,), flip=False)  # 6 steps, checkpoints at 2, 3, 4, 6
     workdir = tmp_path / "work"
     model_dir = RunContext(items=items, todo=[], workdir=workdir).model_dir("cam", cam.training_params(cfg))
 
-    first = Reports(cancel_at=5)
+    first = Reports(cancel_at=("train", 5))
     with pytest.raises(Cancelled):
         list(cam.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=first)))
-    assert first.steps == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6)]
+    assert first.stage("train") == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6)]
     assert (model_dir / cam.CHECKPOINT_NAME).is_file() and not (model_dir / cam.FINAL_NAME).exists()
 
     second = Reports()
     resumed = list(cam.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=second)))
-    assert second.steps == [(5, 6), (6, 6)]  # continues after the step-4 checkpoint
+    assert second.stage("train") == [(5, 6), (6, 6)]  # continues after the step-4 checkpoint
     assert (model_dir / cam.FINAL_NAME).is_file() and not (model_dir / cam.CHECKPOINT_NAME).exists()
 
     # Same batches and optimiser state: the resumed model equals an uninterrupted run's.
@@ -227,12 +201,12 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_voc, tmp_path):
     # Once trained, a rerun only loads the model: no training steps, same labels.
     third = Reports()
     again = list(cam.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=third)))
-    assert third.steps == []
+    assert third.stage("train") == []
     assert all(np.array_equal(x.label, y.label) for x, y in zip(resumed, again))
 
 
 def test_models_are_keyed_by_training_settings_only(tiny_voc, tmp_path):
-    items = _items(tiny_voc, "train")
+    items = split_items(tiny_voc, "train")
     ctx = RunContext(items=items, todo=[], workdir=tmp_path / "work", models=tmp_path / "models")
     # Inference-only settings share the trained model; a training setting gets its own.
     assert ctx.model_dir("cam", cam.training_params(replace(TINY, bg_threshold=0.5))) == \
@@ -243,7 +217,7 @@ def test_models_are_keyed_by_training_settings_only(tiny_voc, tmp_path):
     steps = Reports()
     list(cam.run(replace(TINY, bg_threshold=0.5), RunContext(items=items, todo=[], workdir=tmp_path / "other",
                                                               models=tmp_path / "models", report=steps)))
-    assert steps.steps == []  # loaded, not retrained
+    assert steps.stage("train") == []  # loaded, not retrained
 
     # A checkpoint written with other settings is refused, naming the file.
     final = ctx.model_dir("cam", cam.training_params(TINY)) / cam.FINAL_NAME

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from engine import registry
 from engine.backbone import load_imagenet_model
@@ -24,7 +22,8 @@ from engine.methods.isim import (
     training_round,
 )
 from engine.refine.dcrf import DCRFConfig
-from engine.types import Cancelled, Item, RunContext
+from engine.types import Cancelled, RunContext
+from tests.conftest import Reports, split_items
 
 # 12 images, batch 4: 3 steps an epoch; 1 warm-up epoch + 2 rounds of 1 epoch = 9 steps on 64 crops.
 TINY = ISIMConfig(epochs=3, warmup_epochs=1, regenerate_every=1, batch_size=4, crop_size=64,
@@ -193,35 +192,9 @@ def test_encoder_and_head_hold_the_imagenet_weights_and_cams_match_logits():
 
 # ---------------------------------------------------------------- real training and inference
 
-def _items(voc: Path, split: str) -> list[Item]:
-    items = []
-    for image_id in (voc / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split():
-        mask_path = voc / "SegmentationClassAug" / f"{image_id}.png"
-        mask = np.asarray(Image.open(mask_path))
-        labels = tuple(int(c) for c in np.unique(mask) if 1 <= c <= 20)
-        items.append(Item(image_id, voc / "JPEGImages" / f"{image_id}.jpg", mask_path, labels, *mask.shape))
-    return items
-
-
-class Reports:
-    """A ``RunContext.report`` that records every call and can cancel at one of them."""
-
-    def __init__(self, cancel_at: tuple[str, int] | None = None):
-        self.calls: list[tuple[str, int, int]] = []
-        self.cancel_at = cancel_at
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        self.calls.append((stage, done, total))
-        if (stage, done) == self.cancel_at:
-            raise Cancelled()
-
-    def done(self, stage: str) -> list[int]:
-        return [d for s, d, _ in self.calls if s == stage]
-
-
 def test_both_variants_share_one_trained_model(tiny_voc, tmp_path):
-    items = _items(tiny_voc, "train")
-    todo = [*_items(tiny_voc, "val")[:2], items[0]]
+    items = split_items(tiny_voc, "train")
+    todo = [*split_items(tiny_voc, "val")[:2], items[0]]
     models = tmp_path / "models"
     first = Reports()
     ctx = RunContext(items=items, todo=todo, workdir=tmp_path / "a", report=first, models=models, processes=2)
@@ -258,7 +231,7 @@ def test_both_variants_share_one_trained_model(tiny_voc, tmp_path):
 
 def test_killed_regeneration_and_training_resume(tiny_voc, tmp_path, monkeypatch):
     monkeypatch.setattr(isim, "PSEUDO_CHUNK", 4)  # 3 pseudo-label files of 4 images per round
-    items = _items(tiny_voc, "train")
+    items = split_items(tiny_voc, "train")
     workdir = tmp_path / "work"
     model_dir = RunContext(items=items, todo=[], workdir=workdir).model_dir("isim", isim.training_params(TINY))
 

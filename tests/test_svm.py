@@ -11,7 +11,7 @@ import pytest
 from cache.labelmaps import write_label_map, write_scores
 from engine import registry
 from engine.backbone import load_feature_extractor, to_input
-from engine.dataset import image_labels, read_mask
+from engine.dataset import read_mask
 from engine.methods.svm import (
     LAYERS,
     SVMConfig,
@@ -26,6 +26,7 @@ from engine.methods.svm import (
 )
 from engine.refine.dcrf import resize_channels
 from engine.types import Item, RunContext, SourceVariant
+from tests.conftest import split_items
 
 TINY = {"n_samples": 200}  # fewer samples per class than the default 500; the rest as configured
 
@@ -171,21 +172,11 @@ def _miou(label: np.ndarray, gt: np.ndarray, classes: tuple[int, ...]) -> float:
                           for c in classes]))
 
 
-def _items(root: Path, split: str, count: int) -> list[Item]:
-    ids = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()[:count]
-    items = []
-    for image_id in ids:
-        gt = read_mask(root / "SegmentationClassAug" / f"{image_id}.png")
-        items.append(Item(image_id, root / "JPEGImages" / f"{image_id}.jpg",
-                          root / "SegmentationClassAug" / f"{image_id}.png", image_labels(gt), *gt.shape))
-    return items
-
-
 def test_oracle_plugin_on_real_images_and_bad_files(tiny_voc: Path, tmp_path: Path):
     """GROUND TRUTH samples (the paper's upper bound): the SVM must nearly reproduce the mask."""
     plugin = registry.get("svm-oracle")
     assert plugin.kind == "method" and "ground truth" in plugin.title
-    items = _items(tiny_voc, "train", 3)
+    items = split_items(tiny_voc, "train", 3)
     broken_jpg = tmp_path / "broken.jpg"
     data = items[0].image_path.read_bytes()
     broken_jpg.write_bytes(data[: len(data) // 2])
@@ -219,7 +210,7 @@ def test_oracle_plugin_on_real_images_and_bad_files(tiny_voc: Path, tmp_path: Pa
 def seed_source(voc_root: Path, tmp_path: Path):
     """Items and a coarse source variant: ground truth block-averaged over 32x32 (like a CAM),
     stored as scores (with a bogus extra class 3 scoring 1 everywhere) and as label maps."""
-    items = _items(voc_root, "train", 3)
+    items = split_items(voc_root, "train", 3)
     truth = {}
     for item in items:
         gt = read_mask(item.mask_path)

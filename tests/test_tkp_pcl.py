@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +28,7 @@ from engine.methods.tkp_pcl import (
     upsample_scores,
 )
 from engine.types import Cancelled, Item, RunContext
+from tests.conftest import Reports, split_items
 
 # 128 px squares -> 8 x 8 patches; 12 images at batch 4 -> 3 steps an epoch.
 TINY = TKPPCLConfig(input_size=128, epochs=1, batch_size=4, checkpoint_every=2, score_max_side=64)
@@ -140,33 +140,6 @@ def test_registered_with_config_and_paper_preset():
 
 # ---------------------------------------------------------------- real encoders, training, labels
 
-def _items(voc: Path, split: str) -> list[Item]:
-    items = []
-    for image_id in (voc / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split():
-        image_path = voc / "JPEGImages" / f"{image_id}.jpg"
-        mask_path = voc / "SegmentationClassAug" / f"{image_id}.png"
-        mask = np.asarray(Image.open(mask_path))
-        labels = tuple(int(c) for c in np.unique(mask) if 1 <= c <= 20)
-        items.append(Item(image_id, image_path, mask_path, labels, *mask.shape))
-    return items
-
-
-class Reports:
-    """A ``RunContext.report`` that records every call and can cancel at one (stage, done)."""
-
-    def __init__(self, cancel_at: tuple[str, int] | None = None):
-        self.calls: list[tuple[str, int, int]] = []
-        self.cancel_at = cancel_at
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        self.calls.append((stage, done, total))
-        if (stage, done) == self.cancel_at:
-            raise Cancelled()
-
-    def stage(self, name: str) -> list[tuple[int, int]]:
-        return [(d, t) for s, d, t in self.calls if s == name]
-
-
 def _check_results(todo: list[Item], results: list, cfg: TKPPCLConfig) -> None:
     assert [r.image_id for r in results] == [i.image_id for i in todo]
     for item, result in zip(todo, results):
@@ -186,10 +159,10 @@ def _check_results(todo: list[Item], results: list, cfg: TKPPCLConfig) -> None:
 
 
 def test_run_end_to_end_with_the_efficientnet_default(tiny_voc, tmp_path):
-    train_items = _items(tiny_voc, "train")
+    train_items = split_items(tiny_voc, "train")
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    todo = [*_items(tiny_voc, "val"), Item("broken", broken, None, (8,), 10, 10), *train_items[:3]]
+    todo = [*split_items(tiny_voc, "val"), Item("broken", broken, None, (8,), 10, 10), *train_items[:3]]
     reports = Reports()
     ctx = RunContext(items=train_items, todo=todo, workdir=tmp_path / "work", report=reports)
     results = list(tkp_pcl.run(TINY, ctx))
@@ -231,8 +204,8 @@ def test_run_end_to_end_with_a_vit_weights_file(tiny_voc, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_vit(cfg.vit_name, tmp_path / "missing.pth")
 
-    train_items = _items(tiny_voc, "train")
-    todo = [*_items(tiny_voc, "val")[:2], train_items[0]]
+    train_items = split_items(tiny_voc, "train")
+    todo = [*split_items(tiny_voc, "val")[:2], train_items[0]]
     ctx = RunContext(items=train_items, todo=todo, workdir=tmp_path / "work")
     results = list(tkp_pcl.run(cfg, ctx))
     _check_results(todo, results, cfg)
@@ -251,7 +224,7 @@ def test_run_end_to_end_with_a_vit_weights_file(tiny_voc, tmp_path):
 
 
 def test_killed_feature_extraction_and_training_resume(tiny_voc, tmp_path):
-    items = _items(tiny_voc, "train")
+    items = split_items(tiny_voc, "train")
     cfg = replace(TINY, epochs=2)  # 6 steps, checkpoints after steps 2, 3, 4, 6
     workdir = tmp_path / "work"
     probe = RunContext(items=items, todo=[], workdir=workdir)

@@ -63,8 +63,8 @@ from torch import nn
 
 from cache.voc import IGNORE_INDEX
 from engine.backbone import FeatureExtractor, load_feature_extractor, to_input
-from engine.checkpoints import load_checked, save_atomic
-from engine.dataset import read_image
+from engine.checkpoints import load_checked, resume, save_atomic
+from engine.dataset import label_each, read_image
 from engine.registry import config_to_params, register
 from engine.types import ImageError, Item, LabelResult, RunContext
 
@@ -411,12 +411,7 @@ def train(cfg: CAMConfig, ctx: RunContext) -> CAMNet:
           "base_lr": cfg.lr * cfg.classifier_lr_mult}],
         momentum=cfg.momentum, weight_decay=cfg.weight_decay,
     )
-    start = 0
-    if checkpoint.is_file():
-        state = load_checked(checkpoint, params)
-        net.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    start = resume(checkpoint, params, net, optimizer)
     loss_fn = nn.MultiLabelSoftMarginLoss()
     net.train()
     for step in range(start, total):
@@ -444,10 +439,4 @@ def train(cfg: CAMConfig, ctx: RunContext) -> CAMNet:
 def run(cfg: CAMConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Train on ``ctx.items`` (or load the trained model), then one result per ``ctx.todo`` image."""
     net = train(cfg, ctx)
-    for item in ctx.todo:
-        try:
-            rgb = read_image(item.image_path)
-        except ImageError as exc:
-            yield LabelResult(item.image_id, error=str(exc))
-            continue
-        yield label_image(net, rgb, item, cfg, ctx.device)
+    yield from label_each(ctx.todo, lambda rgb, item: label_image(net, rgb, item, cfg, ctx.device))

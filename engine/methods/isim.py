@@ -94,8 +94,8 @@ from torch import nn
 
 from cache.voc import IGNORE_INDEX, NUM_CLASSES
 from engine.backbone import BACKBONES, BackboneWeightsError, load_imagenet_model, to_input
-from engine.checkpoints import load_checked, save_atomic
-from engine.dataset import read_image
+from engine.checkpoints import load_checked, resume, save_atomic
+from engine.dataset import label_each, read_image
 from engine.methods.cam import (
     NUM_FOREGROUND,
     augment_with_label,
@@ -652,12 +652,7 @@ def train(cfg: ISIMConfig, ctx: RunContext) -> DeepLabCAM:
     total = cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_epochs * steps_per_epoch
     optimizer = _optimizer(net, cfg)
-    start = 0
-    if checkpoint.is_file():
-        state = load_checked(checkpoint, params)
-        net.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    start = resume(checkpoint, params, net, optimizer)
     cls_loss = nn.MultiLabelSoftMarginLoss()
     pseudo, pseudo_round = None, 0
     net.train()
@@ -702,13 +697,7 @@ def train(cfg: ISIMConfig, ctx: RunContext) -> DeepLabCAM:
 
 def _label_all(cfg: ISIMConfig, ctx: RunContext, label_fn) -> Iterator[LabelResult]:
     net = train(cfg, ctx)
-    for item in ctx.todo:
-        try:
-            rgb = read_image(item.image_path)
-        except ImageError as exc:
-            yield LabelResult(item.image_id, error=str(exc))
-            continue
-        yield label_fn(net, rgb, item, cfg, ctx.device)
+    yield from label_each(ctx.todo, lambda rgb, item: label_fn(net, rgb, item, cfg, ctx.device))
 
 
 @register("isim-cam", kind="method", config=ISIMConfig, title="ISIM CAM")

@@ -113,7 +113,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from engine.backbone import INPUT_MEAN, INPUT_STD, load_feature_extractor
-from engine.checkpoints import load_checked, save_atomic
+from engine.checkpoints import load_checked, resume, save_atomic
 from engine.dataset import read_image
 from engine.methods.cam import downsample_scores, multilabel_target
 from engine.registry import config_to_params, register
@@ -566,12 +566,7 @@ def train(cfg: TKPPCLConfig, ctx: RunContext) -> tuple[PatchClassifier, FeatureS
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     steps_per_epoch = max(1, len(valid) // cfg.batch_size)  # last partial batch dropped, as cam.py
     total = cfg.epochs * steps_per_epoch
-    start = 0
-    if checkpoint.is_file():
-        state = load_checked(checkpoint, params)
-        net.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    start = resume(checkpoint, params, net, optimizer)
     net.train()
     with _torch_threads(CLASSIFIER_THREADS):
         for step in range(start, total):

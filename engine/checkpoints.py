@@ -47,3 +47,10 @@ def resume(checkpoint: Path, params: dict[str, Any], net: torch.nn.Module, optim
     net.load_state_dict(state["model"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
     return int(state["step"])
+
+
+def save_training_state(checkpoint: Path, params: dict[str, Any], net: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, step: int, **extra: Any) -> None:
+    """Write what ``resume`` reads back (model, optimizer, step, params, plus ``extra``), atomically."""
+    save_atomic({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "params": params, **extra}, checkpoint)

@@ -63,7 +63,7 @@ from torch import nn
 
 from cache.voc import IGNORE_INDEX
 from engine.backbone import FeatureExtractor, load_feature_extractor, to_input
-from engine.checkpoints import load_checked, resume, save_atomic
+from engine.checkpoints import load_checked, resume, save_atomic, save_training_state
 from engine.dataset import label_each, read_image
 from engine.registry import config_to_params, register
 from engine.types import ImageError, Item, LabelResult, RunContext
@@ -427,8 +427,7 @@ def train(cfg: CAMConfig, ctx: RunContext) -> CAMNet:
             optimizer.step()
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done % steps_per_epoch == 0:
-            save_atomic({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                         "params": params}, checkpoint)
+            save_training_state(checkpoint, params, net, optimizer, done)
         ctx.report("train", done, total)
     save_atomic({"model": net.state_dict(), "step": total, "params": params}, final)
     checkpoint.unlink(missing_ok=True)

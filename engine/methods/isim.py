@@ -94,7 +94,7 @@ from torch import nn
 
 from cache.voc import IGNORE_INDEX, NUM_CLASSES
 from engine.backbone import BACKBONES, BackboneWeightsError, load_imagenet_model, to_input
-from engine.checkpoints import load_checked, resume, save_atomic
+from engine.checkpoints import load_checked, resume, save_atomic, save_training_state
 from engine.dataset import label_each, read_image
 from engine.methods.cam import (
     NUM_FOREGROUND,
@@ -679,8 +679,7 @@ def train(cfg: ISIMConfig, ctx: RunContext) -> DeepLabCAM:
             optimizer.step()
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done % steps_per_epoch == 0:
-            save_atomic({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                         "params": params}, checkpoint)
+            save_training_state(checkpoint, params, net, optimizer, done)
         if round_ == 0:
             ctx.report("warm-up", done, warmup)
         else:

@@ -113,7 +113,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from engine.backbone import INPUT_MEAN, INPUT_STD, load_feature_extractor
-from engine.checkpoints import load_checked, resume, save_atomic
+from engine.checkpoints import load_checked, resume, save_atomic, save_training_state
 from engine.dataset import read_image
 from engine.methods.cam import downsample_scores, multilabel_target
 from engine.registry import config_to_params, register
@@ -582,8 +582,7 @@ def train(cfg: TKPPCLConfig, ctx: RunContext) -> tuple[PatchClassifier, FeatureS
             optimizer.step()
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done % steps_per_epoch == 0:
-                save_atomic({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                             "embed_dim": embed_dim, "params": params}, checkpoint)
+                save_training_state(checkpoint, params, net, optimizer, done, embed_dim=embed_dim)
             ctx.report("train", done, total)
     save_atomic({"model": net.state_dict(), "embed_dim": embed_dim, "step": total, "params": params}, final)
     checkpoint.unlink(missing_ok=True)

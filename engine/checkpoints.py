@@ -1,18 +1,27 @@
-"""Saving training state so a killed job resumes: atomic writes of torch checkpoints.
+"""Saving training state so a killed job resumes: atomic writes of torch checkpoints, the
+resumable training loop, and intermediate label maps stored in chunks.
 
 A method trains into ``RunContext.model_dir(family, training_params)``; a checkpoint file there
 is rewritten atomically (write a temporary file, then rename), so a kill mid-write leaves the
 previous checkpoint intact, and the stored ``params`` are checked on load so a file written with
-other settings is never silently reused.
+other settings is never silently reused. Label maps a training derives for itself (ISIM's
+pseudo-labels, AffinityNet's affinity labels) are written in chunks of images as they complete,
+so a killed job recomputes at most one chunk.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from engine.types import Item, LabelResult
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -54,3 +63,97 @@ def save_training_state(checkpoint: Path, params: dict[str, Any], net: torch.nn.
     """Write what ``resume`` reads back (model, optimizer, step, params, plus ``extra``), atomically."""
     save_atomic({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                  "params": params, **extra}, checkpoint)
+
+
+def final_path(model_dir: Path, name: str) -> Path:
+    """The finished model of ``train_resumable``; its presence means "training is done"."""
+    return model_dir / f"{name}_model.pt"
+
+
+def checkpoint_path(model_dir: Path, name: str) -> Path:
+    """The training state ``train_resumable`` rewrites while it runs."""
+    return model_dir / f"{name}_checkpoint.pt"
+
+
+def train_resumable(net: torch.nn.Module, model_dir: Path, name: str, params: dict[str, Any], *,
+                    make_optimizer: Callable[[], torch.optim.Optimizer],
+                    step: Callable[[int, torch.optim.Optimizer], None], total: int, steps_per_epoch: int,
+                    checkpoint_every: int, report: Callable[[int], None]) -> None:
+    """Run ``step(i, optimizer)`` for every not yet finished step ``i < total``; leaves ``net`` in eval mode.
+
+    A finished training (``<name>_model.pt`` in ``model_dir``) is only loaded. Otherwise the loop
+    resumes from ``<name>_checkpoint.pt`` (``resume``), writes it every ``checkpoint_every`` steps
+    and at every epoch end, and calls ``report(done)`` after each step (which may raise
+    ``Cancelled``). At the end the model is saved as ``<name>_model.pt`` and the checkpoint removed. ``step`` sets the learning
+    rate and does one optimisation step; ``net`` is put in train mode before each call.
+    Raises ``ValueError`` when a stored file was written with other ``params``.
+    """
+    final, checkpoint = final_path(model_dir, name), checkpoint_path(model_dir, name)
+    if final.is_file():
+        net.load_state_dict(load_checked(final, params)["model"], strict=True)
+        net.eval()
+        return
+    optimizer = make_optimizer()
+    start = resume(checkpoint, params, net, optimizer)
+    for index in range(start, total):
+        net.train()
+        step(index, optimizer)
+        done = index + 1
+        if done % checkpoint_every == 0 or done % steps_per_epoch == 0:
+            save_training_state(checkpoint, params, net, optimizer, done)
+        report(done)
+    save_atomic({"model": net.state_dict(), "step": total, "params": params}, final)
+    checkpoint.unlink(missing_ok=True)
+    net.eval()
+
+
+def save_label_chunk(path: Path, labels: dict[str, np.ndarray]) -> None:
+    """Atomically write ``{image_id: (h, w) uint8}`` as a compressed npz (no pickles)."""
+    arrays = {f"label_{i}": label for i, label in enumerate(labels.values())}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, ids=np.array(list(labels), dtype=str), **arrays)
+    os.replace(tmp, path)
+
+
+def load_label_chunk(path: Path, image_ids: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """The labels stored in ``path``, or None when it is absent, damaged or holds other images."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            ids = [str(i) for i in data["ids"]]
+            labels = {image_id: data[f"label_{i}"] for i, image_id in enumerate(ids)}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    return labels if set(ids) <= set(image_ids) else None
+
+
+def chunked_labels(items: Sequence[Item], chunk_size: int, path_of: Callable[[int], Path],
+                   compute: Callable[[Sequence[Item]], Iterable[LabelResult]],
+                   report: Callable[[int, int], None]) -> dict[str, np.ndarray]:
+    """``{image_id: label}`` for ``items``, computed chunk by chunk and stored as it goes.
+
+    Chunk ``i`` (``chunk_size`` consecutive items) is read from ``path_of(i)`` when a previous run
+    stored it, else ``compute(chunk)`` yields one ``LabelResult`` per item (an error result gives
+    the image no label) and the chunk is saved. ``report(done, len(items))`` follows every image.
+    """
+    labels: dict[str, np.ndarray] = {}
+    done = 0
+    for index in range(math.ceil(len(items) / chunk_size)):
+        chunk = items[index * chunk_size : (index + 1) * chunk_size]
+        path = path_of(index)
+        stored = load_label_chunk(path, [item.image_id for item in chunk])
+        if stored is None:
+            stored = {}
+            for result in compute(chunk):
+                if result.label is not None:
+                    stored[result.image_id] = result.label
+                done += 1
+                report(done, len(items))
+            save_label_chunk(path, stored)
+        else:
+            done += len(chunk)
+            report(done, len(items))
+        labels.update(stored)
+    return labels

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import registry
-from engine.checkpoints import load_checked
+from engine.checkpoints import checkpoint_path, final_path, load_checked
 from engine.methods import cam
 from engine.methods.cam import (
     CAMConfig,
@@ -170,7 +170,7 @@ def test_run_end_to_end_on_real_images(tiny_voc, tmp_path):
         assert np.all(result.scores[0] == np.float16(TINY.bg_threshold))
         assert 0 <= result.scores.min() and result.scores[1:].max() <= 1
     model_dir = ctx.model_dir("cam", cam.training_params(TINY))
-    assert (model_dir / cam.FINAL_NAME).is_file() and not (model_dir / cam.CHECKPOINT_NAME).exists()
+    assert final_path(model_dir, cam.FAMILY).is_file() and not checkpoint_path(model_dir, cam.FAMILY).exists()
 
 
 def test_killed_training_resumes_from_its_checkpoint(tiny_voc, tmp_path):
@@ -183,19 +183,19 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_voc, tmp_path):
     with pytest.raises(Cancelled):
         list(cam.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=first)))
     assert first.stage("train") == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6)]
-    assert (model_dir / cam.CHECKPOINT_NAME).is_file() and not (model_dir / cam.FINAL_NAME).exists()
+    assert checkpoint_path(model_dir, cam.FAMILY).is_file() and not final_path(model_dir, cam.FAMILY).exists()
 
     second = Reports()
     resumed = list(cam.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=second)))
     assert second.stage("train") == [(5, 6), (6, 6)]  # continues after the step-4 checkpoint
-    assert (model_dir / cam.FINAL_NAME).is_file() and not (model_dir / cam.CHECKPOINT_NAME).exists()
+    assert final_path(model_dir, cam.FAMILY).is_file() and not checkpoint_path(model_dir, cam.FAMILY).exists()
 
     # Same batches and optimiser state: the resumed model equals an uninterrupted run's.
     straight = tmp_path / "straight"
     list(cam.run(cfg, RunContext(items=items, todo=[], workdir=straight)))
     straight_dir = RunContext(items=items, todo=[], workdir=straight).model_dir("cam", cam.training_params(cfg))
-    a = torch.load(model_dir / cam.FINAL_NAME, weights_only=True)["model"]
-    b = torch.load(straight_dir / cam.FINAL_NAME, weights_only=True)["model"]
+    a = torch.load(final_path(model_dir, cam.FAMILY), weights_only=True)["model"]
+    b = torch.load(final_path(straight_dir, cam.FAMILY), weights_only=True)["model"]
     assert torch.allclose(a["classifier.weight"], b["classifier.weight"], atol=1e-5)
 
     # Once trained, a rerun only loads the model: no training steps, same labels.
@@ -220,6 +220,6 @@ def test_models_are_keyed_by_training_settings_only(tiny_voc, tmp_path):
     assert steps.stage("train") == []  # loaded, not retrained
 
     # A checkpoint written with other settings is refused, naming the file.
-    final = ctx.model_dir("cam", cam.training_params(TINY)) / cam.FINAL_NAME
+    final = final_path(ctx.model_dir("cam", cam.training_params(TINY)), cam.FAMILY)
     with pytest.raises(ValueError, match="training settings"):
         load_checked(final, cam.training_params(replace(TINY, lr=0.5)))

@@ -11,6 +11,7 @@ import torch
 
 from engine import registry
 from engine.backbone import load_imagenet_model
+from engine.checkpoints import checkpoint_path, final_path
 from engine.methods import cam, isim
 from engine.methods.isim import (
     ISIMConfig,
@@ -203,7 +204,7 @@ def test_both_variants_share_one_trained_model(tiny_voc, tmp_path):
     assert first.done("pseudo-labels round 1") == first.done("pseudo-labels round 2") == list(range(1, 13))
     assert first.done("self-training") == [1, 2, 3, 4, 5, 6]
     model_dir = ctx.model_dir("isim", isim.training_params(TINY))
-    assert sorted(p.name for p in model_dir.iterdir()) == [isim.FINAL_NAME]  # checkpoint + pseudo-labels gone
+    assert sorted(p.name for p in model_dir.iterdir()) == [f"{isim.FAMILY}_model.pt"]  # checkpoint + pseudo-labels gone
 
     # The decoder variant with other inference settings loads the same model: no training at all.
     second = Reports()
@@ -245,7 +246,7 @@ def test_killed_regeneration_and_training_resume(tiny_voc, tmp_path, monkeypatch
         run(first)
     assert first.done("warm-up") == [1, 2, 3]
     assert sorted(p.name for p in model_dir.glob("pseudo_*")) == ["pseudo_r1_0000.npz"]
-    assert torch.load(model_dir / isim.CHECKPOINT_NAME, weights_only=True)["step"] == 3
+    assert torch.load(checkpoint_path(model_dir, isim.FAMILY), weights_only=True)["step"] == 3
 
     # Rerun: no warm-up again, images 1-4 read back (one jump to 4), 5-12 computed; killed in training.
     second = Reports(cancel_at=("self-training", 2))
@@ -262,7 +263,7 @@ def test_killed_regeneration_and_training_resume(tiny_voc, tmp_path, monkeypatch
     assert third.done("pseudo-labels round 1") == [4, 8, 12]
     assert third.done("self-training") == [3, 4, 5, 6]
     assert third.done("pseudo-labels round 2") == list(range(1, 13))
-    assert (model_dir / isim.FINAL_NAME).is_file() and not (model_dir / isim.CHECKPOINT_NAME).exists()
+    assert final_path(model_dir, isim.FAMILY).is_file() and not (checkpoint_path(model_dir, isim.FAMILY)).exists()
     assert not list(model_dir.glob("pseudo_*"))
     assert set(np.unique(results[0].label)) <= {0, *items[0].labels}
 

@@ -63,15 +63,14 @@ from torch import nn
 
 from cache.voc import IGNORE_INDEX
 from engine.backbone import FeatureExtractor, load_feature_extractor, to_input
-from engine.checkpoints import load_checked, resume, save_atomic, save_training_state
+from engine.checkpoints import train_resumable
 from engine.dataset import label_each, read_image
 from engine.registry import config_to_params, register
 from engine.types import ImageError, Item, LabelResult, RunContext
 
 NUM_FOREGROUND = 20  # VOC classes 1-20; class id c is classifier row c - 1
 PAD_VALUE = 128  # uint8 fill for crops larger than the image: ~0 after to_input, like IRN's zero padding
-CHECKPOINT_NAME = "cam_checkpoint.pt"  # training state, rewritten during training
-FINAL_NAME = "cam_model.pt"  # the trained model; its presence means "training is done"
+FAMILY = "cam"  # ctx.model_dir family; the files are cam_checkpoint.pt (during training), cam_model.pt (done)
 
 
 @dataclass(frozen=True)
@@ -388,50 +387,43 @@ def _batch(items: Sequence[Item], cfg: CAMConfig, epoch: int, index: int) -> tup
 def train(cfg: CAMConfig, ctx: RunContext) -> CAMNet:
     """Train (or resume training) the CAM classifier on ``ctx.items``; returns it in eval mode.
 
-    Checkpoints go to ``CHECKPOINT_NAME`` in ``ctx.model_dir("cam", training settings)`` every ``cfg.checkpoint_every`` steps and at
+    Checkpoints go to ``cam_checkpoint.pt`` in ``ctx.model_dir("cam", training settings)`` every ``cfg.checkpoint_every`` steps and at
     every epoch end (atomic rename); a rerun continues from the last one. Once training is
-    complete the model is saved as ``FINAL_NAME`` and a rerun only loads it. ``ctx.report("train",
+    complete the model is saved as ``cam_model.pt`` and a rerun only loads it. ``ctx.report("train",
     step, total)`` is called after every step and may raise ``Cancelled``, which propagates.
     """
     if not ctx.items:
         raise ValueError("CAM needs training images: ctx.items is empty")
     net = build_net(cfg).to(ctx.device)
     params = training_params(cfg)
-    model_dir = ctx.model_dir("cam", params)
-    final, checkpoint = model_dir / FINAL_NAME, model_dir / CHECKPOINT_NAME
-    if final.is_file():
-        net.load_state_dict(load_checked(final, params)["model"], strict=True)
-        return net.eval()
     steps_per_epoch = max(1, len(ctx.items) // cfg.batch_size)  # last partial batch dropped (IRN)
     total = cfg.epochs * steps_per_epoch
-    backbone = [p for p in net.features.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        [{"params": backbone, "lr": cfg.lr, "base_lr": cfg.lr},
-         {"params": net.classifier.parameters(), "lr": cfg.lr * cfg.classifier_lr_mult,
-          "base_lr": cfg.lr * cfg.classifier_lr_mult}],
-        momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-    )
-    start = resume(checkpoint, params, net, optimizer)
     loss_fn = nn.MultiLabelSoftMarginLoss()
-    net.train()
-    for step in range(start, total):
-        epoch, index = divmod(step, steps_per_epoch)
-        batch = _batch(ctx.items, cfg, epoch, index)
-        if batch is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = poly_lr(group["base_lr"], step, total, cfg.poly_power)
-            x, target = batch[0].to(ctx.device), batch[1].to(ctx.device)
-            loss = loss_fn(net(x), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        done = step + 1
-        if done % cfg.checkpoint_every == 0 or done % steps_per_epoch == 0:
-            save_training_state(checkpoint, params, net, optimizer, done)
-        ctx.report("train", done, total)
-    save_atomic({"model": net.state_dict(), "step": total, "params": params}, final)
-    checkpoint.unlink(missing_ok=True)
-    return net.eval()
+
+    def make_optimizer() -> torch.optim.SGD:
+        backbone = [p for p in net.features.parameters() if p.requires_grad]
+        head_lr = cfg.lr * cfg.classifier_lr_mult
+        return torch.optim.SGD(
+            [{"params": backbone, "lr": cfg.lr, "base_lr": cfg.lr},
+             {"params": net.classifier.parameters(), "lr": head_lr, "base_lr": head_lr}],
+            momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        )
+
+    def step(index: int, optimizer: torch.optim.Optimizer) -> None:
+        batch = _batch(ctx.items, cfg, *divmod(index, steps_per_epoch))
+        if batch is None:
+            return
+        for group in optimizer.param_groups:
+            group["lr"] = poly_lr(group["base_lr"], index, total, cfg.poly_power)
+        loss = loss_fn(net(batch[0].to(ctx.device)), batch[1].to(ctx.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    train_resumable(net, ctx.model_dir(FAMILY, params), FAMILY, params, make_optimizer=make_optimizer, step=step,
+                    total=total, steps_per_epoch=steps_per_epoch, checkpoint_every=cfg.checkpoint_every,
+                    report=lambda done: ctx.report("train", done, total))
+    return net
 
 
 @register("cam", kind="method", config=CAMConfig, title="CAM")

@@ -77,9 +77,7 @@ These runs saw 1/6 of the data; the full split gives the decoder 464 steps inste
 from __future__ import annotations
 
 import math
-import os
 import re
-import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -94,7 +92,7 @@ from torch import nn
 
 from cache.voc import IGNORE_INDEX, NUM_CLASSES
 from engine.backbone import BACKBONES, BackboneWeightsError, load_imagenet_model, to_input
-from engine.checkpoints import load_checked, resume, save_atomic, save_training_state
+from engine.checkpoints import chunked_labels, train_resumable
 from engine.dataset import label_each, read_image
 from engine.methods.cam import (
     NUM_FOREGROUND,
@@ -113,8 +111,6 @@ from engine.registry import config_to_params, register
 from engine.types import ImageError, Item, LabelResult, RunContext
 
 FAMILY = "isim"  # ctx.model_dir family shared by both variants
-CHECKPOINT_NAME = "isim_checkpoint.pt"  # training state, rewritten during training
-FINAL_NAME = "isim_model.pt"  # the trained model; its presence means "training is done"
 PSEUDO_CHUNK = 64  # images per pseudo-label file: a killed regeneration loses at most this many
 _PSEUDO_FILE = re.compile(r"^pseudo_r(\d+)_(\d+)\.npz$")
 # The ImageNet weights timm's features_only encoder does not hold (it stops at the last block
@@ -500,28 +496,6 @@ def _chunk_path(model_dir: Path, round_: int, index: int) -> Path:
     return model_dir / f"pseudo_r{round_}_{index:04d}.npz"
 
 
-def _save_chunk(path: Path, labels: dict[str, np.ndarray]) -> None:
-    """Atomically write ``{image_id: (h, w) uint8}`` as a compressed npz (no pickles)."""
-    arrays = {f"label_{i}": label for i, label in enumerate(labels.values())}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, ids=np.array(list(labels), dtype=str), **arrays)
-    os.replace(tmp, path)
-
-
-def _load_chunk(path: Path, image_ids: Sequence[str]) -> dict[str, np.ndarray] | None:
-    """The stored labels of a chunk, or None when absent, damaged or for other images."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            ids = [str(i) for i in data["ids"]]
-            labels = {image_id: data[f"label_{i}"] for i, image_id in enumerate(ids)}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None
-    return labels if set(ids) <= set(image_ids) else None
-
-
 def _remove_pseudo_labels(model_dir: Path, keep_round: int | None) -> None:
     """Delete stored pseudo-label files of every round but ``keep_round``."""
     for path in model_dir.glob("pseudo_r*.npz"):
@@ -534,45 +508,27 @@ def regenerate(net: DeepLabCAM, cfg: ISIMConfig, ctx: RunContext, model_dir: Pat
     """Pseudo-labels of round ``round_`` for ``ctx.items``: ``{image_id: (h, w) uint8}``.
 
     Files of ``PSEUDO_CHUNK`` images are written to ``model_dir`` as they complete and reused by
-    a rerun, so a killed regeneration resumes at its last unfinished file. CAMs are computed in
-    this process; dCRF runs on ``ctx.processes`` worker processes. An unreadable image gets no
-    pseudo-label. Reports ``("pseudo-labels round r", done, len(items))``.
+    a rerun (``checkpoints.chunked_labels``), so a killed regeneration resumes at its last
+    unfinished file. CAMs are computed in this process; dCRF runs on ``ctx.processes`` worker
+    processes. An unreadable image gets no pseudo-label. Reports ``("pseudo-labels round r",
+    done, len(items))``.
     """
     net.eval()
-    items = ctx.items
-    stage = f"pseudo-labels round {round_}"
-    labels: dict[str, np.ndarray] = {}
-    pool = None
-    done = 0
+    pool = process_pool(ctx.processes) if ctx.processes > 1 else None
+
+    def compute(chunk: Sequence[Item]) -> Iterator[LabelResult]:
+        jobs = (_prepare_job(net, item, cfg, ctx.device) for item in chunk)
+        if pool is not None:
+            return map_in_order(pool, _crf_job, jobs, 2 * ctx.processes, cfg.pseudo_threshold, ISIM_DCRF)
+        return (job if isinstance(job, LabelResult) else _crf_job(job, cfg.pseudo_threshold, ISIM_DCRF)
+                for job in jobs)
+
     try:
-        for index in range(math.ceil(len(items) / PSEUDO_CHUNK)):
-            chunk = items[index * PSEUDO_CHUNK : (index + 1) * PSEUDO_CHUNK]
-            path = _chunk_path(model_dir, round_, index)
-            stored = _load_chunk(path, [item.image_id for item in chunk])
-            if stored is None:
-                stored = {}
-                jobs = (_prepare_job(net, item, cfg, ctx.device) for item in chunk)
-                if ctx.processes > 1:
-                    pool = pool or process_pool(ctx.processes)
-                    results = map_in_order(pool, _crf_job, jobs, 2 * ctx.processes, cfg.pseudo_threshold, ISIM_DCRF)
-                else:
-                    results = (job if isinstance(job, LabelResult) else _crf_job(job, cfg.pseudo_threshold, ISIM_DCRF)
-                               for job in jobs)
-                for result in results:
-                    if result.label is not None:
-                        stored[result.image_id] = result.label
-                    done += 1
-                    ctx.report(stage, done, len(items))
-                _save_chunk(path, stored)
-            else:
-                done += len(chunk)
-                ctx.report(stage, done, len(items))
-            labels.update(stored)
+        return chunked_labels(ctx.items, PSEUDO_CHUNK, lambda index: _chunk_path(model_dir, round_, index),
+                              compute, lambda done, total: ctx.report(f"pseudo-labels round {round_}", done, total))
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    return labels
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -632,10 +588,10 @@ def train(cfg: ISIMConfig, ctx: RunContext) -> DeepLabCAM:
     Algorithm 1 as an epoch schedule (``training_round``): warm-up epochs on image labels, then
     rounds that each regenerate the pseudo-labels (``regenerate``) from the current model and
     train on them. The poly schedule runs over all epochs. A checkpoint (model, optimizer, step)
-    goes to ``CHECKPOINT_NAME`` in ``ctx.model_dir("isim", training settings)`` every
+    goes to ``isim_checkpoint.pt`` in ``ctx.model_dir("isim", training settings)`` every
     ``cfg.checkpoint_every`` steps and at every epoch end, so a round always starts from a saved
     model and a rerun regenerates (or reloads) exactly its pseudo-labels. Once done the model is
-    saved as ``FINAL_NAME``, the pseudo-label files are deleted, and a rerun only loads it.
+    saved as ``isim_model.pt``, the pseudo-label files are deleted, and a rerun only loads it.
     Reports ``("warm-up", step, warm-up steps)``, the regeneration stages and
     ``("self-training", step, self-training steps)``; ``Cancelled`` from ``ctx.report`` propagates.
     """
@@ -644,50 +600,45 @@ def train(cfg: ISIMConfig, ctx: RunContext) -> DeepLabCAM:
     net = build_net(cfg).to(ctx.device)
     params = training_params(cfg)
     model_dir = ctx.model_dir(FAMILY, params)
-    final, checkpoint = model_dir / FINAL_NAME, model_dir / CHECKPOINT_NAME
-    if final.is_file():
-        net.load_state_dict(load_checked(final, params)["model"], strict=True)
-        return net.eval()
     steps_per_epoch = max(1, len(ctx.items) // cfg.batch_size)  # last partial batch dropped (IRN)
     total = cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_epochs * steps_per_epoch
-    optimizer = _optimizer(net, cfg)
-    start = resume(checkpoint, params, net, optimizer)
     cls_loss = nn.MultiLabelSoftMarginLoss()
-    pseudo, pseudo_round = None, 0
-    net.train()
-    for step in range(start, total):
-        epoch, index = divmod(step, steps_per_epoch)
+    pseudo: dict[str, Any] = {"round": 0, "labels": None}
+
+    def step(index: int, optimizer: torch.optim.Optimizer) -> None:
+        epoch, within = divmod(index, steps_per_epoch)
         round_ = training_round(epoch, cfg.warmup_epochs, cfg.regenerate_every)
-        if round_ != pseudo_round:
-            pseudo = regenerate(net, cfg, ctx, model_dir, round_)
+        if round_ != pseudo["round"]:
+            pseudo["labels"] = regenerate(net, cfg, ctx, model_dir, round_)
             _remove_pseudo_labels(model_dir, keep_round=round_)
-            pseudo_round = round_
+            pseudo["round"] = round_
             net.train()
-        batch = _batch(ctx.items, cfg, epoch, index, pseudo)
-        if batch is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = poly_lr(group["base_lr"], step, total, cfg.poly_power)
-            x, target = batch[0].to(ctx.device), batch[1].to(ctx.device)
-            if batch[2] is None:
-                loss = cls_loss(net.classify(x), target)
-            else:
-                logits, seg_logits = net(x)
-                loss = cls_loss(logits, target) + modified_cross_entropy(seg_logits, batch[2].to(ctx.device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        done = step + 1
-        if done % cfg.checkpoint_every == 0 or done % steps_per_epoch == 0:
-            save_training_state(checkpoint, params, net, optimizer, done)
-        if round_ == 0:
+        batch = _batch(ctx.items, cfg, epoch, within, pseudo["labels"])
+        if batch is None:
+            return
+        for group in optimizer.param_groups:
+            group["lr"] = poly_lr(group["base_lr"], index, total, cfg.poly_power)
+        x, target = batch[0].to(ctx.device), batch[1].to(ctx.device)
+        if batch[2] is None:
+            loss = cls_loss(net.classify(x), target)
+        else:
+            logits, seg_logits = net(x)
+            loss = cls_loss(logits, target) + modified_cross_entropy(seg_logits, batch[2].to(ctx.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def report(done: int) -> None:
+        if done <= warmup:
             ctx.report("warm-up", done, warmup)
         else:
             ctx.report("self-training", done - warmup, total - warmup)
-    save_atomic({"model": net.state_dict(), "step": total, "params": params}, final)
-    checkpoint.unlink(missing_ok=True)
+
+    train_resumable(net, model_dir, FAMILY, params, make_optimizer=lambda: _optimizer(net, cfg), step=step,
+                    total=total, steps_per_epoch=steps_per_epoch, checkpoint_every=cfg.checkpoint_every, report=report)
     _remove_pseudo_labels(model_dir, keep_round=None)
-    return net.eval()
+    return net
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,9 +62,14 @@ class LabelResult:
 
 
 class SourceVariant:
-    """Read access to the variant a refinement starts from (its label maps and scores)."""
+    """Read access to the variant a refinement starts from (its label maps and scores).
 
-    def __init__(self, label_path: Callable[[str], Path], scores_path: Callable[[str], Path | None]):
+    ``variant_id`` names it, so a refinement that trains on it (AffinityNet) keys its model by it.
+    """
+
+    def __init__(self, label_path: Callable[[str], Path], scores_path: Callable[[str], Path | None],
+                 variant_id: str | None = None):
+        self.variant_id = variant_id
         self._label_path = label_path
         self._scores_path = scores_path
 

@@ -194,7 +194,7 @@ def _run_label(run: _JobRun, dataset: dict[str, Any]) -> None:
             value = source_rows[image_id][column]
             return cache_dir / value if value else None
 
-        source = SourceVariant(lambda i: source_file(i, 0), lambda i: source_file(i, 1))
+        source = SourceVariant(lambda i: source_file(i, 0), lambda i: source_file(i, 1), variant["source_id"])
 
     ctx = RunContext(items=items, todo=todo, workdir=cache_dir / "work" / variant["id"], device=_device(),
                      report=run.report, source=source, processes=run.cfg.processes, models=cache_dir / "models")

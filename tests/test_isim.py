@@ -12,6 +12,7 @@ import torch
 from engine import registry
 from engine.backbone import load_imagenet_model
 from engine.checkpoints import checkpoint_path, final_path
+from engine.refine.dcrf import scaled_dcrf
 from engine.methods import cam, isim
 from engine.methods.isim import (
     ISIMConfig,
@@ -19,7 +20,6 @@ from engine.methods.isim import (
     modified_cross_entropy,
     refine_pseudo_label,
     restricted_softmax,
-    scaled_dcrf,
     training_round,
 )
 from engine.refine.dcrf import DCRFConfig

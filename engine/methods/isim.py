@@ -79,7 +79,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,7 @@ from engine.methods.cam import (
     poly_lr,
 )
 from engine.pool import map_in_order, process_pool
-from engine.refine.dcrf import DCRFConfig, dcrf_refine_labels, resize_channels
+from engine.refine.dcrf import IRN_LABEL_DCRF, DCRFConfig, dcrf_refine_labels, resize_channels, scaled_dcrf
 from engine.registry import config_to_params, register
 from engine.types import ImageError, Item, LabelResult, RunContext
 
@@ -116,10 +116,7 @@ _PSEUDO_FILE = re.compile(r"^pseudo_r(\d+)_(\d+)\.npz$")
 # The ImageNet weights timm's features_only encoder does not hold (it stops at the last block
 # stage): EfficientNet's head block (1x1 conv + BN), used by the CAM branch, and the classifier.
 _HEAD_PREFIXES = ("conv_head.", "bn2.", "classifier.")
-# isim's dCRF (``misc/imutils.py: crf_inference_label``, from IRN): label unary trusted at 0.7,
-# smoothness kernel sxy 3 / weight 3, appearance kernel sxy 50 / srgb 5 / weight 10, 10 steps.
-ISIM_DCRF = DCRFConfig(iters=10, gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=50.0,
-                       bilateral_srgb=5.0, bilateral_compat=10.0, gt_prob=0.7)
+ISIM_DCRF = IRN_LABEL_DCRF  # isim's dCRF is IRN's (``misc/imutils.py: crf_inference_label``)
 
 
 @dataclass(frozen=True)
@@ -277,16 +274,6 @@ def restricted_softmax(logits: torch.Tensor, classes: Sequence[int]) -> torch.Te
     if any(not 1 <= c <= NUM_FOREGROUND for c in classes):
         raise ValueError(f"class ids must be 1-{NUM_FOREGROUND}, got {tuple(classes)}")
     return torch.softmax(logits[:, [0, *classes]], dim=1)
-
-
-def scaled_dcrf(cfg: DCRFConfig, scale: float) -> DCRFConfig:
-    """``cfg`` for an image resized by ``scale``: the spatial kernel widths (pixels) times ``scale``.
-
-    Keeps the CRF's neighbourhoods the same part of the scene when dCRF runs at reduced size.
-    """
-    if scale <= 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
-    return replace(cfg, gaussian_sxy=cfg.gaussian_sxy * scale, bilateral_sxy=cfg.bilateral_sxy * scale)
 
 
 def refine_pseudo_label(rgb: np.ndarray, cams: np.ndarray, classes: Sequence[int], threshold: float,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,13 @@ class DCRFConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
+# IRN's label dCRF (``misc/imutils.py: crf_inference_label``), used to refine thresholded CAMs into
+# pseudo-labels (isim) and affinity labels (AffinityNet): label unary trusted at 0.7, smoothness
+# kernel sxy 3 / weight 3, appearance kernel sxy 50 / srgb 5 / weight 10, 10 steps.
+IRN_LABEL_DCRF = DCRFConfig(iters=10, gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=50.0,
+                            bilateral_srgb=5.0, bilateral_compat=10.0, gt_prob=0.7)
+
+
 # ---------------------------------------------------------------------------------------------
 # Numerics: arrays in, arrays out.
 
@@ -88,6 +95,16 @@ def resize_channels(maps: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.stack(
         [np.asarray(Image.fromarray(m, mode="F").resize((width, height), Image.BILINEAR)) for m in maps]
     )
+
+
+def scaled_dcrf(cfg: DCRFConfig, scale: float) -> DCRFConfig:
+    """``cfg`` for an image resized by ``scale``: the spatial kernel widths (pixels) times ``scale``.
+
+    Keeps the CRF's neighbourhoods the same part of the scene when dCRF runs at reduced size.
+    """
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    return replace(cfg, gaussian_sxy=cfg.gaussian_sxy * scale, bilateral_sxy=cfg.bilateral_sxy * scale)
 
 
 def _check_rgb(rgb: np.ndarray) -> np.ndarray:
@@ -198,8 +215,8 @@ def _refine_job(job: _Job, cfg: DCRFConfig) -> LabelResult:
     )
 
 
-# Decode errors of a source file (np.load of a damaged .npz, PIL on a damaged PNG).
-_SOURCE_ERRORS = (LabelMapError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+# Decode errors of a source file (any refinement reading ``ctx.source``) (np.load of a damaged .npz, PIL on a damaged PNG).
+SOURCE_ERRORS = (LabelMapError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
 def _make_job(ctx: RunContext, image_id: str, image_path: Path) -> _Job | LabelResult:
@@ -214,7 +231,7 @@ def _make_job(ctx: RunContext, image_id: str, image_path: Path) -> _Job | LabelR
                 raise ValueError(f"scores of shape {scores.shape} for classes {list(classes)}")
             return _Job(image_id, image_path, tuple(classes), scores, None)
         label = ctx.source.label(image_id)
-    except _SOURCE_ERRORS as exc:
+    except SOURCE_ERRORS as exc:
         return LabelResult(image_id, error=f"source of {image_id} unreadable: {exc}")
     classes = tuple(int(c) for c in np.unique(label) if c != IGNORE_INDEX) or (0,)
     return _Job(image_id, image_path, classes, None, label)

@@ -20,10 +20,12 @@ class IoUTable:
     tp, fp, fn: ``(V, 21) int64`` pixel counts; n_images: ``(V, 21) int64`` images whose ground
     truth holds the class (among those the variant labelled); labelled: ``(V,)`` label maps.
     miou: ``(V,)`` mean over the classes with at least one image, NaN for a variant with none.
+    source_ids: the variant each row refines (``variants.source_id``), None for a method.
     """
 
     variant_ids: list[str]
     names: list[str]
+    source_ids: list[str | None]
     labelled: np.ndarray
     iou: np.ndarray
     tp: np.ndarray
@@ -51,6 +53,56 @@ def iou_table(con: Con, dataset_id: str, split: str) -> IoUTable:
     return IoUTable(
         variant_ids=[v["id"] for v in variants],
         names=[v["name"] for v in variants],
+        source_ids=[v["source_id"] for v in variants],
         labelled=np.array([labelled[v["id"]] for v in variants], np.int64),
         iou=iou, tp=tp, fp=fp, fn=fn, n_images=n_images, miou=miou,
     )
+
+
+def tree_order(table: IoUTable) -> tuple[list[int], list[int]]:
+    """The rows as a tree of refinements: ``(row indices, depth of each)``, both of length V.
+
+    A root is a row whose source is None or not in the table (depth 0), kept in table order; each
+    is followed depth-first by the rows refining it, siblings ordered by name.
+    """
+    index = {vid: row for row, vid in enumerate(table.variant_ids)}
+    children: dict[int, list[int]] = {row: [] for row in range(len(index))}
+    roots = []
+    for row, source in enumerate(table.source_ids):
+        if source in index:
+            children[index[source]].append(row)
+        else:
+            roots.append(row)
+    order, depths = [], []
+    stack = [(row, 0) for row in reversed(roots)]
+    while stack:
+        row, depth = stack.pop()
+        order.append(row)
+        depths.append(depth)
+        stack.extend((child, depth + 1) for child in sorted(children[row], key=table.names.__getitem__, reverse=True))
+    return order, depths
+
+
+@dataclass(frozen=True)
+class GainTable:
+    """What each refinement changes: refined IoU minus its source's, for the R rows of an
+    ``IoUTable`` whose source is also in it.
+
+    rows, sources: ``(R,) int64`` row indices into the table (refined, source), in tree order.
+    gain: ``(R, 21) float64`` in [-1, 1], NaN where the class has no image; miou_gain: ``(R,)``.
+    """
+
+    rows: np.ndarray
+    sources: np.ndarray
+    gain: np.ndarray
+    miou_gain: np.ndarray
+
+
+def gain_table(table: IoUTable) -> GainTable:
+    """Every "refined vs source" pair of ``table`` (see ``GainTable``); R = 0 when there is none."""
+    index = {vid: row for row, vid in enumerate(table.variant_ids)}
+    order, _ = tree_order(table)
+    rows = np.array([row for row in order if table.source_ids[row] in index], np.int64)
+    sources = np.array([index[table.source_ids[row]] for row in rows], np.int64)
+    return GainTable(rows=rows, sources=sources, gain=table.iou[rows] - table.iou[sources],
+                     miou_gain=table.miou[rows] - table.miou[sources])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from cache.reports import IoUTable
+from cache.reports import GainTable, IoUTable, tree_order
 from cache.voc import VOC_CLASSES
 
 
@@ -23,16 +23,57 @@ def column_labels(class_images: dict[int, int]) -> list[str]:
     return labels + ["mIoU"]
 
 
-def iou_heatmap(table: IoUTable, class_images: dict[int, int]) -> go.Figure:
+def _signed(points: float) -> str:
+    """A difference in IoU points with its sign, a true minus: "+3.1", "−2.0"."""
+    return f"{points:+.1f}".replace("-", "\u2212")
+
+
+def tree_labels(table: IoUTable) -> list[str]:
+    """Tick text of the grouped view, in ``tree_order``: a root keeps its row label, a refinement
+    shows only its own step, indented under its source ("CAM", "   └ dCRF", "      └ dCRF").
+
+    Padded to one length with no-break spaces: in a monospace font the labels then line up on
+    the left (Plotly right-aligns y tick labels), so the indentation shows.
+    """
+    order, depths = tree_order(table)
+    labels = row_labels(table)
+    index = {vid: row for row, vid in enumerate(table.variant_ids)}
+    ticks = []
+    for row, depth in zip(order, depths):
+        label = labels[row]
+        if depth:
+            own = table.names[row].removeprefix(table.names[index[table.source_ids[row]]] + " → ")
+            label = "\u00a0" * (3 * depth) + "└ " + own
+        ticks.append(f"{label} · {table.labelled[row]} imgs")
+    width = max(map(len, ticks), default=0)
+    return [tick.ljust(width, "\u00a0") for tick in ticks]
+
+
+def _figure(z: np.ndarray, x: list[str], y: list[str], text: list[list[str]], hover: list[list[str]],
+            **colours) -> go.Figure:
+    figure = go.Figure(go.Heatmap(
+        z=z, x=x, y=y, text=text, texttemplate="%{text}", textfont={"size": 13}, hovertext=hover,
+        hovertemplate="%{hovertext}<extra>%{y}</extra>", xgap=2, ygap=2, **colours,
+    ))
+    figure.update_layout(height=160 + 48 * len(y), margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                         xaxis={"side": "top", "tickangle": -45}, yaxis={"autorange": "reversed"},
+                         plot_bgcolor="#eeeeee")
+    return figure
+
+
+def iou_heatmap(table: IoUTable, class_images: dict[int, int], view: str = "flat") -> go.Figure:
     """Rows = variants, columns = the 21 VOC classes + mIoU, colour and text = IoU in %.
 
+    ``view`` "flat" keeps the table's order; "grouped" puts every refinement under its source
+    (``tree_order``), labelled by its own step, the full name staying the row's hover title.
     A class with no image in the subset is an empty cell labelled "no images", never a 0.
     Hover: IoU, TP / FP / FN pixels and the number of images holding the class.
     """
-    z = np.concatenate([table.iou, table.miou[:, None]], axis=1) * 100
+    order = tree_order(table)[0] if view == "grouped" else list(range(len(table.names)))
+    z = np.concatenate([table.iou, table.miou[:, None]], axis=1)[order] * 100
     n_classes = np.isfinite(table.iou).sum(axis=1)
     text, hover = [], []
-    for v in range(len(table.names)):
+    for v in order:
         text_row, hover_row = [], []
         for c, class_name in enumerate(VOC_CLASSES):
             counts = (f"TP {table.tp[v, c]:,} · FP {table.fp[v, c]:,} · FN {table.fn[v, c]:,} px"
@@ -49,12 +90,40 @@ def iou_heatmap(table: IoUTable, class_images: dict[int, int]) -> go.Figure:
         text.append(text_row)
         hover.append(hover_row)
     labels = row_labels(table)
-    figure = go.Figure(go.Heatmap(
-        z=z, x=column_labels(class_images), y=[f"{name} · {n} imgs" for name, n in zip(labels, table.labelled)],
-        text=text, texttemplate="%{text}", textfont={"size": 13}, hovertext=hover, hovertemplate="%{hovertext}<extra>%{y}</extra>",
-        colorscale="Viridis", zmin=0, zmax=100, colorbar={"title": "IoU %"}, xgap=2, ygap=2,
-    ))
-    figure.update_layout(height=160 + 48 * len(labels), margin={"l": 10, "r": 10, "t": 30, "b": 10},
-                         xaxis={"side": "top", "tickangle": -45}, yaxis={"autorange": "reversed"},
-                         plot_bgcolor="#eeeeee")
+    y = [f"{labels[v]} · {table.labelled[v]} imgs" for v in order]
+    figure = _figure(z, column_labels(class_images), y, text, hover,
+                     colorscale="Viridis", zmin=0, zmax=100, colorbar={"title": "IoU %"})
+    if view == "grouped":
+        figure.update_yaxes(tickmode="array", tickvals=y, ticktext=tree_labels(table),
+                            tickfont={"family": "monospace"})
     return figure
+
+
+def gain_heatmap(table: IoUTable, gain: GainTable, class_images: dict[int, int]) -> go.Figure:
+    """Rows = "refined vs source" pairs, columns = the 21 classes + mIoU, colour and text = the
+    IoU difference in points: blue where the refinement helps, red where it hurts, centred on 0.
+
+    Hover: both IoUs and the number of label maps of each (they differ while a job is running).
+    """
+    z = np.concatenate([gain.gain, gain.miou_gain[:, None]], axis=1) * 100
+    ious = np.concatenate([table.iou, table.miou[:, None]], axis=1) * 100
+    # Symmetric around 0, at least ±1 point so that tiny differences are not drawn saturated.
+    limit = max(float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 0.0, 1.0)
+    labels = row_labels(table)
+    text, hover = [], []
+    for r, s, diffs in zip(gain.rows, gain.sources, z):
+        text_row, hover_row = [], []
+        for c, class_name in enumerate([*VOC_CLASSES, "mIoU"]):
+            if np.isfinite(diffs[c]):
+                text_row.append(_signed(diffs[c]))
+                hover_row.append(f"<b>{class_name}</b>: {ious[r, c]:.2f}% vs {ious[s, c]:.2f}% "
+                                 f"({_signed(diffs[c])} points)")
+            else:
+                text_row.append("no images")
+                hover_row.append(f"<b>{class_name}</b>: no image of this class in one of the two")
+            hover_row[-1] += f"<br>{table.labelled[r]} vs {table.labelled[s]} label maps"
+        text.append(text_row)
+        hover.append(hover_row)
+    y = [f"{labels[r]} vs {labels[s]}" for r, s in zip(gain.rows, gain.sources)]
+    return _figure(z, column_labels(class_images), y, text, hover, colorscale="RdBu", zmid=0,
+                   zmin=-limit, zmax=limit, colorbar={"title": "IoU gain, points"})

@@ -1,4 +1,5 @@
-"""What every page shares: the cache location, cached reads, and the dataset/split pickers.
+"""What every page shares: the cache location, cached reads, the dataset/split pickers, the live
+jobs panel, and parameter widgets built from a plugin's config dataclass.
 
 Reads go through ``cache.db.connect(read_only=True)`` (short-lived, retried while the worker
 writes) and are cached with ``st.cache_data`` keyed on ``cache_state``, so a rerun re-reads only
@@ -7,14 +8,21 @@ after the worker recorded something new.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
+from typing import Any
 
 import streamlit as st
 
 from cache import queries, reports
 from cache.db import connect, db_path, default_cache_dir
+from cache.schema import JobStatus
 from engine.dataset import default_voc_root
-from engine.jobs import dataset_id_for
+from engine.jobs import cancel, dataset_id_for
+from engine.registry import Plugin
+
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
 def cache_dir() -> Path:
@@ -30,6 +38,12 @@ def _state(directory: Path) -> tuple:
     """The cache fingerprint, re-read at most once a second."""
     with connect(directory, read_only=True) as con:
         return queries.cache_state(con)
+
+
+def refresh() -> None:
+    """Forget the fingerprint after this app wrote to the cache (queued or cancelled a job), so
+    the reads of this very run see the change instead of waiting out the one-second TTL."""
+    _state.clear()
 
 
 @st.cache_data(show_spinner=False)
@@ -62,3 +76,70 @@ def pick_split(dataset_id: str) -> str | None:
         return None
     return st.selectbox("Split (the subset the IoU is computed over)", splits,
                         index=splits.index("train") if "train" in splits else 0, key="split")
+
+
+def has_active_jobs(dataset_id: str) -> bool:
+    """Whether a job of the dataset is queued or running (so its results are still arriving)."""
+    return cache_exists() and any(j["dataset_id"] == dataset_id and j["status"] in ACTIVE
+                                  for j in read("recent_jobs", 30))
+
+
+@st.fragment(run_every=2)
+def jobs_panel() -> None:
+    """The recent jobs: a progress bar and a cancel button per active job, then the table."""
+    if not cache_exists():
+        st.info("No cache yet: queue a job to start.")
+        return
+    jobs = read("recent_jobs", 30)
+    if not jobs:
+        st.info("No jobs yet.")
+        return
+    active = [j for j in jobs if j["status"] in ACTIVE]
+    for job in active:
+        name = job["variant_name"] or "scan dataset"
+        fraction = job["done"] / job["total"] if job["total"] else 0.0
+        beat = f", heartbeat {time.time() - job['heartbeat_at']:.0f} s ago" if job["heartbeat_at"] else ""
+        left, right = st.columns([5, 1])
+        left.progress(min(fraction, 1.0), text=f"job {job['id']} · {name} · {job['status']} · "
+                      f"{job['stage'] or 'waiting'} {job['done']}/{job['total']}{beat}")
+        if right.button("Cancel", key=f"cancel_{job['id']}", disabled=bool(job["cancel_requested"])):
+            cancel(cache_dir(), [job["id"]])
+            refresh()
+    if any(j["status"] == JobStatus.QUEUED.value for j in active) and not any(
+            j["status"] == JobStatus.RUNNING.value for j in active):
+        st.caption("Jobs are queued but none is running: is `python -m engine worker` started?")
+    st.dataframe(
+        [{"job": j["id"], "kind": j["kind"], "variant": j["variant_name"], "split": j["split"],
+          "status": j["status"], "stage": j["stage"], "done": j["done"], "total": j["total"],
+          "bad images": j["n_errors"], "error": j["error"]} for j in jobs],
+        hide_index=True,
+    )
+    for job in jobs:
+        if job["kind"] == "label" and job["n_errors"]:
+            with st.expander(f"job {job['id']}: {job['n_errors']} image(s) skipped for bad input"):
+                st.dataframe(read("image_errors", job["id"]), hide_index=True)
+
+
+def param_widgets(plugin: Plugin, key: str) -> dict[str, Any]:
+    """One widget per field of the plugin's config dataclass, at its default; returns only the
+    parameters set to something else (the variant is named and hashed by those).
+
+    int/float: number input; bool: checkbox; str: text input. Other fields (tuples, optional
+    paths) keep their default here; ``--param`` on the command line sets them.
+    """
+    changed = {}
+    for field in dataclasses.fields(plugin.config):
+        default = field.default
+        widget_key = f"{key}.{plugin.name}.{field.name}"
+        if isinstance(default, bool):  # before int: a bool is an int
+            value = st.checkbox(field.name, value=default, key=widget_key)
+        elif isinstance(default, int | float):
+            value = st.number_input(field.name, value=default, key=widget_key,
+                                    format=None if isinstance(default, int) else "%g")
+        elif isinstance(default, str):
+            value = st.text_input(field.name, value=default, key=widget_key)
+        else:
+            continue
+        if value != default:
+            changed[field.name] = value
+    return changed

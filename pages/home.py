@@ -4,17 +4,15 @@ imported pseudo-labels (a folder of PNG label maps or WSSS npy score dicts)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import streamlit as st
 
-from cache.schema import JobStatus
 from engine import registry
 from engine.dataset import DatasetError, default_voc_root
-from engine.jobs import DEFAULT_CHAIN, Step, cancel, submit_chain
+from engine.jobs import DEFAULT_CHAIN, Step, submit_chain
 from engine.methods.imported import DEFAULT_BG_THRESHOLDS, FORMATS, KEY_CONVENTIONS, SCORE_KEYS, import_step
-from pages.common import cache_dir, cache_exists, pick_dataset, read
+from pages.common import cache_dir, cache_exists, jobs_panel, pick_dataset, read
 
 st.title("ISLE Workbench")
 st.caption("Weakly supervised segmentation: compare pseudo-label methods class by class, "
@@ -93,40 +91,6 @@ with import_tab:
             st.error(str(exc))
         else:
             queue([step])
-
-
-@st.fragment(run_every=2)
-def jobs_panel() -> None:
-    if not cache_exists():
-        st.info("No cache yet: queue a job to start.")
-        return
-    jobs = read("recent_jobs", 30)
-    if not jobs:
-        st.info("No jobs yet.")
-        return
-    active = [j for j in jobs if j["status"] in (JobStatus.QUEUED.value, JobStatus.RUNNING.value)]
-    for job in active:
-        name = job["variant_name"] or "scan dataset"
-        fraction = job["done"] / job["total"] if job["total"] else 0.0
-        beat = f", heartbeat {time.time() - job['heartbeat_at']:.0f} s ago" if job["heartbeat_at"] else ""
-        left, right = st.columns([5, 1])
-        left.progress(min(fraction, 1.0), text=f"job {job['id']} · {name} · {job['status']} · "
-                      f"{job['stage'] or 'waiting'} {job['done']}/{job['total']}{beat}")
-        if right.button("Cancel", key=f"cancel_{job['id']}", disabled=bool(job["cancel_requested"])):
-            cancel(cache_dir(), [job["id"]])
-    if any(j["status"] == JobStatus.QUEUED.value for j in active) and not any(
-            j["status"] == JobStatus.RUNNING.value for j in active):
-        st.caption("Jobs are queued but none is running: is `python -m engine worker` started?")
-    st.dataframe(
-        [{"job": j["id"], "kind": j["kind"], "variant": j["variant_name"], "split": j["split"],
-          "status": j["status"], "stage": j["stage"], "done": j["done"], "total": j["total"],
-          "bad images": j["n_errors"], "error": j["error"]} for j in jobs],
-        hide_index=True,
-    )
-    for job in jobs:
-        if job["kind"] == "label" and job["n_errors"]:
-            with st.expander(f"job {job['id']}: {job['n_errors']} image(s) skipped for bad input"):
-                st.dataframe(read("image_errors", job["id"]), hide_index=True)
 
 
 st.subheader("Jobs")

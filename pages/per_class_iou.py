@@ -1,12 +1,22 @@
-"""Per-class IoU: every variant against the ground truth, class by class, over a split."""
+"""Per-class IoU: every variant against the ground truth, class by class, over a split; refine a
+variant from here and watch its row appear."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
+from cache.reports import gain_table
 from cache.voc import VOC_CLASSES
-from pages.charts import column_labels, iou_heatmap, row_labels
-from pages.common import cache_exists, pick_dataset, pick_split, read
+from engine import registry
+from engine.dataset import DatasetError
+from engine.jobs import Step, submit_chain
+from pages.charts import column_labels, gain_heatmap, iou_heatmap, row_labels
+from pages.common import (cache_dir, cache_exists, has_active_jobs, jobs_panel, param_widgets, pick_dataset,
+                          pick_split, read, refresh)
+
+VIEWS = {"flat": "flat", "grouped": "grouped by source", "gain": "gain vs source"}
 
 st.title("Per-class IoU")
 st.caption("IoU = TP / (TP + FP + FN) summed over the split's images, ground-truth pixels labelled "
@@ -19,23 +29,67 @@ if split is None:
     st.info("Nothing to show yet: queue CAM and CAM → dCRF on the Home page.")
     st.stop()
 
+
+def heatmap() -> None:
+    """The heatmap in the chosen view and its numbers, re-read from the cache on every run."""
+    table = read("iou_table", dataset["id"], split)
+    class_images = read("class_image_counts", dataset["id"], split)
+    if not table.names:
+        st.info(f"No variant has label maps on {split} yet.")
+        return
+    empty = [name for c, name in enumerate(VOC_CLASSES) if not class_images.get(c)]
+    if empty:
+        st.warning(f"No image of {', '.join(empty)} in {split}: those columns are empty, not 0, "
+                   "and left out of the mIoU.")
+    view = st.radio("Rows", list(VIEWS), format_func=VIEWS.get, horizontal=True, key="view")
+    gain = gain_table(table) if view == "gain" else None
+    if gain is None:
+        st.plotly_chart(iou_heatmap(table, class_images, view), key="heatmap")
+    elif gain.rows.size:
+        st.caption("IoU of each refined variant minus its source's, in points, class by class.")
+        st.plotly_chart(gain_heatmap(table, gain, class_images), key="heatmap")
+    else:
+        st.info(f"No refined variant has label maps on {split} next to its source.")
+    with st.expander("The numbers"):
+        columns = column_labels(class_images)
+        st.dataframe(
+            [{"variant": label, "label maps": int(n),
+              **{col: (None if iou != iou else round(100 * iou, 2)) for col, iou in zip(columns, [*row, miou])}}
+             for label, n, row, miou in zip(row_labels(table), table.labelled, table.iou, table.miou)],
+            hide_index=True,
+        )
+
+
+# Filled after the form below, so that a chain queued by this very run already makes it live.
+heatmap_slot = st.container()
+
+st.subheader("Refine a variant")
 table = read("iou_table", dataset["id"], split)
-class_images = read("class_image_counts", dataset["id"], split)
+refinements = {p.name: p for p in registry.plugins("refine")}
 if not table.names:
-    st.info(f"No variant has label maps on {split} yet.")
-    st.stop()
+    st.caption(f"No variant to refine on {split} yet.")
+else:
+    sources = dict(zip(table.variant_ids, row_labels(table)))
+    source = st.selectbox("Variant", list(sources), format_func=sources.get, key="iou_refine_source")
+    chain = st.multiselect("Refinements (in this order)", list(refinements), key="iou_refine_chain",
+                           format_func=lambda name: refinements[name].title)
+    steps = []
+    for name in chain:
+        with st.expander(f"{refinements[name].title} parameters"):
+            steps.append(Step(name, param_widgets(refinements[name], "iou_refine")))
+    if st.button("Queue", key="iou_queue_refine", disabled=not chain):
+        try:
+            ids = submit_chain(cache_dir(), Path(dataset["root"]), split, steps, source)
+        except (DatasetError, KeyError, ValueError) as exc:
+            st.error(str(exc))
+        else:
+            refresh()
+            st.toast(f"Queued jobs {ids}" if ids else f"Nothing to do: every variant of the chain is complete on {split}.")
 
-empty = [name for c, name in enumerate(VOC_CLASSES) if not class_images.get(c)]
-if empty:
-    st.warning(f"No image of {', '.join(empty)} in {split}: those columns are empty, not 0, "
-               "and left out of the mIoU.")
-st.plotly_chart(iou_heatmap(table, class_images), key="heatmap")
+st.subheader("Jobs")
+jobs_panel()
 
-with st.expander("The numbers"):
-    columns = column_labels(class_images)
-    st.dataframe(
-        [{"variant": label, "label maps": int(n),
-          **{col: (None if iou != iou else round(100 * iou, 2)) for col, iou in zip(columns, [*row, miou])}}
-         for label, n, row, miou in zip(row_labels(table), table.labelled, table.iou, table.miou)],
-        hide_index=True,
-    )
+with heatmap_slot:
+    # New rows appear by themselves while this dataset has work queued or running; the reads are
+    # cached on the cache fingerprint, so a rerun with nothing new costs no query.
+    st.fragment(run_every=3 if has_active_jobs(dataset["id"]) else None)(heatmap)()

@@ -14,6 +14,7 @@ from streamlit.testing.v1 import AppTest
 from cache import queries, reports
 from cache.db import connect
 from cache.labelmaps import write_label_map
+from engine import registry
 from engine.jobs import Step, chain_variants, dataset_id_for
 from tests.conftest import REPO, TINY_CAM
 
@@ -175,3 +176,81 @@ def test_refine_an_existing_variant(app_env, tmp_path, monkeypatch):
     assert not at.exception
     jobs = _jobs(cache_dir)
     assert len(jobs) == before + 1 and jobs[-1] == ("label", f"{BASELINE_NAMES[1]} → dCRF", "queued")
+
+
+def _heatmap(at: AppTest):
+    figure = plotly.io.from_json(at.get("plotly_chart")[0].proto.spec)
+    return figure.data[0], figure.layout
+
+
+def test_grouped_view_puts_the_refinement_under_its_source(app_env):
+    at = _page("per_class_iou.py").run()
+    at.radio(key="view").set_value("grouped").run()
+    assert not at.exception
+    heat, layout = _heatmap(at)
+    assert [y.split(" · ")[0] for y in heat.y] == BASELINE_NAMES  # full names: the hover titles
+    assert list(layout.yaxis.tickvals) == list(heat.y)
+    root, child = (t.replace("\u00a0", " ").rstrip() for t in layout.yaxis.ticktext)
+    assert root == f"{BASELINE_NAMES[0]} · 8 imgs" and child == "   └ dCRF · 8 imgs"
+
+
+def test_gain_view_is_the_refinement_minus_its_source(app_env):
+    cache_dir, root = app_env
+    at = _page("per_class_iou.py").run()
+    at.radio(key="view").set_value("gain").run()
+    assert not at.exception
+    heat, _ = _heatmap(at)
+    assert list(heat.y) == [f"{BASELINE_NAMES[1]} vs {BASELINE_NAMES[0]}"]
+    with connect(cache_dir, read_only=True) as con:
+        table = reports.iou_table(con, dataset_id_for(root), "train")
+    cam, crf = (table.names.index(name) for name in BASELINE_NAMES)
+    expected = np.append(table.iou[crf] - table.iou[cam], table.miou[crf] - table.miou[cam]) * 100
+    z = _typed_array(heat.z)
+    assert np.allclose(z[0], expected, equal_nan=True)
+    assert heat.zmid == 0 and heat.zmin == -heat.zmax
+    changed = int(np.nanargmax(np.abs(expected[:21])))
+    assert heat.text[0][changed] == f"{expected[changed]:+.1f}".replace("-", "\u2212")
+    assert heat.text[0][1] == "no images"
+
+
+def test_queue_a_chain_from_the_heatmap_page_and_see_its_row(app_env, tmp_path, monkeypatch):
+    import shutil
+
+    from engine.worker import WorkerConfig, serve
+
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(app_env[0], cache_dir)
+    monkeypatch.setenv("ISLE_CACHE_DIR", str(cache_dir))
+    before = _jobs(cache_dir)
+    at = _page("per_class_iou.py").run()
+    assert at.button(key="iou_queue_refine").disabled  # no refinement chosen yet
+    with connect(cache_dir, read_only=True) as con:
+        cam = next(v for v in queries.variants(con, dataset_id_for(app_env[1])) if v["name"] == BASELINE_NAMES[0])
+    at.selectbox(key="iou_refine_source").set_value(cam["id"])
+    at.multiselect(key="iou_refine_chain").set_value(["dcrf"]).run()
+    at.number_input(key="iou_refine.dcrf.iters").set_value(5).run()
+    at.button(key="iou_queue_refine").click().run()
+    assert not at.exception
+    name = f"{BASELINE_NAMES[0]} → dCRF (iters=5)"
+    jobs = _jobs(cache_dir)
+    assert jobs == [*before, ("label", name, "queued")]
+    assert at.toast[0].value == f"Queued jobs [{len(jobs)}]"
+    with connect(cache_dir, read_only=True) as con:
+        (params,) = con.execute("SELECT params FROM variants WHERE name = ?", [name]).fetchone()
+    assert json.loads(params) == {**registry.config_to_params(registry.get("dcrf").make_config()), "iters": 5}
+    # The jobs panel of this page shows it with a progress bar.
+    assert any(name in p.proto.text for p in at.get("progress"))
+    assert "queued" in set(next(f.value for f in at.dataframe if "status" in f.value.columns)["status"])
+
+    at.button(key="iou_queue_refine").click().run()  # the same chain again: its job is reused
+    assert at.toast[0].value == f"Queued jobs [{len(jobs)}]" and _jobs(cache_dir) == jobs
+    at.number_input(key="iou_refine.dcrf.iters").set_value(10).run()  # the defaults: CAM → dCRF, complete
+    at.button(key="iou_queue_refine").click().run()
+    assert at.toast[0].value.startswith("Nothing to do") and _jobs(cache_dir) == jobs
+
+    serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.1))
+    at.radio(key="view").set_value("grouped").run()
+    heat, layout = _heatmap(at)
+    assert [y.split(" · ")[0] for y in heat.y] == [BASELINE_NAMES[0], BASELINE_NAMES[1], name]
+    assert [t.replace("\u00a0", " ").strip().split(" · ")[0] for t in layout.yaxis.ticktext][1:] == \
+        ["└ dCRF", "└ dCRF (iters=5)"]

@@ -34,6 +34,21 @@ def process_pool(processes: int) -> ProcessPoolExecutor:
                                initializer=_exit_with_parent, initargs=(os.getpid(),))
 
 
+def run_jobs(fn: Callable[..., LabelResult], jobs: Iterable[Any], processes: int, *args: Any) -> Iterator[LabelResult]:
+    """``fn(job, *args)`` per job, in order: in this process when ``processes <= 1``, else on a
+    pool of ``processes`` spawned workers (``map_in_order``, window ``2 * processes``) that is shut
+    down when the generator ends or is closed. ``LabelResult`` jobs pass through."""
+    if processes <= 1:
+        for job in jobs:
+            yield job if isinstance(job, LabelResult) else fn(job, *args)
+        return
+    pool = process_pool(processes)
+    try:
+        yield from map_in_order(pool, fn, jobs, 2 * processes, *args)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def map_in_order(
     pool: Executor, fn: Callable[..., LabelResult], jobs: Iterable[Any], window: int, *args: Any
 ) -> Iterator[LabelResult]:

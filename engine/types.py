@@ -86,6 +86,29 @@ class SourceVariant:
         path = self._scores_path(image_id)
         return None if path is None else read_scores(path)
 
+    def read(self, image_id: str) -> tuple[tuple[int, ...], np.ndarray | None, np.ndarray | None]:
+        """What a refinement starts from for one image: ``(classes, scores, label)``.
+
+        ``(classes, (K, h, w) float32, None)`` when the source stored scores (channel k for class
+        ``classes[k]``, 0 = background), else ``((), None, (H, W) uint8 label map)``. Raises
+        ``ImageError`` naming the image when a file is missing or cannot be decoded, or when the
+        scores do not match their classes.
+        """
+        import zipfile
+
+        from cache.labelmaps import LabelMapError
+
+        try:
+            stored = self.scores(image_id)
+            if stored is None:
+                return (), None, self.label(image_id)
+            classes, scores = stored
+            if scores.ndim != 3 or scores.shape[0] != len(classes):
+                raise ValueError(f"scores of shape {scores.shape} for classes {list(classes)}")
+            return tuple(int(c) for c in classes), np.asarray(scores, dtype=np.float32), None
+        except (LabelMapError, ImageError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise ImageError(f"source of {image_id} unreadable: {exc}") from exc
+
 
 @dataclass
 class RunContext:

@@ -16,10 +16,10 @@ from engine.refine.dcrf import (
     DCRFConfig,
     dcrf_refine,
     dcrf_refine_labels,
-    map_in_order,
     resize_channels,
     scores_to_probs,
 )
+from engine.pool import map_in_order
 from engine.types import Item, LabelResult, RunContext, SourceVariant
 
 # Real val images, 500x375: dog (2 labels with background), cat + person and dog + person (3).

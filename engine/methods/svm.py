@@ -76,7 +76,6 @@ The SVM can only be as right as its samples: ~85% of the sampled CAM pixels are 
 
 from __future__ import annotations
 
-import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -91,12 +90,11 @@ from scipy.ndimage import binary_erosion
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.svm import SVC, LinearSVC
 
-from cache.labelmaps import LabelMapError
 from cache.voc import IGNORE_INDEX
 from engine.backbone import FeatureExtractor, load_feature_extractor, to_input
 from engine.dataset import read_image, read_mask
 from engine.methods.cam import cam_to_image_size, downsample_scores
-from engine.pool import map_in_order, process_pool
+from engine.pool import run_jobs
 from engine.refine.dcrf import resize_channels
 from engine.registry import register
 from engine.types import ImageError, Item, LabelResult, RunContext
@@ -460,39 +458,18 @@ def _seed_job(job: _Job, cfg: SVMSeedConfig) -> LabelResult:
     return _result(job.image_id, rgb, sample_label, cfg, job.source_file)
 
 
-# Decode errors of a source file (np.load of a damaged .npz, PIL on a damaged PNG), or a missing one.
-_SOURCE_ERRORS = (LabelMapError, ImageError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
-
-
 def _seed_source(ctx: RunContext, item: Item, threads: int) -> _Job | LabelResult:
     """Read one image's source variant in the parent process, or an error result."""
     allowed = (0, *item.labels)
     try:
-        stored = ctx.source.scores(item.image_id)
-        if stored is not None:
-            classes, scores = stored
-            if scores.ndim != 3 or scores.shape[0] != len(classes):
-                raise ValueError(f"scores of shape {scores.shape} for classes {list(classes)}")
-            return _Job(item.image_id, item.image_path, allowed, scores=scores, score_classes=tuple(classes),
-                        source_file=f"source scores of {item.image_id}", threads=threads)
-        label = ctx.source.label(item.image_id)
-    except _SOURCE_ERRORS as exc:
-        return LabelResult(item.image_id, error=f"source of {item.image_id} unreadable: {exc}")
+        classes, scores, label = ctx.source.read(item.image_id)
+    except ImageError as exc:
+        return LabelResult(item.image_id, error=str(exc))
+    if scores is not None:
+        return _Job(item.image_id, item.image_path, allowed, scores=scores, score_classes=classes,
+                    source_file=f"source scores of {item.image_id}", threads=threads)
     return _Job(item.image_id, item.image_path, allowed, label=label,
                 source_file=f"source label map of {item.image_id}", threads=threads)
-
-
-def _run_jobs(fn, jobs: Iterator[_Job | LabelResult], cfg: SVMConfig, processes: int) -> Iterator[LabelResult]:
-    """``fn(job, cfg)`` per job in order: in-process when ``processes <= 1``, else in a spawned pool."""
-    if processes <= 1:
-        for job in jobs:
-            yield job if isinstance(job, LabelResult) else fn(job, cfg)
-        return
-    pool = process_pool(processes)
-    try:
-        yield from map_in_order(pool, fn, jobs, 2 * processes, cfg)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @register("svm-oracle", kind="method", config=SVMConfig, title="SVM (oracle, ground truth)")
@@ -506,7 +483,7 @@ def run_oracle(cfg: SVMConfig, ctx: RunContext) -> Iterator[LabelResult]:
     threads = 1 if ctx.processes > 1 else 0  # one torch thread per worker process: no oversubscription
     jobs = (_Job(it.image_id, it.image_path, (0, *it.labels), mask_path=it.mask_path, threads=threads)
             for it in ctx.todo)
-    yield from _run_jobs(_oracle_job, jobs, cfg, ctx.processes)
+    yield from run_jobs(_oracle_job, jobs, ctx.processes, cfg)
 
 
 @register("svm", kind="refine", config=SVMSeedConfig, title="SVM (seed)")
@@ -520,4 +497,4 @@ def run_seed(cfg: SVMSeedConfig, ctx: RunContext) -> Iterator[LabelResult]:
         raise ValueError("svm is a refinement: the run needs a source variant (ctx.source is None)")
     threads = 1 if ctx.processes > 1 else 0
     jobs = (_seed_source(ctx, it, threads) for it in ctx.todo)
-    yield from _run_jobs(_seed_job, jobs, cfg, ctx.processes)
+    yield from run_jobs(_seed_job, jobs, ctx.processes, cfg)

@@ -56,8 +56,8 @@ from engine.checkpoints import chunked_labels, train_resumable
 from engine.dataset import read_image
 from engine.methods.cam import augment_with_label, cam_to_image_size, cams_to_label, downsample_scores, poly_lr
 from engine.methods.isim import refine_pseudo_label
-from engine.pool import map_in_order, process_pool
-from engine.refine.dcrf import IRN_LABEL_DCRF, SOURCE_ERRORS, resize_channels, scaled_dcrf
+from engine.pool import map_in_order, process_pool, run_jobs
+from engine.refine.dcrf import IRN_LABEL_DCRF, resize_channels, scaled_dcrf
 from engine.registry import config_to_params, register
 from engine.types import ImageError, Item, LabelResult, RunContext
 
@@ -400,17 +400,10 @@ def source_seeds(ctx: RunContext, item: Item) -> tuple[tuple[int, ...], np.ndarr
     """
     if ctx.source is None:
         raise ValueError("random-walk is a refinement: the run needs a source variant (ctx.source is None)")
-    try:
-        stored = ctx.source.scores(item.image_id)
-        if stored is not None:
-            classes, scores = stored
-            if scores.ndim != 3 or scores.shape[0] != len(classes):
-                raise ValueError(f"scores of shape {scores.shape} for classes {list(classes)}")
-            keep = [k for k, c in enumerate(classes) if c != 0]
-            return tuple(int(classes[k]) for k in keep), np.asarray(scores[keep], dtype=np.float32), None
-        label = ctx.source.label(item.image_id)
-    except SOURCE_ERRORS as exc:
-        raise ImageError(f"source of {item.image_id} unreadable: {exc}") from exc
+    classes, scores, label = ctx.source.read(item.image_id)
+    if scores is not None:
+        keep = [k for k, c in enumerate(classes) if c != 0]
+        return tuple(classes[k] for k in keep), scores[keep], None
     if label.shape != (item.height, item.width):
         raise ImageError(f"source label map of {item.image_id} is {label.shape[1]}x{label.shape[0]} (WxH), "
                          f"image {item.image_path} is {item.width}x{item.height}")
@@ -599,12 +592,4 @@ def run(cfg: RandomWalkConfig, ctx: RunContext) -> Iterator[LabelResult]:
     the first unfinished image.
     """
     net = train(cfg, ctx)
-    jobs = (_make_walk_job(net, ctx, item, cfg) for item in ctx.todo)
-    if ctx.processes <= 1:
-        yield from (job if isinstance(job, LabelResult) else _walk_job(job, cfg) for job in jobs)
-        return
-    pool = process_pool(ctx.processes)
-    try:
-        yield from map_in_order(pool, _walk_job, jobs, 2 * ctx.processes, cfg)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    yield from run_jobs(_walk_job, (_make_walk_job(net, ctx, item, cfg) for item in ctx.todo), ctx.processes, cfg)

@@ -15,7 +15,6 @@ Out: per image, the label ``classes[argmax Q]`` as ``(H, W) uint8`` and the marg
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,11 +24,10 @@ import pydensecrf.densecrf as dcrf
 from PIL import Image
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
-from cache.labelmaps import LabelMapError
 from cache.voc import IGNORE_INDEX
 from engine.dataset import read_image
 from engine.registry import register
-from engine.pool import map_in_order, process_pool
+from engine.pool import run_jobs
 from engine.types import ImageError, LabelResult, RunContext
 
 
@@ -215,24 +213,16 @@ def _refine_job(job: _Job, cfg: DCRFConfig) -> LabelResult:
     )
 
 
-# Decode errors of a source file (any refinement reading ``ctx.source``) (np.load of a damaged .npz, PIL on a damaged PNG).
-SOURCE_ERRORS = (LabelMapError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
-
-
 def _make_job(ctx: RunContext, image_id: str, image_path: Path) -> _Job | LabelResult:
     """Read the source variant of one image in the parent process, or an error result."""
     if ctx.source is None:
         raise ValueError("dcrf is a refinement: the run needs a source variant (ctx.source is None)")
     try:
-        stored = ctx.source.scores(image_id)
-        if stored is not None:
-            classes, scores = stored
-            if scores.ndim != 3 or scores.shape[0] != len(classes):
-                raise ValueError(f"scores of shape {scores.shape} for classes {list(classes)}")
-            return _Job(image_id, image_path, tuple(classes), scores, None)
-        label = ctx.source.label(image_id)
-    except SOURCE_ERRORS as exc:
-        return LabelResult(image_id, error=f"source of {image_id} unreadable: {exc}")
+        classes, scores, label = ctx.source.read(image_id)
+    except ImageError as exc:
+        return LabelResult(image_id, error=str(exc))
+    if scores is not None:
+        return _Job(image_id, image_path, classes, scores, None)
     classes = tuple(int(c) for c in np.unique(label) if c != IGNORE_INDEX) or (0,)
     return _Job(image_id, image_path, classes, None, label)
 
@@ -245,12 +235,4 @@ def run(cfg: DCRFConfig, ctx: RunContext) -> Iterator[LabelResult]:
     images in flight; a bad image or unreadable source file yields ``LabelResult(error=...)``.
     """
     jobs = (_make_job(ctx, item.image_id, item.image_path) for item in ctx.todo)
-    if ctx.processes <= 1:
-        for job in jobs:
-            yield job if isinstance(job, LabelResult) else _refine_job(job, cfg)
-        return
-    pool = process_pool(ctx.processes)
-    try:
-        yield from map_in_order(pool, _refine_job, jobs, 2 * ctx.processes, cfg)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    yield from run_jobs(_refine_job, jobs, ctx.processes, cfg)

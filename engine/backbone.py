@@ -193,6 +193,14 @@ def load_feature_extractor(name: str = "efficientnet_lite0", output_stride: int 
     return FeatureExtractor(model, output_stride).eval()
 
 
+def freeze_batchnorm(modules: Iterable[nn.Module]) -> None:
+    """Put every batch norm among ``modules`` in eval mode: a network trained with small CPU
+    batches keeps the ImageNet statistics (IRN freezes them the same way). Call after ``train()``."""
+    for module in modules:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def to_input(rgb: np.ndarray) -> torch.Tensor:
     """``rgb: (H, W, 3) uint8`` -> ``(3, H, W) float32`` normalised for these weights."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:

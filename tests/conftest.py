@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +48,22 @@ def split_items(voc: Path, split: str, count: int | None = None) -> list[Item]:
 
 def _read_ids(voc: Path, split: str) -> list[str]:
     return (voc / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+
+
+def job_row(cache_dir: Path, job_id: int) -> dict:
+    """The ``jobs`` row of ``job_id``, read as the app reads it."""
+    from cache import queries
+    from cache.db import connect
+
+    with connect(cache_dir, read_only=True) as con:
+        return queries.get_job(con, job_id)
+
+
+def worker_process(cache_dir: Path, *extra: str) -> subprocess.Popen:
+    """``python -m engine worker --processes 1 *extra`` on ``cache_dir``, as a separate process."""
+    env = {**os.environ, "ISLE_CACHE_DIR": str(cache_dir)}
+    return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--processes", "1", *extra],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 class Reports:

@@ -4,11 +4,9 @@ on real images, and a worker killed during training and during the walk."""
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -40,7 +38,7 @@ from engine.refine.affinity import (
 )
 from engine.types import Cancelled, RunContext, SourceVariant
 from engine.worker import WorkerConfig, serve
-from tests.conftest import REPO, TINY_CAM, Reports, split_items
+from tests.conftest import TINY_CAM, Reports, job_row, split_items, worker_process
 
 # A training small enough for tests: 2 epochs at batch 2 on 128-pixel crops.
 TINY_RW = {"epochs": 2, "batch_size": 2, "crop_size": 128, "resize_long": [128, 192], "checkpoint_every": 1}
@@ -237,21 +235,10 @@ def test_plugin_walks_a_label_only_source_and_reports_bad_files(cam_source, tmp_
     assert second.label is None and items[1].image_id in second.error and "unreadable" in second.error
 
 
-def _job(cache_dir: Path, job_id: int) -> dict:
-    with connect(cache_dir, read_only=True) as con:
-        return queries.get_job(con, job_id)
-
-
-def _worker(cache_dir: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "ISLE_CACHE_DIR": str(cache_dir)}
-    return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--processes", "1", *extra],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
 def _kill_when(worker: subprocess.Popen, cache_dir: Path, job_id: int, stage: str, done: int) -> dict:
     deadline = time.monotonic() + 240
     while True:
-        job = _job(cache_dir, job_id)
+        job = job_row(cache_dir, job_id)
         if job["stage"] == stage and job["done"] >= done:
             break
         assert worker.poll() is None, worker.stderr.read()
@@ -259,7 +246,7 @@ def _kill_when(worker: subprocess.Popen, cache_dir: Path, job_id: int, stage: st
         time.sleep(0.05)
     worker.send_signal(signal.SIGKILL)
     worker.wait()
-    return _job(cache_dir, job_id)
+    return job_row(cache_dir, job_id)
 
 
 def test_chain_survives_a_worker_killed_in_training_and_in_the_walk(baseline_cache, tmp_path):
@@ -274,14 +261,14 @@ def test_chain_survives_a_worker_killed_in_training_and_in_the_walk(baseline_cac
     killed = tmp_path / "killed"
     shutil.copytree(cache_dir, killed)
     walk_job, crf_job = submit_chain(killed, root, "train", chain)
-    state = _kill_when(_worker(killed), killed, walk_job, "train", 2)
+    state = _kill_when(worker_process(killed), killed, walk_job, "train", 2)
     assert state["status"] == "running" and state["done"] < 16
-    state = _kill_when(_worker(killed), killed, walk_job, "label", 2)  # resumed training, then walking
+    state = _kill_when(worker_process(killed), killed, walk_job, "label", 2)  # resumed training, then walking
     assert state["status"] == "running" and state["done"] < 8 and state["attempts"] == 2
     assert submit_chain(killed, root, "train", chain) == [walk_job, crf_job]  # re-queuing adds nothing
-    restarted = _worker(killed, "--until-idle")
+    restarted = worker_process(killed, "--until-idle")
     assert restarted.wait(timeout=300) == 0, restarted.stderr.read()
-    assert _job(killed, walk_job)["status"] == _job(killed, crf_job)["status"] == "done"
+    assert job_row(killed, walk_job)["status"] == job_row(killed, crf_job)["status"] == "done"
     assert submit_chain(killed, root, "train", chain) == []  # complete: nothing to queue
 
     with connect(killed, read_only=True) as con, connect(reference, read_only=True) as ref:

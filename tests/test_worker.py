@@ -17,7 +17,7 @@ from cache import queries
 from cache.db import connect
 from engine.jobs import Step, dataset_id_for, submit_chain
 from engine.worker import WorkerConfig, serve, sweep_stale_jobs
-from tests.conftest import REPO, TINY_CAM
+from tests.conftest import REPO, TINY_CAM, job_row, worker_process
 
 DCRF_5 = [Step("cam", TINY_CAM), Step("dcrf", {"iters": 5})]
 
@@ -35,17 +35,6 @@ def _counts(cache_dir: Path, variant_id: str) -> list[tuple]:
         ).fetchall()
 
 
-def _job(cache_dir: Path, job_id: int) -> dict:
-    with connect(cache_dir, read_only=True) as con:
-        return queries.get_job(con, job_id)
-
-
-def _worker(cache_dir: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "ISLE_CACHE_DIR": str(cache_dir)}
-    return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--processes", "1", *extra],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
 def test_killed_worker_resumes_without_redoing_images_and_matches_an_uninterrupted_run(baseline_cache, tmp_path):
     _, root = baseline_cache
     # Uninterrupted reference, in-process.
@@ -57,23 +46,23 @@ def test_killed_worker_resumes_without_redoing_images_and_matches_an_uninterrupt
     # The same job in a worker process, killed with SIGKILL once some images are recorded.
     cache_dir = _copy(baseline_cache, tmp_path / "killed")
     (job_id,) = submit_chain(cache_dir, root, "train", DCRF_5)
-    variant_id = _job(cache_dir, job_id)["variant_id"]
-    worker = _worker(cache_dir)
+    variant_id = job_row(cache_dir, job_id)["variant_id"]
+    worker = worker_process(cache_dir)
     deadline = time.monotonic() + 120
-    while _job(cache_dir, job_id)["done"] < 2:
+    while job_row(cache_dir, job_id)["done"] < 2:
         assert worker.poll() is None, worker.stderr.read()
         assert time.monotonic() < deadline
         time.sleep(0.05)
     worker.send_signal(signal.SIGKILL)
     worker.wait()
-    killed = _job(cache_dir, job_id)
+    killed = job_row(cache_dir, job_id)
     assert killed["status"] == "running" and 2 <= killed["done"] < 8
     with connect(cache_dir, read_only=True) as con:
         before = {i: (cache_dir / p).stat().st_mtime_ns for i, (p, _) in queries.label_map_rows(con, variant_id).items()}
 
-    restarted = _worker(cache_dir, "--until-idle")  # sees the dead PID, requeues, resumes
+    restarted = worker_process(cache_dir, "--until-idle")  # sees the dead PID, requeues, resumes
     assert restarted.wait(timeout=300) == 0, restarted.stderr.read()
-    job = _job(cache_dir, job_id)
+    job = job_row(cache_dir, job_id)
     assert job["status"] == "done" and job["attempts"] == 2 and job["done"] == 8
     with connect(cache_dir, read_only=True) as con:
         after = queries.label_map_rows(con, variant_id)
@@ -89,15 +78,15 @@ def test_cancel_stops_the_job_and_keeps_finished_images(baseline_cache, tmp_path
     _, root = baseline_cache
     cache_dir = _copy(baseline_cache, tmp_path / "cache")
     (job_id,) = submit_chain(cache_dir, root, "train", DCRF_5)
-    worker = _worker(cache_dir, "--until-idle", "--flush-seconds", "0.1")
-    while _job(cache_dir, job_id)["done"] < 1:
+    worker = worker_process(cache_dir, "--until-idle", "--flush-seconds", "0.1")
+    while job_row(cache_dir, job_id)["done"] < 1:
         assert worker.poll() is None, worker.stderr.read()
         time.sleep(0.05)
     from engine.jobs import cancel
 
     cancel(cache_dir, [job_id])
     assert worker.wait(timeout=120) == 0
-    job = _job(cache_dir, job_id)
+    job = job_row(cache_dir, job_id)
     assert job["status"] == "cancelled"
     with connect(cache_dir, read_only=True) as con:
         kept = queries.label_map_rows(con, job["variant_id"])
@@ -105,7 +94,7 @@ def test_cancel_stops_the_job_and_keeps_finished_images(baseline_cache, tmp_path
     # Queuing the chain again resumes: only the missing images are labelled.
     (again,) = submit_chain(cache_dir, root, "train", DCRF_5)
     serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.1))
-    assert _job(cache_dir, again)["status"] == "done"
+    assert job_row(cache_dir, again)["status"] == "done"
     assert len(_counts(cache_dir, job["variant_id"])) > 0
 
 
@@ -118,12 +107,12 @@ def test_sweep_requeues_a_job_whose_worker_died_and_fails_it_after_max_attempts(
         con.execute("UPDATE jobs SET status = 'running', worker = ?, heartbeat_at = ?, attempts = 1 WHERE id = ?",
                     [dead_name, time.time(), job_id])
     assert sweep_stale_jobs(cache_dir, stale_seconds=3600) == [job_id]
-    assert _job(cache_dir, job_id)["status"] == "queued"
+    assert job_row(cache_dir, job_id)["status"] == "queued"
     with connect(cache_dir) as con:  # a remote worker silent for too long, out of attempts
         con.execute("UPDATE jobs SET status = 'running', worker = 'elsewhere:1', heartbeat_at = 0, attempts = 3 WHERE id = ?",
                     [job_id])
     assert sweep_stale_jobs(cache_dir, stale_seconds=60) == [job_id]
-    job = _job(cache_dir, job_id)
+    job = job_row(cache_dir, job_id)
     assert job["status"] == "failed" and "3 times" in job["error"]
 
 
@@ -144,7 +133,7 @@ def test_bad_inputs_are_reported_by_file_and_the_rest_is_processed(tiny_voc, tmp
     cache_dir = tmp_path / "cache"
     scan_id, cam_id = submit_chain(cache_dir, tiny_voc, "train", [Step("cam", TINY_CAM)])
     serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.1))
-    scan = _job(cache_dir, scan_id)
+    scan = job_row(cache_dir, scan_id)
     assert scan["status"] == "done" and "val.txt" in scan["error"] and "no image ids" in scan["error"].lower()
     with connect(cache_dir, read_only=True) as con:
         problems = {p["image_id"]: p["problem"] for p in queries.image_problems(con, dataset_id_for(tiny_voc))}
@@ -153,7 +142,7 @@ def test_bad_inputs_are_reported_by_file_and_the_rest_is_processed(tiny_voc, tmp
     assert f"{ids[1]}.png" in problems[ids[1]] and "250x166" in problems[ids[1]]
     assert "42" in problems[ids[2]]
     assert "missing" in problems[ids[3]] and "missing" in problems[ids[4]]
-    cam = _job(cache_dir, cam_id)
+    cam = job_row(cache_dir, cam_id)
     assert cam["status"] == "done" and cam["done"] == cam["total"] == 7
 
     # An image that breaks after the scan is skipped with its error; nothing cached is lost.
@@ -165,7 +154,7 @@ def test_bad_inputs_are_reported_by_file_and_the_rest_is_processed(tiny_voc, tmp
         con.execute("DELETE FROM label_maps WHERE variant_id = ? AND image_id = ?", [variant_id, ids[5]])
     (again,) = submit_chain(cache_dir, tiny_voc, "train", [Step("cam", TINY_CAM)])
     serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.1))
-    job = _job(cache_dir, again)
+    job = job_row(cache_dir, again)
     assert job["status"] == "done" and job["n_errors"] == 1
     with connect(cache_dir, read_only=True) as con:
         errors = queries.image_errors(con, again)
@@ -201,7 +190,7 @@ def test_a_killed_worker_leaves_no_dcrf_processes_behind(baseline_cache, tmp_pat
     env = {**os.environ, "ISLE_CACHE_DIR": str(cache_dir)}
     worker = subprocess.Popen([sys.executable, "-m", "engine", "worker", "--processes", "2"],
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while _job(cache_dir, job_id)["done"] < 1:
+    while job_row(cache_dir, job_id)["done"] < 1:
         assert worker.poll() is None
         time.sleep(0.05)
     pool = [pid for pid in _children(worker.pid)

@@ -61,7 +61,7 @@ from PIL import Image
 from torch import nn
 
 from cache.voc import IGNORE_INDEX
-from engine.backbone import FeatureExtractor, load_feature_extractor, to_input
+from engine.backbone import FeatureExtractor, freeze_batchnorm, load_feature_extractor, to_input
 from engine.checkpoints import train_resumable
 from engine.dataset import label_each, read_image
 from engine.registry import config_to_params, register
@@ -304,9 +304,7 @@ class CAMNet(nn.Module):
     def train(self, mode: bool = True) -> CAMNet:
         """Train mode everywhere except batch norm, whose statistics stay ImageNet's (IRN)."""
         super().train(mode)
-        for module in self.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        freeze_batchnorm(self.modules())
         return self
 
 

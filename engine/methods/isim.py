@@ -91,7 +91,7 @@ from PIL import Image
 from torch import nn
 
 from cache.voc import IGNORE_INDEX, NUM_CLASSES
-from engine.backbone import BACKBONES, BackboneWeightsError, load_imagenet_model, to_input
+from engine.backbone import BACKBONES, BackboneWeightsError, freeze_batchnorm, load_imagenet_model, to_input
 from engine.checkpoints import chunked_labels, train_resumable
 from engine.dataset import label_each, read_image
 from engine.methods.cam import (
@@ -362,9 +362,7 @@ class DeepLabCAM(nn.Module):
     def train(self, mode: bool = True) -> DeepLabCAM:
         """Train mode except the ImageNet parts' batch norm, whose statistics stay ImageNet's (IRN)."""
         super().train(mode)
-        for module in (*self.seg.encoder.modules(), *self.head.modules()):
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        freeze_batchnorm((*self.seg.encoder.modules(), *self.head.modules()))
         return self
 
 

@@ -51,7 +51,7 @@ from PIL import Image
 from torch import nn
 
 from cache.voc import IGNORE_INDEX
-from engine.backbone import FeatureExtractor, load_feature_extractor, to_input
+from engine.backbone import FeatureExtractor, freeze_batchnorm, load_feature_extractor, to_input
 from engine.checkpoints import chunked_labels, train_resumable
 from engine.dataset import read_image
 from engine.methods.cam import augment_with_label, cam_to_image_size, cams_to_label, downsample_scores, poly_lr
@@ -336,9 +336,7 @@ class AffinityNet(nn.Module):
 
     def train(self, mode: bool = True) -> AffinityNet:
         super().train(mode)
-        for module in self.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        freeze_batchnorm(self.modules())
         return self
 
 

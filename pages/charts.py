@@ -28,6 +28,18 @@ def _signed(points: float) -> str:
     return f"{points:+.1f}".replace("-", "\u2212")
 
 
+TICK_CHARS = 60  # longer row labels are shortened in the middle; the hover keeps the full name
+
+
+def ellipsize(text: str, limit: int = TICK_CHARS) -> str:
+    """``text`` cut to ``limit`` characters by replacing its middle with "…", so a chain's source
+    (start) and last step (end) both stay readable."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return f"{text[:head]}…{text[len(text) - (limit - 1 - head):]}"
+
+
 def tree_labels(table: IoUTable) -> list[str]:
     """Tick text of the grouped view, in ``tree_order``: a root keeps its row label, a refinement
     shows only its own step, indented under its source ("CAM", "   └ dCRF", "      └ dCRF").
@@ -44,13 +56,15 @@ def tree_labels(table: IoUTable) -> list[str]:
         if depth:
             own = table.names[row].removeprefix(table.names[index[table.source_ids[row]]] + " → ")
             label = "\u00a0" * (3 * depth) + "└ " + own
-        ticks.append(f"{label} · {table.labelled[row]} imgs")
+        ticks.append(ellipsize(f"{label} · {table.labelled[row]} imgs"))
     width = max(map(len, ticks), default=0)
     return [tick.ljust(width, "\u00a0") for tick in ticks]
 
 
 def _figure(z: np.ndarray, x: list[str], y: list[str], text: list[list[str]], hover: list[list[str]],
-            **colours) -> go.Figure:
+            ticks: list[str] | None = None, **colours) -> go.Figure:
+    """The shared heatmap layout; ``y`` are the full row names (hover), ``ticks`` their shown text
+    (default: ``y`` shortened by ``ellipsize``)."""
     figure = go.Figure(go.Heatmap(
         z=z, x=x, y=y, text=text, texttemplate="%{text}", textfont={"size": 13}, hovertext=hover,
         hovertemplate="%{hovertext}<extra>%{y}</extra>", xgap=2, ygap=2, **colours,
@@ -58,6 +72,7 @@ def _figure(z: np.ndarray, x: list[str], y: list[str], text: list[list[str]], ho
     figure.update_layout(height=160 + 48 * len(y), margin={"l": 10, "r": 10, "t": 30, "b": 10},
                          xaxis={"side": "top", "tickangle": -45}, yaxis={"autorange": "reversed"},
                          plot_bgcolor="#eeeeee")
+    figure.update_yaxes(tickmode="array", tickvals=y, ticktext=ticks or [ellipsize(label) for label in y])
     return figure
 
 
@@ -92,10 +107,10 @@ def iou_heatmap(table: IoUTable, class_images: dict[int, int], view: str = "flat
     labels = row_labels(table)
     y = [f"{labels[v]} · {table.labelled[v]} imgs" for v in order]
     figure = _figure(z, column_labels(class_images), y, text, hover,
+                     ticks=tree_labels(table) if view == "grouped" else None,
                      colorscale="Viridis", zmin=0, zmax=100, colorbar={"title": "IoU %"})
     if view == "grouped":
-        figure.update_yaxes(tickmode="array", tickvals=y, ticktext=tree_labels(table),
-                            tickfont={"family": "monospace"})
+        figure.update_yaxes(tickfont={"family": "monospace"})
     return figure
 
 
@@ -125,5 +140,6 @@ def gain_heatmap(table: IoUTable, gain: GainTable, class_images: dict[int, int])
         text.append(text_row)
         hover.append(hover_row)
     y = [f"{labels[r]} vs {labels[s]}" for r, s in zip(gain.rows, gain.sources)]
-    return _figure(z, column_labels(class_images), y, text, hover, colorscale="RdBu", zmid=0,
+    ticks = [ellipsize(labels[r]) for r in gain.rows]  # the refined variant: its last step is the refinement
+    return _figure(z, column_labels(class_images), y, text, hover, ticks=ticks, colorscale="RdBu", zmid=0,
                    zmin=-limit, zmax=limit, colorbar={"title": "IoU gain, points"})

@@ -16,6 +16,7 @@ from cache.db import connect
 from cache.labelmaps import write_label_map
 from engine import registry
 from engine.jobs import Step, chain_variants, dataset_id_for
+from pages.charts import ellipsize
 from tests.conftest import REPO, TINY_CAM
 
 # The baseline cache's variant names: the tiny CAM settings differ from the defaults, so its name
@@ -191,7 +192,7 @@ def test_grouped_view_puts_the_refinement_under_its_source(app_env):
     assert [y.split(" · ")[0] for y in heat.y] == BASELINE_NAMES  # full names: the hover titles
     assert list(layout.yaxis.tickvals) == list(heat.y)
     root, child = (t.replace("\u00a0", " ").rstrip() for t in layout.yaxis.ticktext)
-    assert root == f"{BASELINE_NAMES[0]} · 8 imgs" and child == "   └ dCRF · 8 imgs"
+    assert root == ellipsize(f"{BASELINE_NAMES[0]} · 8 imgs") and child == "   └ dCRF · 8 imgs"
 
 
 def test_gain_view_is_the_refinement_minus_its_source(app_env):
@@ -254,3 +255,8 @@ def test_queue_a_chain_from_the_heatmap_page_and_see_its_row(app_env, tmp_path, 
     assert [y.split(" · ")[0] for y in heat.y] == [BASELINE_NAMES[0], BASELINE_NAMES[1], name]
     assert [t.replace("\u00a0", " ").strip().split(" · ")[0] for t in layout.yaxis.ticktext][1:] == \
         ["└ dCRF", "└ dCRF (iters=5)"]
+
+
+def test_long_row_labels_are_shortened_in_the_middle():
+    assert ellipsize("abcdefghij", 5) == "ab…ij" and len(ellipsize("x" * 100)) == 60
+    assert ellipsize("CAM → dCRF") == "CAM → dCRF"

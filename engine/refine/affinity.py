@@ -69,8 +69,10 @@ NORMALISE = ("global", "per_class")
 
 @dataclass(frozen=True)
 class RandomWalkConfig:
-    """Settings of the AffinityNet random walk; names as in PSA/IRN. Defaults fit 2 CPU cores
-    (about 15 min on the bundled 1,861 train images: README); ``PAPER_PARAMS`` for paper scale."""
+    """Settings of the AffinityNet random walk; names as in PSA/IRN. Defaults fit 2 CPU cores:
+    about 32 min on the bundled 1,861 train images (3 min affinity labels, 15 min training, 15 min
+    walking; README), the walk alone when only read-out settings change. ``PAPER_PARAMS`` for
+    paper scale."""
 
     # Affinity labels (IRN cam_to_ir_label; isim Sec. 4.1.6 uses 0.3 and 0.1)
     conf_fg_thres: float = 0.30
@@ -97,7 +99,8 @@ class RandomWalkConfig:
     sem_seg_bg_thres: float = 0.25
     # "global": walked scores over their overall maximum (IRN); "per_class": each class over its
     # own maximum, as CAMs are normalised (``cam.normalise_cams``). Measured on 80 train images
-    # (AffinityNet trained on 480): global 32.0 mIoU at 0.25 (source CAM 36.4), per_class 41.2 at 0.45.
+    # (AffinityNet trained on 480): global 32.0 mIoU at 0.25 (source CAM 36.4), per_class 41.2 at 0.45;
+    # on the whole train split: global 22.6, per_class at 0.45 29.0 (CAM 23.2).
     normalise: str = "global"
     infer_max_side: int = 512  # images are walked at their size, shrunk to this long side if larger
     score_max_side: int = 128  # stored scores are downsampled so max(h, w) <= this

@@ -19,7 +19,8 @@ from cache import queries, reports
 from cache.db import connect, db_path, default_cache_dir
 from cache.schema import JobStatus
 from engine.dataset import default_voc_root
-from engine.jobs import cancel, dataset_id_for
+from engine import registry
+from engine.jobs import Step, cancel, dataset_id_for
 from engine.registry import Plugin
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
@@ -118,6 +119,19 @@ def jobs_panel() -> None:
         if job["kind"] == "label" and job["n_errors"]:
             with st.expander(f"job {job['id']}: {job['n_errors']} image(s) skipped for bad input"):
                 st.dataframe(read("image_errors", job["id"]), hide_index=True)
+
+
+def refinement_steps(key: str) -> list[Step]:
+    """An ordered pick of registered refinements (multiselect ``key``), each with a parameters
+    expander (``param_widgets``); returns the chosen ``Step``s with their non-default parameters."""
+    refinements = {p.name: p for p in registry.plugins("refine")}
+    chain = st.multiselect("Refinements (in this order)", list(refinements), key=key,
+                           format_func=lambda name: refinements[name].title)
+    steps = []
+    for name in chain:
+        with st.expander(f"{refinements[name].title} parameters"):
+            steps.append(Step(name, param_widgets(refinements[name], key)))
+    return steps
 
 
 def param_widgets(plugin: Plugin, key: str) -> dict[str, Any]:

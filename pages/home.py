@@ -12,7 +12,7 @@ from engine import registry
 from engine.dataset import DatasetError, default_voc_root
 from engine.jobs import DEFAULT_CHAIN, Step, submit_chain
 from engine.methods.imported import DEFAULT_BG_THRESHOLDS, FORMATS, KEY_CONVENTIONS, SCORE_KEYS, import_step
-from pages.common import cache_dir, cache_exists, jobs_panel, pick_dataset, read
+from pages.common import cache_dir, cache_exists, jobs_panel, pick_dataset, read, refinement_steps
 
 st.title("ISLE Workbench")
 st.caption("Weakly supervised segmentation: compare pseudo-label methods class by class, "
@@ -39,7 +39,6 @@ st.subheader("Queue work")
 st.write(f"On the **{SPLIT}** split of `{root}`. "
          "The background worker (`python -m engine worker`) picks the jobs up.")
 methods = {p.name: p.title for p in registry.plugins("method") if p.name != "import"}
-refinements = {p.name: p.title for p in registry.plugins("refine")}
 baseline_tab, method_tab, refine_tab, import_tab = st.tabs(
     ["Baseline", "Queue a method", "Refine a variant", "Import pseudo-labels"])
 
@@ -51,10 +50,9 @@ with baseline_tab:
 
 with method_tab:
     method = st.selectbox("Method", list(methods), format_func=methods.get, key="method")
-    chain = st.multiselect("Then refine with (in this order)", list(refinements), format_func=refinements.get,
-                           key="method_refinements")
+    then = refinement_steps("method_refinements")
     if st.button("Queue", key="queue_method"):
-        queue([Step(method), *(Step(name) for name in chain)])
+        queue([Step(method), *then])
 
 with refine_tab:
     variants = {v["id"]: v["name"] for v in read("variants", dataset["id"])} if dataset else {}
@@ -62,10 +60,9 @@ with refine_tab:
         st.caption("No variants yet: queue a method or import pseudo-labels first.")
     else:
         source = st.selectbox("Variant to refine", list(variants), format_func=variants.get, key="source_variant")
-        source_chain = st.multiselect("Refinements (in this order)", list(refinements),
-                                      format_func=refinements.get, key="source_refinements")
+        source_chain = refinement_steps("source_refinements")
         if st.button("Queue refinements", key="queue_refinement", disabled=not source_chain):
-            queue([Step(name) for name in source_chain], source)
+            queue(source_chain, source)
 
 with import_tab:
     st.write("Pseudo-labels made elsewhere, one file per image named `<image id>.png` (VOC palette or "

@@ -9,12 +9,11 @@ import streamlit as st
 
 from cache.reports import gain_table
 from cache.voc import VOC_CLASSES
-from engine import registry
 from engine.dataset import DatasetError
-from engine.jobs import Step, submit_chain
+from engine.jobs import submit_chain
 from pages.charts import column_labels, gain_heatmap, iou_heatmap, row_labels
-from pages.common import (cache_dir, cache_exists, has_active_jobs, jobs_panel, param_widgets, pick_dataset,
-                          pick_split, read, refresh)
+from pages.common import (cache_dir, cache_exists, has_active_jobs, jobs_panel, pick_dataset,
+                          pick_split, read, refinement_steps, refresh)
 
 VIEWS = {"flat": "flat", "grouped": "grouped by source", "gain": "gain vs source"}
 
@@ -65,19 +64,13 @@ heatmap_slot = st.container()
 
 st.subheader("Refine a variant")
 table = read("iou_table", dataset["id"], split)
-refinements = {p.name: p for p in registry.plugins("refine")}
 if not table.names:
     st.caption(f"No variant to refine on {split} yet.")
 else:
     sources = dict(zip(table.variant_ids, row_labels(table)))
     source = st.selectbox("Variant", list(sources), format_func=sources.get, key="iou_refine_source")
-    chain = st.multiselect("Refinements (in this order)", list(refinements), key="iou_refine_chain",
-                           format_func=lambda name: refinements[name].title)
-    steps = []
-    for name in chain:
-        with st.expander(f"{refinements[name].title} parameters"):
-            steps.append(Step(name, param_widgets(refinements[name], "iou_refine")))
-    if st.button("Queue", key="iou_queue_refine", disabled=not chain):
+    steps = refinement_steps("iou_refine_chain")
+    if st.button("Queue", key="iou_queue_refine", disabled=not steps):
         try:
             ids = submit_chain(cache_dir(), Path(dataset["root"]), split, steps, source)
         except (DatasetError, KeyError, ValueError) as exc:

@@ -229,7 +229,7 @@ def test_queue_a_chain_from_the_heatmap_page_and_see_its_row(app_env, tmp_path, 
         cam = next(v for v in queries.variants(con, dataset_id_for(app_env[1])) if v["name"] == BASELINE_NAMES[0])
     at.selectbox(key="iou_refine_source").set_value(cam["id"])
     at.multiselect(key="iou_refine_chain").set_value(["dcrf"]).run()
-    at.number_input(key="iou_refine.dcrf.iters").set_value(5).run()
+    at.number_input(key="iou_refine_chain.dcrf.iters").set_value(5).run()
     at.button(key="iou_queue_refine").click().run()
     assert not at.exception
     name = f"{BASELINE_NAMES[0]} → dCRF (iters=5)"
@@ -245,7 +245,7 @@ def test_queue_a_chain_from_the_heatmap_page_and_see_its_row(app_env, tmp_path, 
 
     at.button(key="iou_queue_refine").click().run()  # the same chain again: its job is reused
     assert at.toast[0].value == f"Queued jobs [{len(jobs)}]" and _jobs(cache_dir) == jobs
-    at.number_input(key="iou_refine.dcrf.iters").set_value(10).run()  # the defaults: CAM → dCRF, complete
+    at.number_input(key="iou_refine_chain.dcrf.iters").set_value(10).run()  # the defaults: CAM → dCRF, complete
     at.button(key="iou_queue_refine").click().run()
     assert at.toast[0].value.startswith("Nothing to do") and _jobs(cache_dir) == jobs
 

@@ -253,6 +253,16 @@ def to_item(record: ImageRecord) -> Item:
     )
 
 
+def label_image_file(image_id: str, image_path: Path, label: Callable[[np.ndarray], LabelResult]) -> LabelResult:
+    """``label(rgb)`` for the ``(H, W, 3) uint8`` image at ``image_path``, or ``LabelResult(error=...)``
+    naming the file when it cannot be read: one image of a per-image job."""
+    try:
+        rgb = read_image(image_path)
+    except ImageError as exc:
+        return LabelResult(image_id, error=str(exc))
+    return label(rgb)
+
+
 def label_each(items: Iterable[Item], label: Callable[[np.ndarray, Item], LabelResult]) -> Iterator[LabelResult]:
     """``label(rgb, item)`` for each item in order, ``rgb`` its ``(H, W, 3) uint8`` image.
 
@@ -260,9 +270,4 @@ def label_each(items: Iterable[Item], label: Callable[[np.ndarray, Item], LabelR
     others go on: what a method's labelling loop yields to the worker.
     """
     for item in items:
-        try:
-            rgb = read_image(item.image_path)
-        except ImageError as exc:
-            yield LabelResult(item.image_id, error=str(exc))
-            continue
-        yield label(rgb, item)
+        yield label_image_file(item.image_id, item.image_path, lambda rgb: label(rgb, item))

@@ -92,7 +92,7 @@ from sklearn.svm import SVC, LinearSVC
 
 from cache.voc import IGNORE_INDEX
 from engine.backbone import FeatureExtractor, load_feature_extractor, to_input
-from engine.dataset import read_image, read_mask
+from engine.dataset import label_image_file, read_image, read_mask
 from engine.methods.cam import cam_to_image_size, downsample_scores
 from engine.pool import run_jobs
 from engine.refine.dcrf import resize_channels
@@ -441,10 +441,10 @@ def _seed_job(job: _Job, cfg: SVMSeedConfig) -> LabelResult:
     """Sample labels from the source variant's confident regions (paper Fig. 5.a)."""
     if job.threads:
         torch.set_num_threads(job.threads)
-    try:
-        rgb = read_image(job.image_path)
-    except ImageError as exc:
-        return LabelResult(job.image_id, error=str(exc))
+    return label_image_file(job.image_id, job.image_path, lambda rgb: _expand_seed(rgb, job, cfg))
+
+
+def _expand_seed(rgb: np.ndarray, job: _Job, cfg: SVMSeedConfig) -> LabelResult:
     height, width = rgb.shape[:2]
     if job.scores is not None:
         scores = resize_channels(job.scores, height, width)

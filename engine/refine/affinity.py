@@ -53,7 +53,7 @@ from torch import nn
 from cache.voc import IGNORE_INDEX
 from engine.backbone import FeatureExtractor, freeze_batchnorm, load_feature_extractor, to_input
 from engine.checkpoints import chunked_labels, train_resumable
-from engine.dataset import read_image
+from engine.dataset import label_image_file, read_image
 from engine.methods.cam import augment_with_label, cam_to_image_size, cams_to_label, downsample_scores, poly_lr
 from engine.methods.isim import refine_pseudo_label
 from engine.pool import map_in_order, process_pool, run_jobs
@@ -362,27 +362,32 @@ class _LabelJob:
     label: np.ndarray | None  # (H, W) uint8 source label map when the source kept no scores
 
 
+def _shrunk_size(shape: tuple[int, ...], side: int) -> tuple[tuple[int, int], float]:
+    """``((width, height), scale)`` of an ``(H, W, ...)`` array with its long side cut to ``side``."""
+    height, width = shape[:2]
+    scale = min(1.0, side / max(height, width))
+    return (max(1, round(width * scale)), max(1, round(height * scale))), scale
+
+
 def _shrink_image(rgb: np.ndarray, side: int) -> tuple[np.ndarray, float]:
     """The image with its long side at most ``side`` (bilinear) and the scale applied."""
-    height, width = rgb.shape[:2]
-    scale = min(1.0, side / max(height, width))
+    size, scale = _shrunk_size(rgb.shape, side)
     if scale == 1.0:
         return rgb, 1.0
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR)), scale
 
 
 def _label_job(job: _LabelJob, cfg: RandomWalkConfig) -> LabelResult:
     """The affinity label of one image at ``cfg.label_side``, or an error result naming the file."""
     if job.scores is None:  # a label-only source is its own affinity label, at the label size
-        height, width = job.label.shape
-        scale = min(1.0, cfg.label_side / max(height, width))
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        size, _ = _shrunk_size(job.label.shape, cfg.label_side)
         return LabelResult(job.image_id, label=np.asarray(Image.fromarray(job.label).resize(size, Image.NEAREST)))
-    try:
-        rgb, scale = _shrink_image(read_image(job.image_path), cfg.label_side)
-    except ImageError as exc:
-        return LabelResult(job.image_id, error=str(exc))
+    return label_image_file(job.image_id, job.image_path, lambda rgb: _confident_label(rgb, job, cfg))
+
+
+def _confident_label(rgb: np.ndarray, job: _LabelJob, cfg: RandomWalkConfig) -> LabelResult:
+    """IRN's two thresholded, dCRF-refined maps of one image, combined (``affinity_label``)."""
+    rgb, scale = _shrink_image(rgb, cfg.label_side)
     if not job.classes:
         return LabelResult(job.image_id, label=np.zeros(rgb.shape[:2], np.uint8))
     cams = resize_channels(job.scores, *rgb.shape[:2])

@@ -25,7 +25,7 @@ from PIL import Image
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
 from cache.voc import IGNORE_INDEX
-from engine.dataset import read_image
+from engine.dataset import label_image_file
 from engine.registry import register
 from engine.pool import run_jobs
 from engine.types import ImageError, LabelResult, RunContext
@@ -194,10 +194,10 @@ class _Job:
 
 
 def _refine_job(job: _Job, cfg: DCRFConfig) -> LabelResult:
-    try:
-        rgb = read_image(job.image_path)
-    except ImageError as exc:
-        return LabelResult(job.image_id, error=str(exc))
+    return label_image_file(job.image_id, job.image_path, lambda rgb: _refine(rgb, job, cfg))
+
+
+def _refine(rgb: np.ndarray, job: _Job, cfg: DCRFConfig) -> LabelResult:
     height, width = rgb.shape[:2]
     if job.scores is not None:
         probs = scores_to_probs(resize_channels(job.scores, height, width), cfg.clip)

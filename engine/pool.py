@@ -34,19 +34,42 @@ def process_pool(processes: int) -> ProcessPoolExecutor:
                                initializer=_exit_with_parent, initargs=(os.getpid(),))
 
 
+class LazyPool:
+    """Per-image jobs over one or more ``map`` calls: in this process when ``processes <= 1``,
+    else on ``processes`` spawned workers started at the first job (so a run that finds all its
+    work stored starts none) and shut down on ``close`` / leaving the ``with`` block."""
+
+    def __init__(self, processes: int):
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+
+    def map(self, fn: Callable[..., LabelResult], jobs: Iterable[Any], *args: Any) -> Iterator[LabelResult]:
+        """``fn(job, *args)`` per job, in order (``map_in_order``, window ``2 * processes``);
+        ``LabelResult`` jobs pass through."""
+        if self.processes <= 1:
+            for job in jobs:
+                yield job if isinstance(job, LabelResult) else fn(job, *args)
+            return
+        if self._pool is None:
+            self._pool = process_pool(self.processes)
+        yield from map_in_order(self._pool, fn, jobs, 2 * self.processes, *args)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> LazyPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def run_jobs(fn: Callable[..., LabelResult], jobs: Iterable[Any], processes: int, *args: Any) -> Iterator[LabelResult]:
-    """``fn(job, *args)`` per job, in order: in this process when ``processes <= 1``, else on a
-    pool of ``processes`` spawned workers (``map_in_order``, window ``2 * processes``) that is shut
-    down when the generator ends or is closed. ``LabelResult`` jobs pass through."""
-    if processes <= 1:
-        for job in jobs:
-            yield job if isinstance(job, LabelResult) else fn(job, *args)
-        return
-    pool = process_pool(processes)
-    try:
-        yield from map_in_order(pool, fn, jobs, 2 * processes, *args)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    """``LazyPool(processes).map(fn, jobs, *args)``, the pool shut down when the generator ends or is closed."""
+    with LazyPool(processes) as pool:
+        yield from pool.map(fn, jobs, *args)
 
 
 def map_in_order(

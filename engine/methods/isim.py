@@ -105,7 +105,7 @@ from engine.methods.cam import (
     normalise_cams,
     poly_lr,
 )
-from engine.pool import map_in_order, process_pool
+from engine.pool import LazyPool
 from engine.refine.dcrf import IRN_LABEL_DCRF, DCRFConfig, dcrf_refine_labels, resize_channels, scaled_dcrf
 from engine.registry import config_to_params, register
 from engine.types import ImageError, Item, LabelResult, RunContext
@@ -499,21 +499,12 @@ def regenerate(net: DeepLabCAM, cfg: ISIMConfig, ctx: RunContext, model_dir: Pat
     done, len(items))``.
     """
     net.eval()
-    pool = process_pool(ctx.processes) if ctx.processes > 1 else None
-
-    def compute(chunk: Sequence[Item]) -> Iterator[LabelResult]:
-        jobs = (_prepare_job(net, item, cfg, ctx.device) for item in chunk)
-        if pool is not None:
-            return map_in_order(pool, _crf_job, jobs, 2 * ctx.processes, cfg.pseudo_threshold, ISIM_DCRF)
-        return (job if isinstance(job, LabelResult) else _crf_job(job, cfg.pseudo_threshold, ISIM_DCRF)
-                for job in jobs)
-
-    try:
-        return chunked_labels(ctx.items, PSEUDO_CHUNK, lambda index: _chunk_path(model_dir, round_, index),
-                              compute, lambda done, total: ctx.report(f"pseudo-labels round {round_}", done, total))
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+    with LazyPool(ctx.processes) as pool:
+        return chunked_labels(
+            ctx.items, PSEUDO_CHUNK, lambda index: _chunk_path(model_dir, round_, index),
+            lambda chunk: pool.map(_crf_job, (_prepare_job(net, item, cfg, ctx.device) for item in chunk),
+                                   cfg.pseudo_threshold, ISIM_DCRF),
+            lambda done, total: ctx.report(f"pseudo-labels round {round_}", done, total))
 
 
 # --------------------------------------------------------------------------------------------

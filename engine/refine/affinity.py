@@ -56,7 +56,7 @@ from engine.checkpoints import chunked_labels, train_resumable
 from engine.dataset import label_image_file, read_image
 from engine.methods.cam import augment_with_label, cam_to_image_size, cams_to_label, downsample_scores, poly_lr
 from engine.methods.isim import refine_pseudo_label
-from engine.pool import map_in_order, process_pool, run_jobs
+from engine.pool import LazyPool, run_jobs
 from engine.refine.dcrf import IRN_LABEL_DCRF, resize_channels, scaled_dcrf
 from engine.registry import config_to_params, register
 from engine.types import ImageError, Item, LabelResult, RunContext
@@ -429,20 +429,10 @@ def affinity_labels(cfg: RandomWalkConfig, ctx: RunContext, model_dir: Path) -> 
     """``{image_id: (h, w) uint8}`` affinity labels of ``ctx.items``, stored in chunks in ``model_dir``
     (a rerun reuses them). dCRF runs on ``ctx.processes`` processes. Reports ``("affinity labels",
     done, total)``; an image whose source or file is unreadable gets no label (no training pairs)."""
-    pool = process_pool(ctx.processes) if ctx.processes > 1 else None
-
-    def compute(chunk: Sequence[Item]) -> Iterator[LabelResult]:
-        jobs = (_make_label_job(ctx, item) for item in chunk)
-        if pool is not None:
-            return map_in_order(pool, _label_job, jobs, 2 * ctx.processes, cfg)
-        return (job if isinstance(job, LabelResult) else _label_job(job, cfg) for job in jobs)
-
-    try:
+    with LazyPool(ctx.processes) as pool:
         return chunked_labels(ctx.items, LABEL_CHUNK, lambda index: model_dir / f"affinity_labels_{index:04d}.npz",
-                              compute, lambda done, total: ctx.report("affinity labels", done, total))
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+                              lambda chunk: pool.map(_label_job, (_make_label_job(ctx, item) for item in chunk), cfg),
+                              lambda done, total: ctx.report("affinity labels", done, total))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ def connect(cache_dir: Path, *, read_only: bool = False, timeout: float = 60.0) 
     """A connection to the cache in ``cache_dir``, closed on exit.
 
     A writer creates the directory and the schema and runs inside one transaction (committed on
-    success, rolled back on error). Raises ``FileNotFoundError`` for a read-only connection to a
+    success, rolled back on error). The first reader in a process also opens a writer once, so a
+    cache made by an older schema version gets its new tables. Raises ``FileNotFoundError`` for a read-only connection to a
     cache that does not exist yet, and ``CacheBusy`` after ``timeout`` seconds of lock conflicts.
     """
     path = db_path(cache_dir)
@@ -57,6 +58,11 @@ def connect(cache_dir: Path, *, read_only: bool = False, timeout: float = 60.0) 
         raise FileNotFoundError(f"{path}: no cache yet (queue a job first)")
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
+    elif (path, path.stat().st_ino) not in _schema_ready:
+        # A reader of a cache written by older code first brings its schema up to date (new
+        # tables only), once per process: read-only connections cannot create tables.
+        with connect(cache_dir, timeout=timeout):
+            pass
     deadline = time.monotonic() + timeout
     delay = 0.01
     with _process_lock:

@@ -1,14 +1,15 @@
 """Every SQL string of the workbench, one function per question.
 
-Functions take an open connection from ``cache.db.connect``; writers are called only by the
-engine (the app writes nothing but job requests and cancel flags).
+Functions take an open connection from ``cache.db.connect``; label maps, counts and job states
+are written only by the engine. The app writes job requests, cancel flags and saved ISLE
+assignments, each in one short transaction.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
@@ -113,6 +114,14 @@ def variants(con: Con, dataset_id: str) -> list[dict[str, Any]]:
     ))
 
 
+def variant_split(con: Con, variant_id: str) -> str | None:
+    """The split of the variant's latest label job (None if it never had one)."""
+    row = con.execute(
+        "SELECT split FROM jobs WHERE kind = 'label' AND variant_id = ? ORDER BY id DESC LIMIT 1", [variant_id]
+    ).fetchone()
+    return row[0] if row else None
+
+
 def label_map_rows(con: Con, variant_id: str) -> dict[str, tuple[str, str | None]]:
     """``{image_id: (label path, scores path or None)}``, paths relative to the cache dir."""
     rows = con.execute(
@@ -128,6 +137,7 @@ class ResultRows:
     label_maps: list[tuple[str, str, str | None]]  # (image_id, path, scores_path)
     counts: list[tuple[str, int, int, int, int]]  # (image_id, class_id, tp, fp, fn)
     errors: list[tuple[str, str]]  # (image_id, message)
+    conflicts: list[tuple[str, int, int, int]] = field(default_factory=list)  # (image_id, winner, loser, pixels)
 
 
 def record_results(con: Con, job_id: int, variant_id: str, rows: ResultRows) -> None:
@@ -135,7 +145,8 @@ def record_results(con: Con, job_id: int, variant_id: str, rows: ResultRows) -> 
     if rows.label_maps:
         ids = [r[0] for r in rows.label_maps]
         # A re-run image replaces its old rows (a crash may have left a PNG but no row).
-        con.execute("DELETE FROM counts WHERE variant_id = ? AND image_id IN (SELECT unnest(?))", [variant_id, ids])
+        for table in ("counts", "conflicts"):
+            con.execute(f"DELETE FROM {table} WHERE variant_id = ? AND image_id IN (SELECT unnest(?))", [variant_id, ids])
         con.executemany(
             "INSERT OR REPLACE INTO label_maps VALUES (?, ?, ?, ?, ?)",
             [(variant_id, image_id, path, scores, now) for image_id, path, scores in rows.label_maps],
@@ -144,6 +155,11 @@ def record_results(con: Con, job_id: int, variant_id: str, rows: ResultRows) -> 
         con.executemany(
             "INSERT INTO counts VALUES (?, ?, ?, ?, ?, ?)",
             [(variant_id, *r) for r in rows.counts],
+        )
+    if rows.conflicts:
+        con.executemany(
+            "INSERT INTO conflicts VALUES (?, ?, ?, ?, ?)",
+            [(variant_id, *r) for r in rows.conflicts],
         )
     if rows.errors:
         con.executemany(
@@ -161,10 +177,19 @@ def image_errors(con: Con, job_id: int) -> list[dict[str, Any]]:
 # --- per-class IoU -------------------------------------------------------------------------
 
 
-def class_counts(con: Con, dataset_id: str, split: str) -> list[dict[str, Any]]:
-    """Per variant and class, over the split's images the variant has labelled: summed TP, FP,
-    FN, the number of images whose ground truth holds the class, and IoU = TP / (TP + FP + FN)
-    (NULL when no image of the split holds the class). One aggregation; no label map decoded."""
+def _subset(image_ids: Sequence[str] | None, column: str = "i.image_id") -> tuple[str, list]:
+    """An SQL condition restricting ``column`` to ``image_ids`` (None: no restriction)."""
+    if image_ids is None:
+        return "TRUE", []
+    return f"{column} IN (SELECT unnest(?::VARCHAR[]))", [list(image_ids)]
+
+
+def class_counts(con: Con, dataset_id: str, split: str, image_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Per variant and class, over the split's images the variant has labelled (only those in
+    ``image_ids`` when given): summed TP, FP, FN, the number of images whose ground truth holds the
+    class, and IoU = TP / (TP + FP + FN) (NULL when no such image holds the class). One
+    aggregation; no label map decoded."""
+    where, args = _subset(image_ids)
     return _dicts(con.execute(
         """SELECT c.variant_id, c.class_id::INTEGER AS class_id,
                   sum(c.tp) AS tp, sum(c.fp) AS fp, sum(c.fn) AS fn,
@@ -175,22 +200,73 @@ def class_counts(con: Con, dataset_id: str, split: str) -> list[dict[str, Any]]:
            JOIN images i ON i.image_id = c.image_id AND i.dataset_id = ? AND i.split = ?
                         AND i.problem IS NULL
            JOIN variants v ON v.id = c.variant_id AND v.dataset_id = i.dataset_id
+           WHERE {where}
            GROUP BY c.variant_id, c.class_id
-           ORDER BY c.variant_id, c.class_id""",
+           ORDER BY c.variant_id, c.class_id""".format(where=where),
+        [dataset_id, split, *args],
+    ))
+
+
+def labelled_in_split(con: Con, dataset_id: str, split: str, image_ids: Sequence[str] | None = None) -> dict[str, int]:
+    """``{variant_id: number of the split's usable images (in image_ids) with a label map}``."""
+    where, args = _subset(image_ids)
+    rows = con.execute(
+        f"""SELECT m.variant_id, count(*) FROM label_maps m
+           JOIN images i ON i.image_id = m.image_id AND i.dataset_id = ? AND i.split = ?
+                        AND i.problem IS NULL
+           WHERE {where}
+           GROUP BY m.variant_id""",
+        [dataset_id, split, *args],
+    ).fetchall()
+    return dict(rows)
+
+
+def conflict_totals(con: Con, variant_id: str, image_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Per (winner, loser) class pair of an ensemble variant: pixels and images, most pixels first."""
+    where, args = _subset(image_ids, "image_id")
+    return _dicts(con.execute(
+        f"""SELECT winner::INTEGER AS winner, loser::INTEGER AS loser, sum(pixels) AS pixels,
+                   count(*) AS n_images
+            FROM conflicts WHERE variant_id = ? AND {where}
+            GROUP BY ALL ORDER BY pixels DESC, winner, loser""",
+        [variant_id, *args],
+    ))
+
+
+# --- ISLE assignments ----------------------------------------------------------------------
+
+
+def save_assignment(con: Con, row: dict[str, Any]) -> int:
+    """Add a version of a named assignment (see ``assignments`` in schema.py); returns its id."""
+    return con.execute(
+        """INSERT INTO assignments (dataset_id, split, name, candidates, selection, rule, choice, auto,
+                                    note, created_at)
+           VALUES ($dataset_id, $split, $name, $candidates, $selection, $rule, $choice, $auto, $note,
+                   $created_at) RETURNING id""",
+        {**row, "created_at": row.get("created_at") or time.time(), "note": row.get("note")},
+    ).fetchone()[0]
+
+
+def get_assignment(con: Con, assignment_id: int) -> dict[str, Any] | None:
+    rows = _dicts(con.execute("SELECT * FROM assignments WHERE id = ?", [assignment_id]))
+    return rows[0] if rows else None
+
+
+def assignment_names(con: Con, dataset_id: str, split: str) -> list[dict[str, Any]]:
+    """Each saved name with its latest version's id and its number of versions, newest first."""
+    return _dicts(con.execute(
+        """SELECT name, max(id) AS latest_id, count(*) AS versions, max(created_at) AS saved_at
+           FROM assignments WHERE dataset_id = ? AND split = ? GROUP BY name ORDER BY latest_id DESC""",
         [dataset_id, split],
     ))
 
 
-def labelled_in_split(con: Con, dataset_id: str, split: str) -> dict[str, int]:
-    """``{variant_id: number of the split's usable images with a label map}``."""
-    rows = con.execute(
-        """SELECT m.variant_id, count(*) FROM label_maps m
-           JOIN images i ON i.image_id = m.image_id AND i.dataset_id = ? AND i.split = ?
-                        AND i.problem IS NULL
-           GROUP BY m.variant_id""",
-        [dataset_id, split],
-    ).fetchall()
-    return dict(rows)
+def assignment_history(con: Con, dataset_id: str, split: str, name: str) -> list[dict[str, Any]]:
+    """Every version of a named assignment, oldest first."""
+    return _dicts(con.execute(
+        "SELECT * FROM assignments WHERE dataset_id = ? AND split = ? AND name = ? ORDER BY id",
+        [dataset_id, split, name],
+    ))
 
 
 # --- jobs ----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,14 +36,15 @@ class IoUTable:
     miou: np.ndarray
 
 
-def iou_table(con: Con, dataset_id: str, split: str) -> IoUTable:
-    """Every variant of ``dataset_id`` with at least one label map on ``split``."""
-    labelled = queries.labelled_in_split(con, dataset_id, split)
+def iou_table(con: Con, dataset_id: str, split: str, image_ids: Sequence[str] | None = None) -> IoUTable:
+    """Every variant of ``dataset_id`` with at least one label map on ``split``; counts summed
+    over ``image_ids`` only when given (a selection or report subset)."""
+    labelled = queries.labelled_in_split(con, dataset_id, split, image_ids)
     variants = [v for v in queries.variants(con, dataset_id) if labelled.get(v["id"], 0) > 0]
     index = {v["id"]: row for row, v in enumerate(variants)}
     shape = (len(variants), NUM_CLASSES)
     tp, fp, fn, n_images = (np.zeros(shape, np.int64) for _ in range(4))
-    for r in queries.class_counts(con, dataset_id, split):
+    for r in queries.class_counts(con, dataset_id, split, image_ids):
         if r["variant_id"] in index:
             at = (index[r["variant_id"]], r["class_id"])
             tp[at], fp[at], fn[at], n_images[at] = r["tp"], r["fp"], r["fn"], r["n_images"]

@@ -10,7 +10,7 @@ from enum import Enum
 
 import duckdb
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: conflicts, assignments
 
 STATEMENTS = (
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
@@ -42,6 +42,22 @@ STATEMENTS = (
         variant_id VARCHAR NOT NULL, image_id VARCHAR NOT NULL, class_id UTINYINT NOT NULL,
         tp BIGINT NOT NULL, fp BIGINT NOT NULL, fn BIGINT NOT NULL,
         PRIMARY KEY (variant_id, image_id, class_id))""",
+    # Pixels of one image where an ensemble (ISLE merge) had two chosen classes claim the same
+    # pixel: winner took them from loser. winner 0 = loser's class is absent from the image's
+    # labels and was dropped to background. Only non-zero rows are stored.
+    """CREATE TABLE IF NOT EXISTS conflicts (
+        variant_id VARCHAR NOT NULL, image_id VARCHAR NOT NULL, winner UTINYINT NOT NULL,
+        loser UTINYINT NOT NULL, pixels BIGINT NOT NULL,
+        PRIMARY KEY (variant_id, image_id, winner, loser))""",
+    "CREATE SEQUENCE IF NOT EXISTS assignment_ids START 1",
+    # A saved ISLE class-to-variant assignment. Saving under an existing name adds a row, so the
+    # rows of one (dataset, split, name) are its history, oldest first. choice / auto: JSON
+    # {"<class id>": variant id}; candidates: JSON [variant id]; selection: JSON Subset fields.
+    """CREATE TABLE IF NOT EXISTS assignments (
+        id BIGINT PRIMARY KEY DEFAULT nextval('assignment_ids'), dataset_id VARCHAR NOT NULL,
+        split VARCHAR NOT NULL, name VARCHAR NOT NULL, candidates VARCHAR NOT NULL,
+        selection VARCHAR NOT NULL, rule VARCHAR NOT NULL, choice VARCHAR NOT NULL,
+        auto VARCHAR NOT NULL, note VARCHAR, created_at DOUBLE NOT NULL)""",
     "CREATE SEQUENCE IF NOT EXISTS job_ids START 1",
     # kind 'scan' registers a dataset; kind 'label' makes a variant's label maps for a split.
     """CREATE TABLE IF NOT EXISTS jobs (

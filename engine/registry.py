@@ -26,6 +26,7 @@ class Plugin:
     config: type
     run: RunFn
     title: str  # how the heatmap names it, e.g. "CAM", "dCRF"
+    oracle: bool = False  # reads the ground truth: an upper bound, never a default ISLE candidate
 
     def make_config(self, params: dict[str, Any] | None = None) -> Any:
         """Build the config from a JSON-able dict; unknown keys raise ``ValueError``."""
@@ -43,11 +44,11 @@ class Plugin:
 _REGISTRY: dict[str, Plugin] = {}
 
 
-def register(name: str, *, kind: Kind, config: type, title: str) -> Callable[[RunFn], RunFn]:
+def register(name: str, *, kind: Kind, config: type, title: str, oracle: bool = False) -> Callable[[RunFn], RunFn]:
     def decorate(run: RunFn) -> RunFn:
         if name in _REGISTRY:
             raise ValueError(f"plugin {name!r} registered twice")
-        _REGISTRY[name] = Plugin(name, kind, config, run, title)
+        _REGISTRY[name] = Plugin(name, kind, config, run, title, oracle)
         return run
 
     return decorate

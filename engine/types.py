@@ -52,6 +52,8 @@ class LabelResult:
         from (any resolution; stored as float16). Channel k belongs to class ``score_classes[k]``;
         class 0 is the background score.
     error: set instead of ``label`` when the image could not be processed (bad input).
+    conflicts: ``(21, 21) int64`` for a merge (ISLE): pixels class w won from class l at
+        ``[w, l]``; row 0 counts pixels of classes absent from the image's labels (dropped).
     """
 
     image_id: str
@@ -59,6 +61,7 @@ class LabelResult:
     scores: np.ndarray | None = None
     score_classes: tuple[int, ...] = ()
     error: str | None = None
+    conflicts: np.ndarray | None = None
 
 
 class SourceVariant:
@@ -72,6 +75,11 @@ class SourceVariant:
         self.variant_id = variant_id
         self._label_path = label_path
         self._scores_path = scores_path
+
+    def files(self, image_id: str) -> tuple[Path, Path | None]:
+        """``(label map path, scores path or None)`` of ``image_id``; raises ``ImageError`` when
+        the variant has no label map for it."""
+        return self._label_path(image_id), self._scores_path(image_id)
 
     def label(self, image_id: str) -> np.ndarray:
         """``(H, W) uint8`` label map of the source variant for ``image_id``."""
@@ -123,6 +131,8 @@ class RunContext:
     report: ``report(stage, done, total)`` records progress and a heartbeat; raises ``Cancelled``.
     source: the input variant, for refinements (None for methods).
     processes: how many worker processes CPU-bound per-image steps may use.
+    variants: ``variants(variant_id)`` opens any variant of the cache (an ensemble reads its
+        candidates); raises ``KeyError`` for an unknown id.
     """
 
     items: Sequence[Item]
@@ -133,6 +143,7 @@ class RunContext:
     source: SourceVariant | None = None
     processes: int = 2
     models: Path | None = None
+    variants: Callable[[str], SourceVariant] | None = None
 
     def model_dir(self, family: str, params: dict[str, Any]) -> Path:
         """The directory of the model of ``family`` trained with ``params`` (created).

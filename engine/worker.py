@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cache import queries
 from cache.db import connect
 from cache.labelmaps import write_label_map, write_scores
@@ -163,11 +165,26 @@ def _record(run: _JobRun, result: LabelResult, item: Item, labels_dir: Path, var
             for class_id, (tp, fp, fn) in enumerate(counts.tolist()):
                 if tp or fp or fn:
                     run.pending.counts.append((item.image_id, class_id, tp, fp, fn))
+        if result.conflicts is not None:
+            winners, losers = np.nonzero(result.conflicts)
+            run.pending.conflicts.extend((item.image_id, int(w), int(l), int(result.conflicts[w, l]))
+                                         for w, l in zip(winners, losers))
         run.pending.label_maps.append((item.image_id, str(path), str(scores_path) if scores_path else None))
     except (ImageError, ValueError) as exc:
         run.n_errors += 1
         run.pending.errors.append((item.image_id, str(exc)))
         log.warning("job %s: %s", run.job["id"], exc)
+
+
+def _variant_reader(cache_dir: Path, variant_id: str, rows: dict[str, tuple[str, str | None]]) -> SourceVariant:
+    """Read access to a variant's files from its ``label_map_rows``."""
+    def file(image_id: str, column: int) -> Path | None:
+        if image_id not in rows:
+            raise ImageError(f"variant {variant_id} has no label map for image {image_id}")
+        value = rows[image_id][column]
+        return cache_dir / value if value else None
+
+    return SourceVariant(lambda i: file(i, 0), lambda i: file(i, 1), variant_id)
 
 
 def _run_label(run: _JobRun, dataset: dict[str, Any]) -> None:
@@ -186,18 +203,17 @@ def _run_label(run: _JobRun, dataset: dict[str, Any]) -> None:
     by_id = {it.image_id: it for it in items}
     todo = [it for it in items if it.image_id not in finished]
 
-    source = None
-    if source_rows is not None:
-        def source_file(image_id: str, column: int) -> Path | None:
-            if image_id not in source_rows:
-                raise ImageError(f"source variant {variant['source_id']} has no label map for image {image_id}")
-            value = source_rows[image_id][column]
-            return cache_dir / value if value else None
+    source = _variant_reader(cache_dir, variant["source_id"], source_rows) if source_rows is not None else None
 
-        source = SourceVariant(lambda i: source_file(i, 0), lambda i: source_file(i, 1), variant["source_id"])
+    def open_variant(variant_id: str) -> SourceVariant:
+        with connect(cache_dir, read_only=True) as con:
+            if queries.get_variant(con, variant_id) is None:
+                raise KeyError(f"no variant {variant_id!r} in the cache")
+            return _variant_reader(cache_dir, variant_id, queries.label_map_rows(con, variant_id))
 
     ctx = RunContext(items=items, todo=todo, workdir=cache_dir / "work" / variant["id"], device=_device(),
-                     report=run.report, source=source, processes=run.cfg.processes, models=cache_dir / "models")
+                     report=run.report, source=source, processes=run.cfg.processes, models=cache_dir / "models",
+                     variants=open_variant)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     labels_dir = Path("labels") / variant["id"]
     done = len(items) - len(todo)

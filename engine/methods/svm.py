@@ -472,7 +472,7 @@ def _seed_source(ctx: RunContext, item: Item, threads: int) -> _Job | LabelResul
                 source_file=f"source label map of {item.image_id}", threads=threads)
 
 
-@register("svm-oracle", kind="method", config=SVMConfig, title="SVM (oracle, ground truth)")
+@register("svm-oracle", kind="method", config=SVMConfig, title="SVM (oracle, ground truth)", oracle=True)
 def run_oracle(cfg: SVMConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """USES GROUND TRUTH: per-image SVM trained on pixels labelled by ``item.mask_path`` (Fig. 5.b).
 

@@ -1,0 +1,299 @@
+"""ISLE assignments over the cache: candidates, Algorithm 2 with user overrides, the predicted
+figures, saved versions, and the chain steps of the exact and naive merges.
+
+The numerics are ``engine.ensemble``; this module reads the per-class counts of the candidates
+over the selection and report subsets (one SQL aggregation each, no label map decoded) and turns
+an assignment into what the page and the command line show and queue.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from cache import queries, reports
+from cache.reports import IoUTable
+from cache.voc import NUM_CLASSES, VOC_CLASSES
+from engine import registry
+from engine.ensemble import (OVERLAP_RULES, AutoAssignment, Subset, auto_assignment, iou_of,
+                             precision_priority, predicted_counts)
+from engine.jobs import Step, chain_variants
+
+ENSEMBLE_METHODS = ("isle", "isle-naive")
+OBJECT_CLASSES = tuple(range(1, NUM_CLASSES))
+
+
+def complete_variants(con: queries.Con, dataset_id: str, split: str) -> list[dict[str, Any]]:
+    """Variants with a label map for every usable image of the split, each with ``default``:
+    True unless it reads the ground truth (an oracle) or is itself an ensemble."""
+    usable = len(queries.usable_images(con, dataset_id, split))
+    labelled = queries.labelled_in_split(con, dataset_id, split)
+    out = []
+    for v in queries.variants(con, dataset_id):
+        if usable and labelled.get(v["id"], 0) >= usable:
+            first = json.loads(v["steps"])[0]["name"]
+            oracle = any(registry.get(s["name"]).oracle for s in json.loads(v["steps"]))
+            out.append({**v, "default": not oracle and first not in ENSEMBLE_METHODS})
+    return out
+
+
+def _rows(table: IoUTable, variant_ids: Sequence[str]) -> np.ndarray:
+    index = {v: i for i, v in enumerate(table.variant_ids)}
+    missing = [v for v in variant_ids if v not in index]
+    if missing:
+        raise KeyError(f"variant(s) {missing} have no label map on these images")
+    return np.array([index[v] for v in variant_ids], np.int64)
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Per-class IoU of one label set over one subset: ``iou (21,)`` in [0, 1] (NaN: no image),
+    ``miou``, and ``counts (21, 3)`` TP, FP, FN."""
+
+    counts: np.ndarray
+    iou: np.ndarray
+    miou: float
+
+
+def _figures(counts: np.ndarray, has_images: np.ndarray) -> Figures:
+    iou, miou = iou_of(counts, has_images)
+    return Figures(counts=counts, iou=iou, miou=miou)
+
+
+def table_figures(table: IoUTable, variant_id: str) -> Figures | None:
+    """A variant's figures from an ``IoUTable`` row, None when it is not in the table."""
+    if variant_id not in table.variant_ids:
+        return None
+    row = table.variant_ids.index(variant_id)
+    counts = np.stack([table.tp[row], table.fp[row], table.fn[row]], axis=1)
+    return _figures(counts, table.n_images[row] > 0)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One ISLE assignment with everything shown about it.
+
+    candidates / names: the V candidate variant ids and names. selection / report: their
+    ``IoUTable`` over the selection and report image subsets (report None when every image
+    selects). auto: Algorithm 2 on the selection subset. choice: ``(21,)`` candidate row per class
+    after the overrides (``choice[0] = -1``). overridden: class ids whose choice differs from auto.
+    priority: class ids by the chosen variants' precision (overlap rule "precision" and ties).
+    predicted: the ensemble's predicted figures per subset ("selection", "report").
+    """
+
+    dataset_id: str
+    split: str
+    candidates: list[str]
+    names: list[str]
+    subset: Subset
+    rule: str
+    selection_ids: list[str]
+    report_ids: list[str]
+    selection: IoUTable
+    report: IoUTable | None
+    auto: AutoAssignment
+    choice: np.ndarray
+    overridden: tuple[int, ...]
+    priority: tuple[int, ...]
+    predicted: dict[str, Figures]
+
+    def chosen(self, class_id: int) -> str:
+        """The variant id chosen for an object class."""
+        return self.candidates[self.choice[class_id]]
+
+    def best_single(self, subset: str = "selection") -> int:
+        """The candidate row with the best mIoU on ``subset``."""
+        table = self.selection if subset == "selection" else self.report
+        miou = table.miou[_rows(table, self.candidates)]
+        return int(np.nanargmax(np.nan_to_num(miou, nan=-1.0)))
+
+    def choice_dict(self, choice: np.ndarray | None = None) -> dict[str, str]:
+        """``{"<class id>": variant id}`` of ``choice`` (default: the current one), for JSON."""
+        choice = self.choice if choice is None else choice
+        return {str(c): self.candidates[choice[c]] for c in OBJECT_CLASSES}
+
+
+def build_plan(con: queries.Con, dataset_id: str, split: str, candidates: Sequence[str],
+               subset: Subset = Subset(), overrides: Mapping[int, str] | None = None,
+               rule: str = "score") -> Plan:
+    """Algorithm 2 over ``candidates`` on the selection subset, then ``overrides`` ``{class id:
+    variant id}``, and the predicted figures. Raises ``ValueError`` for no candidate, an unknown
+    rule, or an override naming a non-candidate; ``KeyError`` for a candidate without label maps
+    on the subset."""
+    candidates = list(dict.fromkeys(candidates))
+    if not candidates:
+        raise ValueError("ISLE needs at least one candidate variant")
+    if rule not in OVERLAP_RULES:
+        raise ValueError(f"overlap rule must be one of {OVERLAP_RULES}, got {rule!r}")
+    image_ids = [r["image_id"] for r in queries.usable_images(con, dataset_id, split)]
+    selection_ids, report_ids = subset.split(image_ids)
+    if not selection_ids:
+        raise ValueError(f"the selection subset of {split} is empty (fraction {subset.fraction}, seed {subset.seed})")
+    selection = reports.iou_table(con, dataset_id, split, selection_ids)
+    report = reports.iou_table(con, dataset_id, split, report_ids) if report_ids else None
+    rows = _rows(selection, candidates)
+    auto = auto_assignment(selection.iou[rows], selection.miou[rows], candidates)
+    choice = auto.choice.copy()
+    for class_id, variant_id in (overrides or {}).items():
+        if variant_id not in candidates:
+            raise ValueError(f"override for {VOC_CLASSES[int(class_id)]}: {variant_id!r} is not a candidate")
+        choice[int(class_id)] = candidates.index(variant_id)
+    priority = precision_priority(selection.tp[rows], selection.fp[rows], choice)
+    predicted = {}
+    for name, table in (("selection", selection), ("report", report)):
+        if table is not None:
+            r = _rows(table, candidates)
+            counts = predicted_counts(table.tp[r], table.fp[r], table.fn[r], choice)
+            predicted[name] = _figures(counts, table.n_images[r].max(axis=0) > 0)
+    names = [selection.names[r] for r in rows]
+    return Plan(dataset_id=dataset_id, split=split, candidates=candidates, names=names, subset=subset,
+                rule=rule, selection_ids=selection_ids, report_ids=report_ids, selection=selection,
+                report=report, auto=auto, choice=choice,
+                overridden=tuple(int(c) for c in OBJECT_CLASSES if choice[c] != auto.choice[c]),
+                priority=priority, predicted=predicted)
+
+
+def merge_step(plan: Plan, name: str = "auto") -> Step:
+    """The chain step of the exact merge (``engine/methods/isle.py``) of ``plan``'s assignment;
+    its variant is named "ISLE (<name>)" (the name labels it; the assignment identifies it)."""
+    params = {"variants": [plan.chosen(c) for c in OBJECT_CLASSES], "rule": plan.rule,
+              "priority": list(plan.priority)}
+    return Step("isle", params, title=f"ISLE ({name})")
+
+
+def naive_step(plan: Plan) -> Step:
+    """The chain step of naive ISLE with ``plan``'s automatic choice: classes ranked by how many
+    selection images hold them, fallback the best single candidate."""
+    rows = _rows(plan.selection, plan.candidates)
+    images = plan.selection.n_images[rows].max(axis=0)
+    ranking = sorted(OBJECT_CLASSES, key=lambda c: (-images[c], c))
+    params = {"variants": [plan.candidates[plan.auto.choice[c]] for c in OBJECT_CLASSES],
+              "ranking": ranking, "fallback": plan.candidates[plan.best_single()]}
+    return Step("isle-naive", params, title="naive ISLE")
+
+
+def step_variant_id(dataset_id: str, step: Step) -> str:
+    """The id of the variant a merge step makes (its label maps exist once its job is done)."""
+    return chain_variants(dataset_id, [step])[0]["id"]
+
+
+def save(con: queries.Con, plan: Plan, name: str, note: str | None = None) -> int:
+    """Store ``plan``'s assignment as a new version of ``name``; returns the version's id."""
+    if not name.strip():
+        raise ValueError("an assignment needs a name")
+    return queries.save_assignment(con, {
+        "dataset_id": plan.dataset_id, "split": plan.split, "name": name.strip(),
+        "candidates": json.dumps(plan.candidates), "selection": json.dumps(asdict(plan.subset)),
+        "rule": plan.rule, "choice": json.dumps(plan.choice_dict()),
+        "auto": json.dumps(plan.choice_dict(plan.auto.choice)), "note": note,
+    })
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A stored assignment version, decoded: what ``build_plan`` needs to rebuild it."""
+
+    id: int
+    name: str
+    candidates: list[str]
+    subset: Subset
+    rule: str
+    choice: dict[int, str]
+    auto: dict[int, str]
+    note: str | None
+    created_at: float
+
+
+def decode(row: Mapping[str, Any]) -> Saved:
+    """An ``assignments`` row as ``Saved``."""
+    selection = json.loads(row["selection"])
+    return Saved(id=row["id"], name=row["name"], candidates=json.loads(row["candidates"]),
+                 subset=Subset(fraction=selection["fraction"], seed=selection["seed"],
+                               exclude=tuple(selection["exclude"])),
+                 rule=row["rule"], choice={int(c): v for c, v in json.loads(row["choice"]).items()},
+                 auto={int(c): v for c, v in json.loads(row["auto"]).items()}, note=row["note"],
+                 created_at=row["created_at"])
+
+
+def rebuild(con: queries.Con, dataset_id: str, split: str, saved: Saved) -> Plan:
+    """The plan of a saved version: its candidates, subset and rule, its choice as overrides of
+    today's Algorithm 2 (so the stored choice is restored exactly even if counts changed)."""
+    return build_plan(con, dataset_id, split, saved.candidates, saved.subset, saved.choice, saved.rule)
+
+
+def lost_pixels(conflicts: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """``(21,) int64`` pixels each class lost, from ``queries.conflict_totals`` rows (winner 0 =
+    dropped as absent from the image's labels)."""
+    lost = np.zeros(NUM_CLASSES, np.int64)
+    for r in conflicts:
+        lost[r["loser"]] += r["pixels"]
+    return lost
+
+
+def _pct(value: float) -> float | None:
+    return None if value is None or value != value else round(100 * float(value), 2)
+
+
+def summary(con: queries.Con, plan: Plan, merge_variant_id: str | None = None,
+            naive_variant_id: str | None = None) -> dict[str, Any]:
+    """Everything known about ``plan`` as JSON-able data (IoU in percent): the candidates, the
+    assignment per class with predicted and (when the merge ran on every image) exact IoU on each
+    subset, the conflicts per class pair, and the mIoU of the best single candidate, the predicted
+    and exact ensemble and naive ISLE. It is ``provenance.json`` of an export and what the command
+    line prints."""
+    subsets = {"selection": (plan.selection, plan.selection_ids)}
+    if plan.report is not None:
+        subsets["report"] = (plan.report, plan.report_ids)
+    exact: dict[str, Figures | None] = {}
+    naive: dict[str, Figures | None] = {}
+    for key, (table, ids) in subsets.items():
+        complete = dict(zip(table.variant_ids, table.labelled))
+        exact[key] = (table_figures(table, merge_variant_id)
+                      if merge_variant_id and complete.get(merge_variant_id, 0) >= len(ids) else None)
+        naive[key] = (table_figures(table, naive_variant_id)
+                      if naive_variant_id and complete.get(naive_variant_id, 0) >= len(ids) else None)
+    conflicts = queries.conflict_totals(con, merge_variant_id, plan.selection_ids) if merge_variant_id else []
+    lost = lost_pixels(conflicts)
+    classes = []
+    sel_rows = _rows(plan.selection, plan.candidates)
+    for c in OBJECT_CLASSES:
+        entry = {
+            "class_id": c, "class": VOC_CLASSES[c], "images": int(plan.selection.n_images[sel_rows, c].max()),
+            "variant": plan.chosen(c), "variant_name": plan.names[plan.choice[c]],
+            "auto_variant": plan.candidates[plan.auto.choice[c]], "overridden": c in plan.overridden,
+            "tied": [plan.candidates[r] for r in plan.auto.tied.get(c, ())],
+            "candidate_iou": {v: _pct(plan.selection.iou[r, c]) for v, r in zip(plan.candidates, sel_rows)},
+            "lost_pixels_selection": int(lost[c]),
+        }
+        for key in subsets:
+            entry[f"predicted_iou_{key}"] = _pct(plan.predicted[key].iou[c])
+            entry[f"exact_iou_{key}"] = _pct(exact[key].iou[c]) if exact[key] else None
+        classes.append(entry)
+    best = plan.best_single()
+    miou = {}
+    for key, (table, _) in subsets.items():
+        rows = _rows(table, plan.candidates)
+        miou[key] = {
+            "best_single": _pct(table.miou[rows][best]), "best_single_variant": plan.candidates[best],
+            "predicted": _pct(plan.predicted[key].miou),
+            "exact": _pct(exact[key].miou) if exact[key] else None,
+            "naive": _pct(naive[key].miou) if naive[key] else None,
+            "predicted_background_iou": _pct(plan.predicted[key].iou[0]),
+            "exact_background_iou": _pct(exact[key].iou[0]) if exact[key] else None,
+        }
+    return {
+        "dataset_id": plan.dataset_id, "split": plan.split, "rule": plan.rule,
+        "subset": {**asdict(plan.subset), "selection_images": len(plan.selection_ids),
+                   "report_images": len(plan.report_ids)},
+        "candidates": [{"id": v, "name": n, "miou_selection": _pct(plan.selection.miou[r])}
+                       for v, n, r in zip(plan.candidates, plan.names, sel_rows)],
+        "priority": list(plan.priority), "merge_variant": merge_variant_id, "naive_variant": naive_variant_id,
+        "classes": classes, "miou": miou,
+        "conflicts_selection": [{"winner": VOC_CLASSES[r["winner"]] if r["winner"] else "(absent from labels)",
+                                 "loser": VOC_CLASSES[r["loser"]], "pixels": int(r["pixels"]),
+                                 "images": int(r["n_images"])} for r in conflicts],
+    }

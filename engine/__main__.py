@@ -6,6 +6,10 @@
     python -m engine import ~/irn/result/cam --name "IRN CAM" --format npy --param import.bg_threshold=0.2
     python -m engine worker                  # the background worker the app relies on
     python -m engine status                  # jobs, and mIoU per variant
+    python -m engine isle --name auto --naive    # ISLE: Algorithm 2 on every complete variant,
+                                                 # exact merge + naive baseline, predicted vs exact
+    python -m engine isle --name mine --set cat=325fc03886c8 --fraction 0.5   # override, report subset
+    python -m engine export out/isle-auto --assignment auto   # VOCdevkit folder + provenance.json
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from cache import queries
 from cache.db import connect, default_cache_dir
 from cache.voc import VOC_CLASSES
 from engine.dataset import default_voc_root
+from engine import assignments
+from engine.ensemble import Subset
+from engine.export import IMAGE_MODES, ExportError, export_assignment, export_variant
 from engine.jobs import Step, cancel, dataset_id_for, submit_chain
 from engine.methods.imported import FORMATS, import_step
 from engine.worker import WorkerConfig, serve
@@ -83,7 +90,7 @@ def _print_status(cache_dir: Path, root: Path, split: str) -> None:
 
 
 def _queue_and_work(cache_dir: Path, root: Path, split: str, steps: list[Step], source: str | None,
-                    work: bool) -> None:
+                    work: bool, status: bool = True) -> None:
     """Queue ``steps``; with ``work``, run the jobs here until none is left (``run``, ``import``),
     then print the per-file errors of the queued jobs and the status."""
     ids = submit_chain(cache_dir, root, split, steps, source)
@@ -97,7 +104,86 @@ def _queue_and_work(cache_dir: Path, root: Path, split: str, steps: list[Step], 
         print(f"skipped {error['image_id']}: {error['message']}")
     if len(errors) > 20:
         print(f"... and {len(errors) - 20} more skipped image(s)")
-    _print_status(cache_dir, root, split)
+    if status:
+        _print_status(cache_dir, root, split)
+
+
+def _overrides(texts: list[str]) -> dict[int, str]:
+    """``--set CLASS=VARIANT`` (class name or id) as ``{class id: variant id}``."""
+    out = {}
+    for text in texts:
+        name, sep, variant = text.partition("=")
+        class_id = int(name) if name.isdigit() else VOC_CLASSES.index(name) if name in VOC_CLASSES else -1
+        if not sep or not 1 <= class_id < len(VOC_CLASSES):
+            raise SystemExit(f"--set {text!r}: expected CLASS=VARIANT_ID with CLASS an object class name or 1-20")
+        out[class_id] = variant
+    return out
+
+
+def _print_summary(s: dict) -> None:
+    keys = ["selection"] + (["report"] if s["subset"]["report_images"] else [])
+    print(f"\nISLE on {s['split']}: rule {s['rule']}, selection {s['subset']['selection_images']} images, "
+          f"report {s['subset']['report_images']} images (IoU in %)")
+    header = f"{'class':12} {'imgs':>5} {'chosen variant':40}" + "".join(
+        f" {'pred ' + k[:3]:>9} {'exact ' + k[:3]:>9}" for k in keys) + f" {'lost px':>8}"
+    print(header)
+    for c in s["classes"]:
+        mark = "*" if c["overridden"] else " "
+        cells = "".join(f" {_cell(c[f'predicted_iou_{k}'])} {_cell(c[f'exact_iou_{k}'])}" for k in keys)
+        print(f"{c['class']:12} {c['images']:>5} {mark}{c['variant_name'][:39]:39}{cells} {c['lost_pixels_selection']:>8}")
+    for k in keys:
+        m = s["miou"][k]
+        print(f"{k:9} mIoU: best single {_cell(m['best_single'])} | ISLE predicted {_cell(m['predicted'])} "
+              f"exact {_cell(m['exact'])} | naive {_cell(m['naive'])} | background predicted "
+              f"{_cell(m['predicted_background_iou'])} exact {_cell(m['exact_background_iou'])}")
+    for row in s["conflicts_selection"][:10]:
+        print(f"conflict: {row['winner']} won {row['pixels']} px from {row['loser']} in {row['images']} images")
+
+
+def _cell(value: float | None) -> str:
+    return f"{'-':>9}" if value is None else f"{value:9.2f}"
+
+
+def _isle(cache_dir: Path, root: Path, split: str, args: argparse.Namespace) -> None:
+    """Algorithm 2 (+ overrides), save the assignment, run the exact merge (and naive ISLE),
+    print predicted vs exact, export if asked."""
+    dataset_id = dataset_id_for(root)
+    subset = Subset(fraction=args.fraction, seed=args.seed)
+    with connect(cache_dir, read_only=True) as con:
+        candidates = args.candidates or [v["id"] for v in assignments.complete_variants(con, dataset_id, split) if v["default"]]
+        plan = assignments.build_plan(con, dataset_id, split, candidates, subset, _overrides(args.set), args.rule)
+    with connect(cache_dir) as con:
+        version = assignments.save(con, plan, args.name)
+    print(f"assignment {args.name!r} saved (version id {version}) over {len(candidates)} candidates")
+    steps = [assignments.merge_step(plan, args.name)] + ([assignments.naive_step(plan)] if args.naive else [])
+    for step in steps:
+        _queue_and_work(cache_dir, root, split, [step], None, work=True, status=False)
+    with connect(cache_dir, read_only=True) as con:
+        saved = assignments.decode(queries.get_assignment(con, version))
+        plan = assignments.rebuild(con, dataset_id, split, saved)
+        ids = [assignments.step_variant_id(dataset_id, step) for step in steps]
+        _print_summary(assignments.summary(con, plan, *ids))
+    if args.export:
+        done = export_assignment(cache_dir, dataset_id, split, saved, args.export, args.images)
+        print(f"exported {done.images} label maps to {done.dest}")
+
+
+def _export(cache_dir: Path, root: Path, args: argparse.Namespace) -> None:
+    try:
+        if args.variant:
+            done = export_variant(cache_dir, args.variant, args.dest, images=args.images)
+        else:
+            dataset_id = dataset_id_for(root)
+            with connect(cache_dir, read_only=True) as con:
+                history = queries.assignment_history(con, dataset_id, args.split, args.assignment)
+            if not history:
+                raise ExportError(f"no saved assignment {args.assignment!r} on {args.split}")
+            done = export_assignment(cache_dir, dataset_id, args.split, assignments.decode(history[-1]),
+                                     args.dest, args.images)
+    except ExportError as exc:
+        raise SystemExit(f"export: {exc}") from None
+    print(f"exported {done.images} label maps to {done.dest}"
+          + (f"; {len(done.missing)} image(s) without a label map left out" if done.missing else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,6 +212,23 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--stale-seconds", type=float, default=120.0)
     w.add_argument("--processes", type=int, default=2)
     w.add_argument("--flush-seconds", type=float, default=1.0, help="how often results are recorded")
+    e = sub.add_parser("isle", help="ISLE: assign each class its best variant, merge exactly, report")
+    e.add_argument("--candidates", nargs="+", default=None, metavar="VARIANT_ID",
+                   help="default: every variant complete on --split, oracles and ensembles excepted")
+    e.add_argument("--name", default="auto", help="save the assignment under this name (a new version)")
+    e.add_argument("--rule", choices=("score", "precision"), default="score", help="overlap rule")
+    e.add_argument("--fraction", type=float, default=1.0, help="share of images that select (rest: report)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the selection/report split")
+    e.add_argument("--set", action="append", default=[], metavar="CLASS=VARIANT_ID", help="override a class")
+    e.add_argument("--naive", action="store_true", help="also run naive ISLE (the paper's baseline)")
+    e.add_argument("--export", type=Path, default=None, metavar="DIR", help="then export the ensemble here")
+    e.add_argument("--images", choices=IMAGE_MODES, default="link", help="JPEGImages in the export")
+    x = sub.add_parser("export", help="write a variant or a saved ISLE assignment as a VOCdevkit folder")
+    x.add_argument("dest", type=Path)
+    what = x.add_mutually_exclusive_group(required=True)
+    what.add_argument("--variant", help="variant id")
+    what.add_argument("--assignment", help="name of a saved assignment (its latest version)")
+    x.add_argument("--images", choices=IMAGE_MODES, default="link", help="JPEGImages: symlinks, copies or none")
     sub.add_parser("status", help="jobs, and per-class IoU of every variant on --split")
     c = sub.add_parser("cancel", help="cancel jobs")
     c.add_argument("job_ids", nargs="+", type=int)
@@ -152,6 +255,13 @@ def main(argv: list[str] | None = None) -> None:
         cfg = WorkerConfig(cache_dir, until_idle=args.until_idle, stale_seconds=args.stale_seconds,
                            processes=args.processes, flush_seconds=args.flush_seconds)
         serve(cfg, _Bars() if args.progress else None)
+    elif args.command == "isle":
+        try:
+            _isle(cache_dir, root, args.split, args)
+        except (ExportError, KeyError, ValueError) as exc:
+            raise SystemExit(f"isle: {exc}") from None
+    elif args.command == "export":
+        _export(cache_dir, root, args)
     elif args.command == "status":
         _print_status(cache_dir, root, args.split)
     elif args.command == "cancel":

@@ -123,14 +123,16 @@ def _overrides(texts: list[str]) -> dict[int, str]:
 def _print_summary(s: dict) -> None:
     keys = ["selection"] + (["report"] if s["subset"]["report_images"] else [])
     print(f"\nISLE on {s['split']}: rule {s['rule']}, selection {s['subset']['selection_images']} images, "
-          f"report {s['subset']['report_images']} images (IoU in %)")
+          f"report {s['subset']['report_images']} images (IoU in %; * = overridden; lost px = pixels the "
+          f"class lost in overlaps, of which on its ground truth (TP) and elsewhere (FP))")
     header = f"{'class':12} {'imgs':>5} {'chosen variant':40}" + "".join(
-        f" {'pred ' + k[:3]:>9} {'exact ' + k[:3]:>9}" for k in keys) + f" {'lost px':>8}"
+        f" {'pred ' + k[:3]:>9} {'exact ' + k[:3]:>9}" for k in keys) + f" {'lost px':>8} {'of TP':>8} {'of FP':>8}"
     print(header)
     for c in s["classes"]:
         mark = "*" if c["overridden"] else " "
         cells = "".join(f" {_cell(c[f'predicted_iou_{k}'])} {_cell(c[f'exact_iou_{k}'])}" for k in keys)
-        print(f"{c['class']:12} {c['images']:>5} {mark}{c['variant_name'][:39]:39}{cells} {c['lost_pixels_selection']:>8}")
+        explained = f" {c.get('tp_lost_selection', '-'):>8} {c.get('fp_lost_selection', '-'):>8}"
+        print(f"{c['class']:12} {c['images']:>5} {mark}{c['variant_name'][:39]:39}{cells} {c['lost_pixels_selection']:>8}{explained}")
     for k in keys:
         m = s["miou"][k]
         print(f"{k:9} mIoU: best single {_cell(m['best_single'])} | ISLE predicted {_cell(m['predicted'])} "

@@ -269,6 +269,11 @@ def summary(con: queries.Con, plan: Plan, merge_variant_id: str | None = None,
             "candidate_iou": {v: _pct(plan.selection.iou[r, c]) for v, r in zip(plan.candidates, sel_rows)},
             "lost_pixels_selection": int(lost[c]),
         }
+        if exact["selection"] is not None:
+            # What the overlaps took: predicted minus exact TP and FP, at most lost_pixels (the
+            # rest of the lost pixels lie on ground-truth 255, which no count includes).
+            delta = plan.predicted["selection"].counts[c] - exact["selection"].counts[c]
+            entry["tp_lost_selection"], entry["fp_lost_selection"] = int(delta[0]), int(delta[1])
         for key in subsets:
             entry[f"predicted_iou_{key}"] = _pct(plan.predicted[key].iou[c])
             entry[f"exact_iou_{key}"] = _pct(exact[key].iou[c]) if exact[key] else None

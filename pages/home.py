@@ -9,6 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from engine import registry
+from engine.assignments import ENSEMBLE_METHODS
 from engine.dataset import DatasetError, default_voc_root
 from engine.jobs import DEFAULT_CHAIN, Step, submit_chain
 from engine.methods.imported import DEFAULT_BG_THRESHOLDS, FORMATS, KEY_CONVENTIONS, SCORE_KEYS, import_step
@@ -38,7 +39,8 @@ def queue(steps: list[Step], source_variant_id: str | None = None) -> None:
 st.subheader("Queue work")
 st.write(f"On the **{SPLIT}** split of `{root}`. "
          "The background worker (`python -m engine worker`) picks the jobs up.")
-methods = {p.name: p.title for p in registry.plugins("method") if p.name != "import"}
+# Imports and ISLE merges have pages of their own: they need a folder or an assignment.
+methods = {p.name: p.title for p in registry.plugins("method") if p.name not in ("import", *ENSEMBLE_METHODS)}
 baseline_tab, method_tab, refine_tab, import_tab = st.tabs(
     ["Baseline", "Queue a method", "Refine a variant", "Import pseudo-labels"])
 

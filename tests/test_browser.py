@@ -89,7 +89,7 @@ def test_heatmap_page_renders_in_chromium(served_app, browser, tmp_path):
     assert browser.current_url.endswith("/per-class-iou")
     links = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebarNav"] a')
     hrefs = [a.get_attribute("href").removeprefix(served_app) for a in links]
-    assert hrefs == ["/", "/per-class-iou"]  # app.py's router, not a listing of pages/
+    assert hrefs == ["/", "/per-class-iou", "/ensemble"]  # app.py's router, not a listing of pages/
     shot = tmp_path / "heatmap.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 20_000
@@ -102,3 +102,54 @@ def test_heatmap_page_renders_in_chromium(served_app, browser, tmp_path):
     gain_text = browser.find_element(By.CSS_SELECTOR, ".js-plotly-plot").text
     assert "→ dCRF" in gain_text and "mIoU" in gain_text
     assert any(sign in gain_text for sign in ("+", "−"))
+
+
+def test_ensemble_page_renders_and_an_override_updates_the_prediction(served_app, browser, baseline_cache):
+    from cache.db import connect
+    from engine import assignments
+    from engine.jobs import dataset_id_for
+
+    cache_dir, root = baseline_cache
+    dataset_id = dataset_id_for(root)
+    with connect(cache_dir, read_only=True) as con:
+        candidates = [v["id"] for v in assignments.complete_variants(con, dataset_id, "train") if v["default"]]
+        plan = assignments.build_plan(con, dataset_id, "train", candidates)
+        summary = assignments.summary(con, plan)
+    # A class with images on which the other candidate differs, and the prediction with it.
+    entry = next(e for e in summary["classes"] if e["images"] and len(set(e["candidate_iou"].values())) > 1)
+    other = next(v for v in plan.candidates if v != entry["variant"])
+    with connect(cache_dir, read_only=True) as con:
+        overridden = assignments.build_plan(con, dataset_id, "train", candidates, overrides={entry["class_id"]: other})
+
+    browser.get(served_app)
+    wait = WebDriverWait(browser, 90)
+    link = wait.until(EC.element_to_be_clickable((By.PARTIAL_LINK_TEXT, "ISLE ensemble")))
+    wait.until(lambda d: any("ISLE Workbench" in h.text for h in d.find_elements(By.TAG_NAME, "h1")))
+    link.click()
+    wait.until(lambda d: "ISLE predicted" in d.find_element(By.TAG_NAME, "body").text)
+    assert browser.current_url.endswith("/ensemble")
+
+    def predicted() -> str:
+        metrics = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]')
+        return next(m.find_element(By.CSS_SELECTOR, '[data-testid="stMetricValue"]').text
+                    for m in metrics if "ISLE predicted" in m.text)
+
+    assert predicted() == f"{summary['miou']['selection']['predicted']:.2f}"
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert all(f"{e['class']} ({e['images']})" in body for e in summary["classes"])
+    assert "Traceback" not in body and "overridden" not in body
+    labels = [label.get_attribute("textContent").strip()
+              for label in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSelectbox"] label')]
+    assert [x for x in labels if x.endswith(" variant")] == [f"{e['class']} variant" for e in summary["classes"]]
+
+    # Override the class in the browser: the predicted mIoU changes to the engine's figure.
+    select = browser.find_element(By.XPATH, f"//div[@data-testid='stSelectbox'][.//input[@aria-label="
+                                            f"'{entry['class']} variant']]")
+    select.find_element(By.CSS_SELECTOR, 'button[aria-haspopup="listbox"]').click()
+    option = wait.until(EC.element_to_be_clickable(
+        (By.XPATH, f"//*[@role='option'][normalize-space()='{plan.names[plan.candidates.index(other)]}']")))
+    expected = f"{100 * overridden.predicted['selection'].miou:.2f}"
+    assert expected != predicted()
+    option.click()
+    wait.until(lambda d: predicted() == expected)
+    assert "overridden" in browser.find_element(By.TAG_NAME, "body").text

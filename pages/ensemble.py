@@ -1,0 +1,370 @@
+"""ISLE ensemble: pick candidate variants, let Algorithm 2 choose the best one per object class,
+override any class, watch the predicted IoU, run the exact merge (Algorithm 3), save named
+assignments with history, compare with naive ISLE, and export the ensemble as a VOCdevkit folder.
+
+Ostrowski & Shafique, ISVC'23 (shared/papers/isle-class-wise-ensemble.md), Sec. 3. The numbers
+are ``engine.assignments.summary`` of ``engine.assignments.build_plan`` (cached per-class counts,
+no label map decoded); the merges are chain steps the worker runs.
+
+The editor's state lives in ``st.session_state``: the widgets' keys ("candidates", "subset_mode",
+"fraction", "seed", "rule", "choice_<class id>", "assignment_name") and "overrides" ``{class id:
+variant id}``, the classes the user set apart from Algorithm 2's choice.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+
+import streamlit as st
+
+from cache import queries
+from cache.db import connect
+from cache.voc import VOC_CLASSES
+from engine import assignments
+from engine.dataset import DatasetError
+from engine.ensemble import OVERLAP_RULES, Subset
+from engine.export import IMAGE_MODES, ExportError, export_assignment
+from engine.jobs import submit_chain
+from pages.common import (cache_dir, cache_exists, has_active_jobs, jobs_panel, pick_dataset,
+                          pick_split, read, refresh)
+
+RULES = {"score": "score: the class whose variant is more confident at the pixel (precision where "
+                  "a variant stored no scores)",
+         "precision": "precision: the class whose chosen variant has the higher per-class precision "
+                      "TP / (TP + FP) on the selection images"}
+SUBSETS = {"whole": "whole split (as in the paper)", "fraction": "a seeded fraction selects, the rest reports"}
+IMAGES = {"link": "symlink the JPEGs", "copy": "copy the JPEGs", "none": "labels only"}
+CONFLICT_ROWS = 15
+
+
+# --- cached reads (keyed on the cache fingerprint, like pages.common.read) ------------------
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _complete_variants(directory: Path, state: tuple, dataset_id: str, split: str) -> list[dict]:
+    with connect(directory, read_only=True) as con:
+        return assignments.complete_variants(con, dataset_id, split)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _plan(directory: Path, state: tuple, dataset_id: str, split: str, candidates: tuple[str, ...],
+          subset: tuple, overrides: tuple[tuple[int, str], ...], rule: str, name: str):
+    """``(plan, summary, merge variant id, naive variant id)`` of the editor's assignment."""
+    fraction, seed, exclude = subset
+    with connect(directory, read_only=True) as con:
+        plan = assignments.build_plan(con, dataset_id, split, candidates, Subset(fraction, seed, exclude),
+                                      dict(overrides), rule)
+        merge_id = assignments.step_variant_id(dataset_id, assignments.merge_step(plan, name))
+        naive_id = assignments.step_variant_id(dataset_id, assignments.naive_step(plan))
+        return plan, assignments.summary(con, plan, merge_id, naive_id), merge_id, naive_id
+
+
+def _history(dataset_id: str, split: str, name: str) -> list[dict]:
+    """Every saved version of ``name``, oldest first; not cached: the cache fingerprint does not
+    cover the assignments table, and this read is one small query."""
+    with connect(cache_dir(), read_only=True) as con:
+        return queries.assignment_history(con, dataset_id, split, name)
+
+
+def _saved_names(dataset_id: str, split: str) -> list[dict]:
+    with connect(cache_dir(), read_only=True) as con:
+        return queries.assignment_names(con, dataset_id, split)
+
+
+# --- editor state --------------------------------------------------------------------------
+
+
+def _override(class_id: int) -> None:
+    """A class's select box changed: remember the pick (pruned below if it equals the auto choice)."""
+    st.session_state.setdefault("overrides", {})[class_id] = st.session_state[f"choice_{class_id}"]
+
+
+def _restore(versions: dict[int, dict]) -> None:
+    """Put the version picked in "restore_version" (an id of ``versions``) back into the editor:
+    candidates, subset, rule and its exact choice."""
+    saved = assignments.decode(versions[st.session_state["restore_version"]])
+    st.session_state["candidates"] = list(saved.candidates)
+    st.session_state["subset_mode"] = "whole" if saved.subset.fraction >= 1.0 else "fraction"
+    if saved.subset.fraction < 1.0:
+        st.session_state["fraction"] = min(max(saved.subset.fraction, 0.05), 0.95)
+    st.session_state["seed"] = int(saved.subset.seed)
+    st.session_state["exclude"] = tuple(saved.subset.exclude)
+    st.session_state["rule"] = saved.rule
+    # The whole stored choice as overrides reproduces it exactly even if today's counts would make
+    # Algorithm 2 choose otherwise; overrides equal to today's auto choice are pruned after.
+    st.session_state["overrides"] = dict(saved.choice)
+    st.session_state["assignment_name"] = saved.name
+    st.session_state["restored"] = f"Restored {saved.name!r} (id {saved.id}) into the editor."
+
+
+def _pct(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "—"
+    return f"{value:+.2f}".replace("-", "\u2212") if signed else f"{value:.2f}"
+
+
+def _delta(value: float | None, reference: float | None) -> str | None:
+    """A metric's delta in points (ASCII sign: st.metric colours by it), None when either is unknown."""
+    return None if value is None or reference is None else f"{value - reference:+.2f}"
+
+
+def _chip(text: str, pct: float | None, title: str, chosen: bool = False, auto: bool = False) -> str:
+    """One IoU cell as an inline HTML chip: green by IoU, outlined when chosen, ★ for the auto pick."""
+    alpha = 0.06 if pct is None else 0.08 + 0.85 * pct / 100
+    colour = "#fff" if pct is not None and pct > 55 else "inherit"
+    border = "2px solid #d62728" if chosen else "1px solid rgba(128,128,128,.35)"
+    return (f'<span title="{html.escape(title)}" style="display:inline-block;min-width:2.5em;text-align:center;'
+            f"margin:1px;padding:0 2px;border-radius:4px;font-size:.75em;border:{border};"
+            f'background:rgba(31,119,70,{alpha:.2f});color:{colour}">{"★" if auto else ""}{text}</span>')
+
+
+def _heat_row(entry: dict, candidates: list[str], names: list[str]) -> str:
+    chips = []
+    for k, (variant_id, name) in enumerate(zip(candidates, names), start=1):
+        pct = entry["candidate_iou"][variant_id]
+        tie = " (tied best)" if variant_id in entry["tied"] else ""
+        chips.append(_chip("—" if pct is None else f"{pct:.0f}", pct, f"#{k} {name}: {_pct(pct)}{tie}",
+                           chosen=variant_id == entry["variant"], auto=variant_id == entry["auto_variant"]))
+    return "".join(chips)
+
+
+# --- page ----------------------------------------------------------------------------------
+
+st.title("ISLE ensemble")
+st.caption("ISLE (Ostrowski & Shafique, ISVC'23, Sec. 3): for each object class the candidate with the "
+           "best per-class IoU is chosen (Algorithm 2), and every image's label map is merged from the "
+           "chosen variants' class slices (Algorithm 3). Background is what no chosen class claims.")
+
+dataset = pick_dataset() if cache_exists() else None
+split = pick_split(dataset["id"]) if dataset else None
+if split is None:
+    st.info("Nothing to ensemble yet: queue methods on the Home page first.")
+    st.stop()
+directory, fingerprint = cache_dir(), read("cache_state")
+
+offered = _complete_variants(directory, fingerprint, dataset["id"], split)
+if not offered:
+    st.info(f"No variant has label maps for every image of {split} yet: the ensemble needs complete candidates.")
+    st.stop()
+names = {v["id"]: v["name"] for v in offered}
+missing = [v["name"] for v in read("variants", dataset["id"]) if v["id"] not in names]
+
+st.subheader("Candidates")
+state = st.session_state
+if "candidates" not in state:
+    state["candidates"] = [v["id"] for v in offered if v["default"]] or [offered[0]["id"]]
+gone = [c for c in state["candidates"] if c not in names]
+state["candidates"] = [c for c in state["candidates"] if c in names]
+candidates = st.multiselect("Candidate variants", list(names), format_func=names.get, key="candidates",
+                            help="Only variants with a label map for every usable image of the split.")
+notes = []
+if missing:
+    notes.append(f"Not offered (label maps missing on {split}): {', '.join(missing)}.")
+if not_default := [v["name"] for v in offered if not v["default"]]:
+    notes.append(f"Not selected by default (oracles and ensembles): {', '.join(not_default)}.")
+if notes:
+    st.caption(" ".join(notes))
+if gone:
+    st.warning(f"{len(gone)} candidate(s) of the restored assignment are no longer complete on {split}: left out.")
+
+left, right = st.columns(2)
+with left:
+    mode = st.radio("Selection subset", list(SUBSETS), format_func=SUBSETS.get, key="subset_mode")
+    fraction, seed = 1.0, 0
+    if mode == "fraction":
+        state.setdefault("fraction", 0.5)
+        fraction = st.slider("Fraction of images that select", 0.05, 0.95, step=0.05, key="fraction")
+        state.setdefault("seed", 0)
+        seed = int(st.number_input("Seed", min_value=0, step=1, key="seed"))
+    exclude = tuple(state.get("exclude", ()))
+    if exclude:
+        st.caption(f"{len(exclude)} image(s) excluded by the restored assignment.")
+with right:
+    rule = st.radio("Overlap rule (a pixel two chosen classes both claim)", OVERLAP_RULES,
+                    format_func=RULES.get, key="rule")
+
+if not candidates:
+    st.info("Pick at least one candidate variant.")
+    st.stop()
+
+overrides = {c: v for c, v in state.get("overrides", {}).items() if v in candidates}
+name = state.get("assignment_name", "auto").strip() or "auto"
+try:
+    plan, summary, merge_id, naive_id = _plan(
+        directory, fingerprint, dataset["id"], split, tuple(candidates), (fraction, seed, exclude),
+        tuple(sorted(overrides.items())), rule, name)
+except (KeyError, ValueError) as exc:
+    st.error(str(exc))
+    st.stop()
+# Keep only real overrides: a pick equal to Algorithm 2's choice follows it from now on.
+state["overrides"] = {c: v for c, v in overrides.items() if c in plan.overridden}
+report = plan.report is not None
+
+st.subheader("Assignment")
+st.caption(
+    f"Selection subset: {summary['subset']['selection_images']} image(s)"
+    + (f"; report subset: {summary['subset']['report_images']} image(s)" if report else "")
+    + ". Chips: every candidate's IoU (%) for the class on the selection subset, in this order: "
+    + " · ".join(f"#{k} {n}" for k, n in enumerate(plan.names, start=1))
+    + ". ★ = automatic choice (Algorithm 2), red outline = current choice; hover for the name."
+)
+if restored := state.pop("restored", None):
+    st.success(restored)
+WIDTHS = [1.3, 3.8, 1.7, 2.3, 1.1, 1.3]
+header = st.columns(WIDTHS)
+for column, title in zip(header, ["Class (images)", "Candidates' IoU", "Automatic choice", "Chosen variant",
+                                  "Predicted IoU", "Exact IoU (Δ)"]):
+    column.markdown(f"**{title}**")
+for entry in summary["classes"]:
+    c = entry["class_id"]
+    row = st.columns(WIDTHS, vertical_alignment="center")
+    mark = " :orange-badge[overridden]" if entry["overridden"] else ""
+    row[0].markdown(f"{entry['class']} ({entry['images']}){mark}")
+    row[1].markdown(_heat_row(entry, plan.candidates, plan.names), unsafe_allow_html=True)
+    if not entry["images"]:
+        row[2].caption("no images in the selection subset (best mIoU)")
+    else:
+        tied = f" (tie of {len(entry['tied'])})" if entry["tied"] else ""
+        row[2].caption(names[entry["auto_variant"]] + tied)
+    state[f"choice_{c}"] = entry["variant"]
+    row[3].selectbox(f"{entry['class']} variant", plan.candidates, format_func=names.get, key=f"choice_{c}",
+                     label_visibility="collapsed", on_change=_override, args=(c,))
+    predicted = _pct(entry["predicted_iou_selection"])
+    if report:
+        predicted += f" / {_pct(entry['predicted_iou_report'])}"
+    row[4].markdown(predicted)
+    if entry["exact_iou_selection"] is None:
+        row[5].markdown("—")
+    else:
+        delta = entry["exact_iou_selection"] - (entry["predicted_iou_selection"] or 0.0)
+        row[5].markdown(f"{_pct(entry['exact_iou_selection'])} ({_pct(delta, signed=True)})")
+if report:
+    st.caption("Predicted IoU: selection / report subset. Exact IoU: on the selection subset.")
+
+st.subheader("mIoU")
+for key in ("selection", "report") if report else ("selection",):
+    m = summary["miou"][key]
+    if report:
+        st.markdown(f"**{key.capitalize()} subset**")
+    best, predicted, exact, naive = st.columns(4)
+    best.metric("Best single candidate", _pct(m["best_single"]), help=names[m["best_single_variant"]])
+    predicted.metric("ISLE predicted", _pct(m["predicted"]),
+                     delta=_delta(m["predicted"], m["best_single"]),
+                     help="Delta: versus the best single candidate.")
+    exact.metric("ISLE exact", _pct(m["exact"]),
+                 delta=_delta(m["exact"], m["predicted"]),
+                 help="After the exact merge ran on every image. Delta: versus the prediction.")
+    naive.metric("Naive ISLE", _pct(m["naive"]),
+                 delta=_delta(m["naive"], m["best_single"]),
+                 help="The paper's baseline: each image's whole label map from one candidate. "
+                      "Delta: versus the best single candidate.")
+    st.caption(f"Background IoU: predicted {_pct(m['predicted_background_iou'])}, "
+               f"exact {_pct(m['exact_background_iou'])}.")
+st.caption("Predicted from cached counts: an object class's IoU is its chosen variant's IoU, except for "
+           "pixels it loses to another class where two chosen slices overlap (only the exact merge counts "
+           "those). Background is estimated: the chosen classes' false positives are taken to lie on "
+           "background and their misses to become background, exact for images with one object class.")
+
+st.subheader("Save and run")
+left, middle = st.columns(2)
+with left:
+    state.setdefault("assignment_name", "auto")
+    st.text_input("Assignment name", key="assignment_name")
+    note = st.text_input("Note (optional)", key="assignment_note")
+    if st.button("Save assignment", key="save_assignment", type="primary"):
+        try:
+            with connect(directory) as con:
+                version_id = assignments.save(con, plan, name, note.strip() or None)
+        except ValueError as exc:
+            st.error(str(exc))
+        else:
+            refresh()
+            count = len(_history(dataset["id"], split, name))
+            st.success(f"Saved {name!r} version {count} (id {version_id}).")
+with middle:
+    st.write(f"The exact merge makes the variant “ISLE ({name})”; naive ISLE uses the automatic choice.")
+    run_merge, run_naive = st.columns(2)
+    steps = {"run_merge": ("Run exact merge", assignments.merge_step(plan, name)),
+             "run_naive": ("Run naive ISLE", assignments.naive_step(plan))}
+    for column, (key, (label, step)) in zip((run_merge, run_naive), steps.items()):
+        if column.button(label, key=key):
+            try:
+                ids = submit_chain(directory, Path(dataset["root"]), split, [step])
+            except (DatasetError, KeyError, ValueError) as exc:
+                st.error(str(exc))
+            else:
+                refresh()
+                st.toast(f"Queued jobs {ids}" if ids else f"Nothing to do: {label.lower()[4:]} is complete on {split}.")
+
+st.subheader("Jobs")
+jobs_panel()
+if has_active_jobs(dataset["id"]):
+    @st.fragment(run_every=2)
+    def _watch(rendered: tuple[bool, bool]) -> None:
+        """While jobs run: rerun the whole page once the merge or naive ISLE completes on the
+        selection subset, so the exact figures appear (the jobs panel shows the progress)."""
+        labelled = read("labelled_in_split", dataset["id"], split, tuple(plan.selection_ids))
+        if tuple(labelled.get(v, 0) >= len(plan.selection_ids) for v in (merge_id, naive_id)) != rendered:
+            st.rerun()
+
+    shown = dict(zip(plan.selection.variant_ids, plan.selection.labelled))  # what this run read
+    _watch(tuple(bool(shown.get(v, 0) >= len(plan.selection_ids)) for v in (merge_id, naive_id)))
+
+st.subheader("History")
+history = _history(dataset["id"], split, name)
+others = [r for r in _saved_names(dataset["id"], split) if r["name"] != name]
+if others:
+    st.caption("Other saved names (type one above to see its history): "
+               + ", ".join(f"{r['name']} ({r['versions']})" for r in others))
+if not history:
+    st.caption(f"No saved version of {name!r} yet.")
+else:
+    decoded = [assignments.decode(r) for r in history]
+    st.dataframe(
+        [{"version": k, "id": s.id, "saved at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_at)),
+          "note": s.note, "candidates": len(s.candidates), "rule": s.rule,
+          "selection": "whole split" if s.subset.fraction >= 1 else f"{s.subset.fraction:g} (seed {s.subset.seed})",
+          "overridden": ", ".join(VOC_CLASSES[c] for c, v in sorted(s.choice.items()) if s.auto.get(c) != v) or "—"}
+         for k, s in enumerate(decoded, start=1)],
+        hide_index=True,
+    )
+    by_id = {r["id"]: r for r in history}
+    st.selectbox("Version", list(reversed(by_id)), key="restore_version",
+                           format_func=lambda i: f"version {list(by_id).index(i) + 1} (id {i})")
+    st.button("Restore", key="restore", on_click=_restore, args=(by_id,))
+    latest = decoded[-1]
+    if (latest.candidates, latest.rule, latest.choice, (latest.subset.fraction, latest.subset.seed)) != (
+            plan.candidates, plan.rule, {int(c): v for c, v in plan.choice_dict().items()}, (fraction, seed)):
+        st.caption("The editor differs from the latest saved version: save to keep the changes.")
+
+st.subheader("Conflicts")
+if summary["miou"]["selection"]["exact"] is None:
+    st.caption("Run the exact merge to count the pixels two chosen classes both claim.")
+elif not summary["conflicts_selection"]:
+    st.caption("No overlap: no pixel was claimed by two chosen classes.")
+else:
+    st.caption("Pixels of the selection subset the winner took from the loser (rule: "
+               f"{rule}); “(absent from labels)”: dropped because the image does not hold the class.")
+    st.dataframe(summary["conflicts_selection"][:CONFLICT_ROWS], hide_index=True)
+
+st.subheader("Export")
+st.caption(f"Writes the exact merge of the latest saved version of {name!r} as a VOCdevkit folder "
+           "(SegmentationClassAug, ImageSets, JPEGImages) with provenance.json.")
+default_dest = directory / "exports" / name
+dest = st.text_input("Destination folder", key="export_dest", placeholder=str(default_dest))
+images = st.radio("Images", IMAGE_MODES, format_func=IMAGES.get, horizontal=True, key="export_images")
+if st.button("Export", key="export"):
+    if not history:
+        st.error(f"Save the assignment {name!r} first: the export is of a saved version.")
+    else:
+        try:
+            exported = export_assignment(directory, dataset["id"], split, assignments.decode(history[-1]),
+                                         Path(dest.strip() or default_dest), images)
+        except ExportError as exc:
+            st.error(str(exc))
+        else:
+            st.success(f"Exported {exported.images} image(s) to {exported.dest}.")
+            if exported.missing:
+                st.warning(f"{len(exported.missing)} image(s) without a label map were left out.")

@@ -1,5 +1,5 @@
-# ISLE Workbench. `make demo`: install, run CAM and CAM -> dCRF on the bundled train split while
-# serving the app. `make test`: install (with Chromium for the browser test) and run the tests.
+# ISLE Workbench. `make demo`: install, run CAM, CAM -> dCRF and their ISLE ensemble on the
+# bundled train split while serving the app. `make test`: install (with Chromium for the browser test) and run the tests.
 PY := .venv/bin/python
 PORT ?= 8501
 
@@ -18,10 +18,11 @@ browser:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
 
-# The app serves while the worker runs the two jobs in the foreground; Ctrl-C stops both.
+# The app serves while the worker runs the jobs in the foreground: CAM, CAM -> dCRF, then the
+# ISLE ensemble of the two (exact merge + naive baseline). Ctrl-C stops both.
 demo: install
 	$(PY) -m streamlit run app.py --server.headless true --server.port $(PORT) & \
-	$(PY) -m engine run cam dcrf; \
+	$(PY) -m engine run cam dcrf && $(PY) -m engine isle --name auto --naive; \
 	echo "App: http://localhost:$(PORT)  (Ctrl-C to stop)"; wait
 
 app: install

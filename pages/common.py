@@ -79,6 +79,17 @@ def pick_split(dataset_id: str) -> str | None:
                         index=splits.index("train") if "train" in splits else 0, key="split")
 
 
+def pick_dataset_and_split(nothing: str) -> tuple[dict, str]:
+    """The dataset and split pickers; shows ``nothing`` and stops the page when there is no
+    scanned dataset yet."""
+    dataset = pick_dataset() if cache_exists() else None
+    split = pick_split(dataset["id"]) if dataset else None
+    if split is None:
+        st.info(nothing)
+        st.stop()
+    return dataset, split
+
+
 def has_active_jobs(dataset_id: str) -> bool:
     """Whether a job of the dataset is queued or running (so its results are still arriving)."""
     return cache_exists() and any(j["dataset_id"] == dataset_id and j["status"] in ACTIVE

@@ -27,8 +27,7 @@ from engine.dataset import DatasetError
 from engine.ensemble import OVERLAP_RULES, Subset
 from engine.export import IMAGE_MODES, ExportError, export_assignment
 from engine.jobs import submit_chain
-from pages.common import (cache_dir, cache_exists, has_active_jobs, jobs_panel, pick_dataset,
-                          pick_split, read, refresh)
+from pages.common import cache_dir, has_active_jobs, jobs_panel, pick_dataset_and_split, read, refresh
 
 RULES = {"score": "score: the class whose variant is more confident at the pixel (precision where "
                   "a variant stored no scores)",
@@ -137,11 +136,7 @@ st.caption("ISLE (Ostrowski & Shafique, ISVC'23, Sec. 3): for each object class 
            "best per-class IoU is chosen (Algorithm 2), and every image's label map is merged from the "
            "chosen variants' class slices (Algorithm 3). Background is what no chosen class claims.")
 
-dataset = pick_dataset() if cache_exists() else None
-split = pick_split(dataset["id"]) if dataset else None
-if split is None:
-    st.info("Nothing to ensemble yet: queue methods on the Home page first.")
-    st.stop()
+dataset, split = pick_dataset_and_split("Nothing to ensemble yet: queue methods on the Home page first.")
 directory, fingerprint = cache_dir(), read("cache_state")
 
 offered = _complete_variants(directory, fingerprint, dataset["id"], split)

@@ -12,8 +12,8 @@ from cache.voc import VOC_CLASSES
 from engine.dataset import DatasetError
 from engine.jobs import submit_chain
 from pages.charts import column_labels, gain_heatmap, iou_heatmap, row_labels
-from pages.common import (cache_dir, cache_exists, has_active_jobs, jobs_panel, pick_dataset,
-                          pick_split, read, refinement_steps, refresh)
+from pages.common import (cache_dir, has_active_jobs, jobs_panel, pick_dataset_and_split, read,
+                          refinement_steps, refresh)
 
 VIEWS = {"flat": "flat", "grouped": "grouped by source", "gain": "gain vs source"}
 
@@ -22,11 +22,7 @@ st.caption("IoU = TP / (TP + FP + FN) summed over the split's images, ground-tru
            "255 ignored. mIoU averages the classes that have at least one image in the split. "
            "Computed from cached per-image counts; no label map is decoded.")
 
-dataset = pick_dataset() if cache_exists() else None
-split = pick_split(dataset["id"]) if dataset else None
-if split is None:
-    st.info("Nothing to show yet: queue CAM and CAM → dCRF on the Home page.")
-    st.stop()
+dataset, split = pick_dataset_and_split("Nothing to show yet: queue CAM and CAM → dCRF on the Home page.")
 
 
 def heatmap() -> None:

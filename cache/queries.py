@@ -148,6 +148,7 @@ class ResultRows:
     counts: list[tuple[str, int, int, int, int]]  # (image_id, class_id, tp, fp, fn)
     errors: list[tuple[str, str]]  # (image_id, message)
     conflicts: list[tuple[str, int, int, int]] = field(default_factory=list)  # (image_id, winner, loser, pixels)
+    curve: list[tuple[str, int, float]] = field(default_factory=list)  # (name, step, value) of train_log
 
 
 def record_results(con: Con, job_id: int, variant_id: str, rows: ResultRows) -> None:
@@ -164,8 +165,17 @@ def record_results(con: Con, job_id: int, variant_id: str, rows: ResultRows) -> 
             [(variant_id, *r) for r in rows.counts])
     _insert(con, "conflicts", ("VARCHAR", "VARCHAR", "UTINYINT", "UTINYINT", "BIGINT"),
             [(variant_id, *r) for r in rows.conflicts])
+    _insert(con, "train_log", ("VARCHAR", "VARCHAR", "BIGINT", "DOUBLE", "DOUBLE"),
+            [(variant_id, name, step, value, now) for name, step, value in rows.curve], replace=True)
     _insert(con, "image_errors", ("BIGINT", "VARCHAR", "VARCHAR", "VARCHAR", "DOUBLE"),
             [(job_id, variant_id, image_id, message, now) for image_id, message in rows.errors])
+
+
+def train_log(con: Con, variant_id: str) -> list[dict[str, Any]]:
+    """The training curve points of a variant (name, step, value, created_at), by name and step."""
+    return _dicts(con.execute(
+        "SELECT name, step, value, created_at FROM train_log WHERE variant_id = ? ORDER BY name, step", [variant_id]
+    ))
 
 
 def image_errors(con: Con, job_id: int) -> list[dict[str, Any]]:

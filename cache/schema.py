@@ -10,7 +10,7 @@ from enum import Enum
 
 import duckdb
 
-SCHEMA_VERSION = 2  # 2: conflicts, assignments
+SCHEMA_VERSION = 3  # 2: conflicts, assignments; 3: train_log
 
 STATEMENTS = (
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
@@ -58,6 +58,12 @@ STATEMENTS = (
         split VARCHAR NOT NULL, name VARCHAR NOT NULL, candidates VARCHAR NOT NULL,
         selection VARCHAR NOT NULL, rule VARCHAR NOT NULL, choice VARCHAR NOT NULL,
         auto VARCHAR NOT NULL, note VARCHAR, created_at DOUBLE NOT NULL)""",
+    # Training curves of a variant that trains a network (DeepLabV3+): name is "loss" (per step)
+    # or "val_miou" (per epoch, on the first images of the job's split); step counts from 1.
+    """CREATE TABLE IF NOT EXISTS train_log (
+        variant_id VARCHAR NOT NULL, name VARCHAR NOT NULL, step BIGINT NOT NULL,
+        value DOUBLE NOT NULL, created_at DOUBLE NOT NULL,
+        PRIMARY KEY (variant_id, name, step))""",
     "CREATE SEQUENCE IF NOT EXISTS job_ids START 1",
     # kind 'scan' registers a dataset; kind 'label' makes a variant's label maps for a split.
     """CREATE TABLE IF NOT EXISTS jobs (

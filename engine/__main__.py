@@ -10,6 +10,8 @@
                                                  # exact merge + naive baseline, predicted vs exact
     python -m engine isle --name mine --set cat=325fc03886c8 --fraction 0.5   # override, report subset
     python -m engine export out/isle-auto --assignment auto   # VOCdevkit folder + provenance.json
+    python -m engine train isle:auto --dcrf      # DeepLabV3+ on a label set (variant id, gt,
+                                                 # isle:NAME), val mIoU with and without dCRF
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from engine import assignments
 from engine.ensemble import Subset
 from engine.export import IMAGE_MODES, ExportError, export_assignment, export_variant
 from engine.jobs import Step, cancel, dataset_id_for, submit_chain
+from engine.training import submit_training, trainings
 from engine.methods.imported import FORMATS, import_step
 from engine.worker import WorkerConfig, serve
 
@@ -188,6 +191,24 @@ def _export(cache_dir: Path, root: Path, args: argparse.Namespace) -> None:
           + (f"; {len(done.missing)} image(s) without a label map left out" if done.missing else ""))
 
 
+def _train(cache_dir: Path, root: Path, args: argparse.Namespace) -> None:
+    """Queue a training, work until done, print every training's val mIoU."""
+    params = _steps(["deeplab"], args.param)[0].params
+    try:
+        queued = submit_training(cache_dir, root, args.label_set, params, dcrf=args.dcrf, split=args.on,
+                                 train_split=args.split)
+    except (KeyError, ValueError) as exc:
+        raise SystemExit(f"train: {exc}") from None
+    print(f"queued jobs {queued.job_ids}" if queued.job_ids else "nothing to do: this training is complete")
+    serve(WorkerConfig(cache_dir, until_idle=True), _Bars())
+    with connect(cache_dir, read_only=True) as con:
+        rows = trainings(con, dataset_id_for(root), args.on)
+    print(f"\nDeepLabV3+ trainings, mIoU on {args.on} (%):")
+    for r in rows:
+        crf = f"  with dCRF {r['miou_dcrf']:.2f}" if r["miou_dcrf"] is not None else ""
+        print(f"{r['label_set'][:60]:60} mIoU {r['miou']:6.2f}{crf}  ({r['images']} images, {r['variant_id']})")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,6 +252,12 @@ def main(argv: list[str] | None = None) -> None:
     what.add_argument("--variant", help="variant id")
     what.add_argument("--assignment", help="name of a saved assignment (its latest version)")
     x.add_argument("--images", choices=IMAGE_MODES, default="link", help="JPEGImages: symlinks, copies or none")
+    t = sub.add_parser("train", help="train DeepLabV3+ on a label set of --split, evaluate on --on")
+    t.add_argument("label_set", help="a variant id, 'gt' (the ground truth), or 'isle:NAME' (a saved assignment)")
+    t.add_argument("--param", action="append", default=[], metavar="deeplab.KEY=VALUE",
+                   help="DeepLabConfig fields: epochs, crop_size, batch_size, lr, encoder, seed, ...")
+    t.add_argument("--dcrf", action="store_true", help="also score the predictions after dCRF")
+    t.add_argument("--on", default="val", help="the split the model predicts and is scored on")
     sub.add_parser("status", help="jobs, and per-class IoU of every variant on --split")
     c = sub.add_parser("cancel", help="cancel jobs")
     c.add_argument("job_ids", nargs="+", type=int)
@@ -262,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
             _isle(cache_dir, root, args.split, args)
         except (ExportError, KeyError, ValueError) as exc:
             raise SystemExit(f"isle: {exc}") from None
+    elif args.command == "train":
+        _train(cache_dir, root, args)
     elif args.command == "export":
         _export(cache_dir, root, args)
     elif args.command == "status":

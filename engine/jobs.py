@@ -90,12 +90,13 @@ def chain_variants(dataset_id: str, steps: Sequence[Step], source: dict[str, Any
 
 
 def submit_chain(cache_dir: Path, root: Path, split: str, steps: Sequence[Step] = DEFAULT_CHAIN,
-                 source_variant_id: str | None = None) -> list[int]:
+                 source_variant_id: str | None = None, after: int | None = None) -> list[int]:
     """Queue what is missing to have every variant of the chain on ``split``; returns job ids.
 
     A variant that already has label maps for all the split's usable images needs no job, and
     a job already queued or running for the same variant and split is reused, so submitting the
-    same chain twice queues nothing new. The dataset is scanned first if it never was.
+    same chain twice queues nothing new. The dataset is scanned first if it never was. ``after``
+    is a job the chain's first new job waits for (e.g. the job making ``source_variant_id``).
     Raises ``DatasetError`` when ``root`` is not a VOCdevkit root.
     """
     root = check_root(Path(root)).resolve()  # a wrong path fails here, not in the worker
@@ -109,6 +110,8 @@ def submit_chain(cache_dir: Path, root: Path, split: str, steps: Sequence[Step] 
             scan = queries.open_job(con, "scan", dataset_id, None, None)
             dependency = scan["id"] if scan else queries.insert_job(con, "scan", dataset_id, None, None, None)
             job_ids.append(dependency)
+        if after is not None:
+            dependency = after  # it waits for the scan itself, if one is queued
         source = queries.get_variant(con, source_variant_id) if source_variant_id else None
         if source_variant_id and source is None:
             raise KeyError(f"no variant {source_variant_id!r} in the cache")

@@ -133,6 +133,10 @@ class RunContext:
     processes: how many worker processes CPU-bound per-image steps may use.
     variants: ``variants(variant_id)`` opens any variant of the cache (an ensemble reads its
         candidates); raises ``KeyError`` for an unknown id.
+    source_items: the usable images of the source variant's own split that it has label maps
+        for (a segmentation network trains on these and predicts ``todo``, e.g. the val split).
+    log: ``log(name, step, value)`` records a training curve point (loss, validation mIoU) with
+        the variant, written with the next batch of results.
     """
 
     items: Sequence[Item]
@@ -144,16 +148,19 @@ class RunContext:
     processes: int = 2
     models: Path | None = None
     variants: Callable[[str], SourceVariant] | None = None
+    source_items: Sequence[Item] = ()
+    log: Callable[[str, int, float], None] = field(default=lambda name, step, value: None)
 
-    def model_dir(self, family: str, params: dict[str, Any]) -> Path:
+    def model_dir(self, family: str, params: dict[str, Any], images: Sequence[Item] | None = None) -> Path:
         """The directory of the model of ``family`` trained with ``params`` (created).
 
-        Keyed by a hash of the training settings and of the training images (``items``' paths),
+        Keyed by a hash of the training settings and of the training images (``images``, default
+        ``items``; their paths),
         so variants that differ in inference settings (a threshold, the scales, which output is
         read) share one trained model, while a changed training setting or another image set gets
         a new directory instead of a stale checkpoint.
         """
-        images = [str(item.image_path) for item in self.items]
+        images = [str(item.image_path) for item in (self.items if images is None else images)]
         key = hashlib.sha1(json.dumps([params, images], sort_keys=True).encode()).hexdigest()[:12]
         path = (self.models if self.models is not None else self.workdir / "models") / family / key
         path.mkdir(parents=True, exist_ok=True)

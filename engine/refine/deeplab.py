@@ -82,6 +82,10 @@ class DeepLabConfig:
     score_max_side: int = 128
 
     def __post_init__(self) -> None:
+        if self.encoder not in BACKBONES and not self.encoder.startswith("tu-") \
+                and self.encoder not in smp.encoders.get_encoder_names():
+            raise ValueError(f"deeplab: unknown encoder {self.encoder!r}; use one of {sorted(BACKBONES)}, an smp "
+                             "encoder name (e.g. resnet50) or a timm one as tu-<name>")
         if self.encoder not in BACKBONES and self.encoder_weights is not None and not Path(self.encoder_weights).is_file():
             raise ValueError(f"deeplab: encoder_weights {self.encoder_weights!r} is not a file")
         if self.epochs < 1 or self.batch_size < 2:

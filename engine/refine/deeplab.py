@@ -59,18 +59,21 @@ PAPER_PARAMS = {"crop_size": 320, "epochs": 30, "batch_size": 16}  # isim Sec. 4
 @dataclass(frozen=True)
 class DeepLabConfig:
     """Training and inference settings. The defaults train on the bundled train split (1,861
-    images: 232 steps an epoch at about 1.9 s on 2 CPU cores, so about 22 minutes for 3 epochs)
-    and predict val at about 0.15 s an image; ``PAPER_PARAMS`` is the larger setting."""
+    images: 232 steps an epoch at about 1.9-2.2 s on 2 CPU cores, so about 16 minutes for 2
+    epochs) and predict val at about 0.15 s an image; ``PAPER_PARAMS`` is the larger setting."""
 
     encoder: str = "efficientnet_lite0"  # engine.backbone.BACKBONES key, or an smp encoder name
     encoder_weights: str | None = None  # local state dict for a non-Lite encoder (None: random init)
     output_stride: int = 16
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 8
     crop_size: int = 256
     resize_long: tuple[int, int] = (256, 448)  # random long side before the crop (images ~500)
     lr: float = 0.01  # encoder; SGD momentum 0.9, poly schedule (isim Sec. 4.1)
-    decoder_lr_mult: float = 10.0  # new layers learn faster than the pretrained encoder
+    # 10 (a common choice for new layers) collapsed the decoder here: after 50 steps on the
+    # ground truth of 400 train images, loss 1.22 and val mIoU 9.8 on 24 images, against 0.83 and
+    # 20.5 with 1 (isim's code also gives the decoder the encoder's rate).
+    decoder_lr_mult: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9

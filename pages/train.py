@@ -107,7 +107,7 @@ label_set = st.selectbox("Label set", list(label_sets), format_func=label_sets.g
                          help=f"Variants with a label map for every image of {train_split}, saved ISLE "
                               "assignments (their merge is queued first if missing), or the ground truth.")
 with st.expander("Model settings (DeepLabV3+)"):
-    st.caption("The defaults (Lite0 encoder, 3 epochs, batch 8, crop 256) take about 22 minutes on 2 CPU "
+    st.caption("The defaults (Lite0 encoder, 2 epochs, batch 8, crop 256) take about 16 minutes on 2 CPU "
                "cores for the bundled 1,861 training images; the model is reused for any split it predicts.")
     params = param_widgets(registry.get("deeplab"), "train")
 dcrf = st.checkbox("Test-time dCRF (also score the predictions refined by dCRF)", key="train_dcrf")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,21 @@ def worker_process(cache_dir: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "ISLE_CACHE_DIR": str(cache_dir)}
     return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--processes", "1", *extra],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill_when(worker: subprocess.Popen, cache_dir: Path, job_id: int, stage: str, done: int) -> dict:
+    """SIGKILL ``worker`` once job ``job_id`` reports ``stage`` with at least ``done``; the job row then."""
+    deadline = time.monotonic() + 240
+    while True:
+        job = job_row(cache_dir, job_id)
+        if job["stage"] == stage and job["done"] >= done:
+            break
+        assert worker.poll() is None, worker.stderr.read()
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    return job_row(cache_dir, job_id)
 
 
 class Reports:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +35,7 @@ from engine.refine.affinity import (
 )
 from engine.types import Cancelled, RunContext, SourceVariant
 from engine.worker import WorkerConfig, serve
-from tests.conftest import TINY_CAM, Reports, job_row, split_items, worker_process
+from tests.conftest import TINY_CAM, Reports, job_row, kill_when, split_items, worker_process
 
 # A training small enough for tests: 2 epochs at batch 2 on 128-pixel crops.
 TINY_RW = {"epochs": 2, "batch_size": 2, "crop_size": 128, "resize_long": [128, 192], "checkpoint_every": 1}
@@ -235,20 +232,6 @@ def test_plugin_walks_a_label_only_source_and_reports_bad_files(cam_source, tmp_
     assert second.label is None and items[1].image_id in second.error and "unreadable" in second.error
 
 
-def _kill_when(worker: subprocess.Popen, cache_dir: Path, job_id: int, stage: str, done: int) -> dict:
-    deadline = time.monotonic() + 240
-    while True:
-        job = job_row(cache_dir, job_id)
-        if job["stage"] == stage and job["done"] >= done:
-            break
-        assert worker.poll() is None, worker.stderr.read()
-        assert time.monotonic() < deadline, job
-        time.sleep(0.05)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
-    return job_row(cache_dir, job_id)
-
-
 def test_chain_survives_a_worker_killed_in_training_and_in_the_walk(baseline_cache, tmp_path):
     cache_dir, root = baseline_cache
     slow = {**TINY_RW, "epochs": 4}  # 16 steps: time to see the training stage
@@ -261,9 +244,9 @@ def test_chain_survives_a_worker_killed_in_training_and_in_the_walk(baseline_cac
     killed = tmp_path / "killed"
     shutil.copytree(cache_dir, killed)
     walk_job, crf_job = submit_chain(killed, root, "train", chain)
-    state = _kill_when(worker_process(killed), killed, walk_job, "train", 2)
+    state = kill_when(worker_process(killed), killed, walk_job, "train", 2)
     assert state["status"] == "running" and state["done"] < 16
-    state = _kill_when(worker_process(killed), killed, walk_job, "label", 2)  # resumed training, then walking
+    state = kill_when(worker_process(killed), killed, walk_job, "label", 2)  # resumed training, then walking
     assert state["status"] == "running" and state["done"] < 8 and state["attempts"] == 2
     assert submit_chain(killed, root, "train", chain) == [walk_job, crf_job]  # re-queuing adds nothing
     restarted = worker_process(killed, "--until-idle")

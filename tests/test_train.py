@@ -4,6 +4,9 @@ predictions on another split without retraining."""
 
 from __future__ import annotations
 
+import shutil
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +20,7 @@ from engine.refine.deeplab import FAMILY, DeepLabConfig, label_from_probs, run, 
 from engine.training import submit_training, trainings
 from engine.types import Cancelled, RunContext, SourceVariant
 from engine.worker import WorkerConfig, serve
-from tests.conftest import Reports, split_items
+from tests.conftest import Reports, job_row, kill_when, split_items, worker_process
 
 TINY = {"epochs": 1, "batch_size": 4, "crop_size": 128, "resize_long": [128, 192], "val_images": 2,
         "checkpoint_every": 2}
@@ -157,3 +160,27 @@ def test_other_encoders_load_a_local_weights_file_or_fail_clearly(tmp_path):
         DeepLabConfig(encoder="resnet18", encoder_weights=str(tmp_path / "missing.pt"))
     with pytest.raises(ValueError, match="unknown encoder"):
         DeepLabConfig(encoder="no-such-encoder")
+
+
+def test_a_training_killed_with_its_worker_resumes_from_the_checkpoint(baseline_cache, tmp_path):
+    cache_dir, root = baseline_cache
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    with connect(copy, read_only=True) as con:
+        cam = queries.variants(con, dataset_id_for(root))[0]["id"]
+    slow = {**TINY, "batch_size": 2, "epochs": 3, "val_images": 1}  # 8 images: 4 steps an epoch, 12 in all
+    queued = submit_training(copy, root, cam, slow)
+    (job,) = queued.job_ids
+    state = kill_when(worker_process(copy), copy, job, "train", 5)
+    killed_at = time.time()
+    assert state["status"] == "running" and state["done"] < 12
+    restarted = worker_process(copy, "--until-idle")
+    assert restarted.wait(timeout=300) == 0, restarted.stderr.read()
+    assert job_row(copy, job)["status"] == "done" and job_row(copy, job)["attempts"] == 2
+    with connect(copy, read_only=True) as con:
+        curve = queries.train_log(con, queued.model_variant_id)
+    loss = {r["step"]: r["created_at"] for r in curve if r["name"] == "loss"}
+    assert sorted(loss) == list(range(1, 13))
+    assert [r["step"] for r in curve if r["name"] == "val_miou"] == [4, 8, 12]
+    # Steps up to the checkpoint (every 2 steps) were not run again after the restart.
+    assert all(loss[step] < killed_at for step in range(1, 5))

@@ -184,3 +184,19 @@ def test_a_training_killed_with_its_worker_resumes_from_the_checkpoint(baseline_
     assert [r["step"] for r in curve if r["name"] == "val_miou"] == [4, 8, 12]
     # Steps up to the checkpoint (every 2 steps) were not run again after the restart.
     assert all(loss[step] < killed_at for step in range(1, 5))
+
+
+def test_the_aspp_pooling_branch_uses_group_norm_by_default():
+    from engine.refine.deeplab import build_net
+
+    pooling = build_net(DeepLabConfig()).seg.decoder.aspp[0].convs[-1]
+    assert isinstance(pooling[2], torch.nn.GroupNorm) and pooling[2].num_groups == 32
+    batch = build_net(DeepLabConfig(pool_norm="batch")).seg.decoder.aspp[0].convs[-1]
+    assert isinstance(batch[2], torch.nn.BatchNorm2d)
+    # GroupNorm normalises each image alone: an image's output does not depend on its batch.
+    pooling.train()
+    features = torch.randn(2, 320, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(pooling(features)[:1], pooling(features[:1]))
+    with pytest.raises(ValueError, match="pool_norm"):
+        DeepLabConfig(pool_norm="layer")

@@ -18,9 +18,9 @@ import streamlit as st
 from cache import queries, reports
 from cache.db import connect, db_path, default_cache_dir
 from cache.schema import JobStatus
-from engine.dataset import default_voc_root
+from engine.dataset import DatasetError, default_voc_root
 from engine import assignments, registry
-from engine.jobs import Step, cancel, dataset_id_for
+from engine.jobs import Step, cancel, dataset_id_for, submit_chain
 from engine.registry import Plugin
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
@@ -150,6 +150,20 @@ def jobs_panel() -> None:
         if job["kind"] == "label" and job["n_errors"]:
             with st.expander(f"job {job['id']}: {job['n_errors']} image(s) skipped for bad input"):
                 st.dataframe(read("image_errors", job["id"]), hide_index=True)
+
+
+def queue_chain(root: Path, split: str, steps: list[Step], source_variant_id: str | None = None,
+                nothing: str = "every variant of the chain is complete") -> list[int] | None:
+    """Submit a chain (``engine.jobs.submit_chain``) and say what was queued, or why nothing was;
+    returns the job ids, or None after showing the error of a refused chain."""
+    try:
+        ids = submit_chain(cache_dir(), Path(root), split, steps, source_variant_id)
+    except (DatasetError, KeyError, ValueError) as exc:
+        st.error(str(exc))
+        return None
+    refresh()
+    st.toast(f"Queued jobs {ids}" if ids else f"Nothing to do: {nothing}.")
+    return ids
 
 
 def refinement_steps(key: str) -> list[Step]:

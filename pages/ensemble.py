@@ -23,12 +23,10 @@ from cache import queries
 from cache.db import connect
 from cache.voc import VOC_CLASSES
 from engine import assignments
-from engine.dataset import DatasetError
 from engine.ensemble import OVERLAP_RULES, Subset
 from engine.export import IMAGE_MODES, ExportError, export_assignment
-from engine.jobs import submit_chain
-from pages.common import (cache_dir, complete_variants, has_active_jobs, jobs_panel, pick_dataset_and_split, read,
-                          refresh, saved_assignments)
+from pages.common import (cache_dir, complete_variants, has_active_jobs, jobs_panel, pick_dataset_and_split,
+                          queue_chain, read, refresh, saved_assignments)
 
 RULES = {"score": "score: the class whose variant is more confident at the pixel (precision where "
                   "a variant stored no scores)",
@@ -275,13 +273,7 @@ with middle:
              "run_naive": ("Run naive ISLE", assignments.naive_step(plan))}
     for column, (key, (label, step)) in zip((run_merge, run_naive), steps.items()):
         if column.button(label, key=key):
-            try:
-                ids = submit_chain(directory, Path(dataset["root"]), split, [step])
-            except (DatasetError, KeyError, ValueError) as exc:
-                st.error(str(exc))
-            else:
-                refresh()
-                st.toast(f"Queued jobs {ids}" if ids else f"Nothing to do: {label.lower()[4:]} is complete on {split}.")
+            queue_chain(dataset["root"], split, [step], nothing=f"{label.lower()[4:]} is complete on {split}")
 
 st.subheader("Jobs")
 jobs_panel()

@@ -10,10 +10,10 @@ import streamlit as st
 
 from engine import registry
 from engine.assignments import ENSEMBLE_METHODS
-from engine.dataset import DatasetError, default_voc_root
-from engine.jobs import DEFAULT_CHAIN, Step, submit_chain
+from engine.dataset import default_voc_root
+from engine.jobs import DEFAULT_CHAIN, Step
 from engine.methods.imported import DEFAULT_BG_THRESHOLDS, FORMATS, KEY_CONVENTIONS, SCORE_KEYS, import_step
-from pages.common import cache_dir, cache_exists, jobs_panel, pick_dataset, read, refinement_steps
+from pages.common import cache_exists, jobs_panel, pick_dataset, queue_chain, read, refinement_steps
 
 st.title("ISLE Workbench")
 st.caption("Weakly supervised segmentation: compare pseudo-label methods class by class, "
@@ -27,13 +27,7 @@ KEYS_HELP = {"index": "0-based foreground indices, class id = key + 1 (IRN)",
 
 
 def queue(steps: list[Step], source_variant_id: str | None = None) -> None:
-    """Submit a chain and say what was queued, or why nothing was."""
-    try:
-        ids = submit_chain(cache_dir(), root, SPLIT, steps, source_variant_id)
-    except (DatasetError, KeyError, ValueError) as exc:
-        st.error(str(exc))
-        return
-    st.toast(f"Queued jobs {ids}" if ids else "Nothing to do: every variant of the chain is complete.")
+    queue_chain(root, SPLIT, steps, source_variant_id)
 
 
 st.subheader("Queue work")
@@ -47,8 +41,7 @@ baseline_tab, method_tab, refine_tab, import_tab = st.tabs(
 with baseline_tab:
     st.write("CAM, then CAM → dCRF.")
     if st.button("Queue CAM and CAM → dCRF", type="primary", key="queue_baseline"):
-        ids = submit_chain(cache_dir(), root, SPLIT, DEFAULT_CHAIN)
-        st.toast(f"Queued jobs {ids}" if ids else "Nothing to do: both variants are complete.")
+        queue_chain(root, SPLIT, list(DEFAULT_CHAIN), nothing="both variants are complete")
 
 with method_tab:
     method = st.selectbox("Method", list(methods), format_func=methods.get, key="method")

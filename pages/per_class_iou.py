@@ -3,17 +3,12 @@ variant from here and watch its row appear."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import streamlit as st
 
 from cache.reports import gain_table
 from cache.voc import VOC_CLASSES
-from engine.dataset import DatasetError
-from engine.jobs import submit_chain
 from pages.charts import column_labels, gain_heatmap, iou_heatmap, row_labels
-from pages.common import (cache_dir, has_active_jobs, jobs_panel, pick_dataset_and_split, read,
-                          refinement_steps, refresh)
+from pages.common import has_active_jobs, jobs_panel, pick_dataset_and_split, queue_chain, read, refinement_steps
 
 VIEWS = {"flat": "flat", "grouped": "grouped by source", "gain": "gain vs source"}
 
@@ -67,13 +62,7 @@ else:
     source = st.selectbox("Variant", list(sources), format_func=sources.get, key="iou_refine_source")
     steps = refinement_steps("iou_refine_chain")
     if st.button("Queue", key="iou_queue_refine", disabled=not steps):
-        try:
-            ids = submit_chain(cache_dir(), Path(dataset["root"]), split, steps, source)
-        except (DatasetError, KeyError, ValueError) as exc:
-            st.error(str(exc))
-        else:
-            refresh()
-            st.toast(f"Queued jobs {ids}" if ids else f"Nothing to do: every variant of the chain is complete on {split}.")
+        queue_chain(dataset["root"], split, steps, source, f"every variant of the chain is complete on {split}")
 
 st.subheader("Jobs")
 jobs_panel()

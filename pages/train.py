@@ -25,12 +25,12 @@ import streamlit as st
 from cache.db import connect
 from engine import assignments, registry
 from engine.dataset import DatasetError
-from engine.jobs import Step, submit_chain
+from engine.jobs import Step
 from engine.refine.deeplab import DeepLabConfig
 from engine.training import GROUND_TRUTH, ISLE_PREFIX, submit_training, trainings
 from pages.charts import iou_heatmap, loss_curve, miou_bars, select_rows, validation_curve
 from pages.common import (ACTIVE, cache_dir, cache_exists, complete_variants, has_active_jobs, jobs_panel,
-                          param_widgets, pick_dataset, read, refresh, saved_assignments)
+                          param_widgets, pick_dataset, queue_chain, read, refresh, saved_assignments)
 
 DEFAULTS = DeepLabConfig()
 SHOWN_SETTINGS = {"encoder": "encoder", "epochs": "epochs", "crop_size": "crop", "batch_size": "batch", "lr": "lr"}
@@ -215,11 +215,5 @@ else:
                              index=splits.index(train_split))
     if st.button("Predict", key="predict_submit"):
         model = by_id[chosen]
-        try:
-            ids = submit_chain(directory, root, target, [Step("deeplab", model["params"])], model["label_set_id"])
-        except (DatasetError, KeyError, ValueError) as exc:
-            st.error(str(exc))
-        else:
-            refresh()
-            st.toast(f"Queued jobs {ids}: predictions of {model['name']!r} on {target}" if ids
-                     else f"Nothing to do: {model['name']!r} already predicted every image of {target}.")
+        queue_chain(root, target, [Step("deeplab", model["params"])], model["label_set_id"],
+                    f"{model['name']!r} already predicted every image of {target}")

@@ -37,13 +37,12 @@ from typing import Any
 import numpy as np
 import segmentation_models_pytorch as smp
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cache.voc import IGNORE_INDEX, NUM_CLASSES
 from engine.backbone import BACKBONES, freeze_batchnorm, to_input
 from engine.checkpoints import train_resumable
-from engine.dataset import read_image
+from engine.dataset import read_image, read_mask
 from engine.methods.cam import augment_with_label, downsample_scores, poly_lr
 from engine.methods.isim import load_imagenet_encoder, pad_to_multiple
 from engine.metrics import confusion_counts, iou_from_counts
@@ -192,8 +191,6 @@ def label_from_probs(probs: np.ndarray, image_id: str, keep_prob: float, max_sid
 def evaluate(net: SegNet, items: Sequence[Item], cfg: DeepLabConfig, device: str) -> float:
     """mIoU (in [0, 1]) of the network on ``items`` against their ground truth, over the classes
     present in those images; NaN when none can be read."""
-    from engine.dataset import read_mask
-
     total = np.zeros((NUM_CLASSES, 3), np.int64)
     net.eval()
     for item in items:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,6 +60,16 @@ def iou_table(con: Con, dataset_id: str, split: str, image_ids: Sequence[str] | 
         labelled=np.array([labelled[v["id"]] for v in variants], np.int64),
         iou=iou, tp=tp, fp=fp, fn=fn, n_images=n_images, miou=miou,
     )
+
+
+def select_rows(table: IoUTable, variant_ids: list[str]) -> IoUTable:
+    """The rows of ``table`` for ``variant_ids`` (in that order; ids without a row are skipped)."""
+    index = {vid: row for row, vid in enumerate(table.variant_ids)}
+    rows = [index[v] for v in variant_ids if v in index]
+    return dataclasses.replace(
+        table, variant_ids=[table.variant_ids[r] for r in rows], names=[table.names[r] for r in rows],
+        source_ids=[table.source_ids[r] for r in rows],
+        **{name: getattr(table, name)[rows] for name in ("labelled", "iou", "tp", "fp", "fn", "n_images", "miou")})
 
 
 def tree_order(table: IoUTable) -> tuple[list[int], list[int]]:

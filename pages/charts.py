@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import plotly.graph_objects as go
 
@@ -148,16 +146,6 @@ def gain_heatmap(table: IoUTable, gain: GainTable, class_images: dict[int, int])
 
 
 # --- final segmentation training (pages/train.py) ------------------------------------------
-
-
-def select_rows(table: IoUTable, variant_ids: list[str]) -> IoUTable:
-    """The rows of ``table`` for ``variant_ids`` (in that order; ids without a row are skipped)."""
-    index = {vid: row for row, vid in enumerate(table.variant_ids)}
-    rows = [index[v] for v in variant_ids if v in index]
-    return dataclasses.replace(
-        table, variant_ids=[table.variant_ids[r] for r in rows], names=[table.names[r] for r in rows],
-        source_ids=[table.source_ids[r] for r in rows],
-        **{name: getattr(table, name)[rows] for name in ("labelled", "iou", "tp", "fp", "fn", "n_images", "miou")})
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:

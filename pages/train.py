@@ -28,7 +28,8 @@ from engine.dataset import DatasetError
 from engine.jobs import Step
 from engine.refine.deeplab import DeepLabConfig
 from engine.training import GROUND_TRUTH, ISLE_PREFIX, submit_training, trainings
-from pages.charts import iou_heatmap, loss_curve, miou_bars, select_rows, validation_curve
+from cache.reports import select_rows
+from pages.charts import iou_heatmap, loss_curve, miou_bars, validation_curve
 from pages.common import (ACTIVE, cache_dir, cache_exists, complete_variants, has_active_jobs, jobs_panel,
                           param_widgets, pick_dataset, queue_chain, read, refresh, saved_assignments)
 

@@ -9,6 +9,7 @@ under the final name. Their paths are recorded only in DuckDB (``cache/queries.p
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,11 @@ class LabelMapError(ValueError):
     """A label map file that cannot be used; the message names the file and the problem."""
 
 
-def _atomic_target(path: Path) -> Path:
+def atomic_target(path: Path) -> Path:
+    """A temporary name next to ``path``, unique per process and thread (the app's sessions are
+    threads of one process and may write the same thumbnail at once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
 
 
 def write_label_map(path: Path, label: np.ndarray) -> None:
@@ -36,7 +39,7 @@ def write_label_map(path: Path, label: np.ndarray) -> None:
         raise LabelMapError(f"{path}: label values {bad.tolist()} are not VOC classes 0-20 or 255")
     image = Image.fromarray(label, mode="P")
     image.putpalette(VOC_PALETTE.flatten().tolist())
-    tmp = _atomic_target(path)
+    tmp = atomic_target(path)
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
 
@@ -65,7 +68,7 @@ def write_scores(path: Path, classes: tuple[int, ...], scores: np.ndarray) -> No
     scores = np.asarray(scores)
     if scores.ndim != 3 or scores.shape[0] != len(classes):
         raise LabelMapError(f"{path}: expected scores of shape ({len(classes)}, h, w), got {scores.shape}")
-    tmp = _atomic_target(path)
+    tmp = atomic_target(path)
     with open(tmp, "wb") as f:
         np.savez_compressed(f, classes=np.asarray(classes, np.int16), scores=scores.astype(np.float16))
     os.replace(tmp, path)

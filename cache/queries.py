@@ -437,10 +437,11 @@ def splits(con: Con, dataset_id: str) -> list[str]:
 
 
 def cache_state(con: Con) -> tuple:
-    """A cheap fingerprint that changes whenever label maps, variants or jobs change: the key of
-    the app's cached query results."""
+    """A cheap fingerprint that changes whenever label maps, variants, jobs or flags change: the
+    key of the app's cached query results."""
     return con.execute(
         """SELECT (SELECT count(*) FROM label_maps), (SELECT max(created_at) FROM label_maps),
                   (SELECT count(*) FROM variants), (SELECT count(*) FROM images),
-                  (SELECT string_agg(id || status || done, ',' ORDER BY id) FROM jobs)"""
+                  (SELECT string_agg(id || status || done, ',' ORDER BY id) FROM jobs),
+                  (SELECT count(*) FROM flags), (SELECT max(created_at) FROM flags)"""
     ).fetchone()

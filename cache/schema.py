@@ -10,7 +10,7 @@ from enum import Enum
 
 import duckdb
 
-SCHEMA_VERSION = 3  # 2: conflicts, assignments; 3: train_log
+SCHEMA_VERSION = 4  # 2: conflicts, assignments; 3: train_log; 4: flags
 
 STATEMENTS = (
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
@@ -64,6 +64,12 @@ STATEMENTS = (
         variant_id VARCHAR NOT NULL, name VARCHAR NOT NULL, step BIGINT NOT NULL,
         value DOUBLE NOT NULL, created_at DOUBLE NOT NULL,
         PRIMARY KEY (variant_id, name, step))""",
+    # A user's mark on an image of a dataset (pseudo-label QA): kind is one of cache.qa.FLAG_KINDS;
+    # variant_id is the variant being looked at when flagged (NULL: none). One row per kind.
+    """CREATE TABLE IF NOT EXISTS flags (
+        dataset_id VARCHAR NOT NULL, image_id VARCHAR NOT NULL, kind VARCHAR NOT NULL,
+        note VARCHAR NOT NULL DEFAULT '', variant_id VARCHAR, created_at DOUBLE NOT NULL,
+        PRIMARY KEY (dataset_id, image_id, kind))""",
     "CREATE SEQUENCE IF NOT EXISTS job_ids START 1",
     # kind 'scan' registers a dataset; kind 'label' makes a variant's label maps for a split.
     """CREATE TABLE IF NOT EXISTS jobs (

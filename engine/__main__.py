@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine {submit,worker,run,import,status,cancel}``.
+"""Command line: ``python -m engine {submit,run,import,worker,isle,export,train,flags,status,cancel}``.
 
     python -m engine run cam dcrf            # queue CAM and CAM -> dCRF on train, work until done
     python -m engine submit cam --param cam.epochs=3
@@ -12,6 +12,8 @@
     python -m engine export out/isle-auto --assignment auto   # VOCdevkit folder + provenance.json
     python -m engine train isle:auto --dcrf      # DeepLabV3+ on a label set (variant id, gt,
                                                  # isle:NAME), val mIoU with and without dCRF
+    python -m engine flags --kind wrong_gt > wrong_gt.txt   # images flagged on the QA page
+    python -m engine isle --name clean --exclude-flagged wrong_gt   # flagged images do not select
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cache import queries
+from cache import qa, queries
 from cache.db import connect, default_cache_dir
 from cache.voc import VOC_CLASSES
 from engine.dataset import default_voc_root
@@ -153,8 +155,11 @@ def _isle(cache_dir: Path, root: Path, split: str, args: argparse.Namespace) -> 
     """Algorithm 2 (+ overrides), save the assignment, run the exact merge (and naive ISLE),
     print predicted vs exact, export if asked."""
     dataset_id = dataset_id_for(root)
-    subset = Subset(fraction=args.fraction, seed=args.seed)
     with connect(cache_dir, read_only=True) as con:
+        exclude = () if args.exclude_flagged is None else qa.flagged_ids(con, dataset_id, args.exclude_flagged or None)
+        subset = Subset(fraction=args.fraction, seed=args.seed, exclude=tuple(exclude))
+        if exclude:
+            print(f"{len(exclude)} flagged image(s) kept out of the selection subset")
         candidates = args.candidates or [v["id"] for v in assignments.complete_variants(con, dataset_id, split) if v["default"]]
         plan = assignments.build_plan(con, dataset_id, split, candidates, subset, _overrides(args.set), args.rule)
     with connect(cache_dir) as con:
@@ -209,6 +214,18 @@ def _train(cache_dir: Path, root: Path, args: argparse.Namespace) -> None:
         print(f"{r['label_set'][:60]:60} mIoU {r['miou']:6.2f}{crf}  ({r['images']} images, {r['variant_id']})")
 
 
+def _print_flags(cache_dir: Path, root: Path, kinds: list[str] | None, table: bool) -> None:
+    """The flagged images of the dataset at ``root``: ids (sorted, once each), or one flag a line."""
+    with connect(cache_dir, read_only=True) as con:
+        rows = qa.flags(con, dataset_id_for(root), kinds)
+    if table:
+        for r in sorted(rows, key=lambda r: (r["image_id"], r["kind"])):
+            print("\t".join([r["image_id"], r["kind"], r["note"], r["variant_id"] or ""]))
+    else:
+        for image_id in sorted({r["image_id"] for r in rows}):
+            print(image_id)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -243,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--fraction", type=float, default=1.0, help="share of images that select (rest: report)")
     e.add_argument("--seed", type=int, default=0, help="seed of the selection/report split")
     e.add_argument("--set", action="append", default=[], metavar="CLASS=VARIANT_ID", help="override a class")
+    e.add_argument("--exclude-flagged", nargs="*", choices=tuple(qa.FLAG_KINDS), default=None, metavar="KIND",
+                   help=f"keep images flagged on the QA page out of the selection subset (kinds: "
+                        f"{', '.join(qa.FLAG_KINDS)}; none given: every kind)")
     e.add_argument("--naive", action="store_true", help="also run naive ISLE (the paper's baseline)")
     e.add_argument("--export", type=Path, default=None, metavar="DIR", help="then export the ensemble here")
     e.add_argument("--images", choices=IMAGE_MODES, default="link", help="JPEGImages in the export")
@@ -258,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="DeepLabConfig fields: epochs, crop_size, batch_size, lr, encoder, seed, ...")
     t.add_argument("--dcrf", action="store_true", help="also score the predictions after dCRF")
     t.add_argument("--on", default="val", help="the split the model predicts and is scored on")
+    f = sub.add_parser("flags", help="the images flagged on the QA page, one id per line (or with --table)")
+    f.add_argument("--kind", nargs="+", choices=tuple(qa.FLAG_KINDS), default=None, help="only these kinds")
+    f.add_argument("--table", action="store_true", help="also kind, note and variant, tab-separated")
     sub.add_parser("status", help="jobs, and per-class IoU of every variant on --split")
     c = sub.add_parser("cancel", help="cancel jobs")
     c.add_argument("job_ids", nargs="+", type=int)
@@ -293,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         _train(cache_dir, root, args)
     elif args.command == "export":
         _export(cache_dir, root, args)
+    elif args.command == "flags":
+        _print_flags(cache_dir, root, args.kind, args.table)
     elif args.command == "status":
         _print_status(cache_dir, root, args.split)
     elif args.command == "cancel":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from cache import queries
+from cache import qa, queries
 from cache.db import connect
 from cache.voc import VOC_CLASSES
 from engine import assignments
@@ -164,6 +164,12 @@ with left:
     exclude = tuple(state.get("exclude", ()))
     if exclude:
         st.caption(f"{len(exclude)} image(s) excluded by the restored assignment.")
+    kinds = st.multiselect("Exclude flagged images (Pseudo-label QA) from the selection", list(qa.FLAG_KINDS),
+                           format_func=qa.FLAG_KINDS.get, key="exclude_flagged")
+    if kinds:
+        flagged = read("flagged_ids", dataset["id"], tuple(kinds))
+        exclude = tuple(sorted({*exclude, *flagged}))
+        st.caption(f"{len(flagged)} flagged image(s) kept out of the selection subset.")
 with right:
     rule = st.radio("Overlap rule (a pixel two chosen classes both claim)", OVERLAP_RULES,
                     format_func=RULES.get, key="rule")

@@ -9,6 +9,7 @@ navigation = st.navigation([
     st.Page("pages/home.py", title="Home", icon=":material/home:", url_path="home", default=True),
     st.Page("pages/per_class_iou.py", title="Per-class IoU", icon=":material/grid_on:", url_path="per-class-iou"),
     st.Page("pages/ensemble.py", title="ISLE ensemble", icon=":material/join:", url_path="ensemble"),
+    st.Page("pages/qa.py", title="Pseudo-label QA", icon=":material/image_search:", url_path="pseudo-label-qa"),
     st.Page("pages/train.py", title="Train", icon=":material/model_training:", url_path="train"),
 ])
 navigation.run()

@@ -15,7 +15,7 @@ from typing import Any
 
 import streamlit as st
 
-from cache import queries, reports
+from cache import qa, queries, reports
 from cache.db import connect, db_path, default_cache_dir
 from cache.schema import JobStatus
 from engine.dataset import DatasetError, default_voc_root
@@ -52,11 +52,12 @@ def _read(directory: Path, question: str, key: tuple, *args):
     with connect(directory, read_only=True) as con:
         if question == "iou_table":
             return reports.iou_table(con, *args)
-        return getattr(queries, question)(con, *args)
+        return getattr(qa if hasattr(qa, question) else queries, question)(con, *args)
 
 
 def read(question: str, *args):
-    """``cache.queries.<question>(con, *args)`` (or ``iou_table``), cached until the cache changes."""
+    """``cache.queries.<question>(con, *args)`` (or ``cache.qa.<question>``, or ``iou_table``),
+    cached until the cache changes."""
     directory = cache_dir()
     return _read(directory, question, _state(directory), *args)
 

@@ -1,0 +1,332 @@
+"""Pseudo-label QA: find the images that matter, see why with overlays, flag them.
+
+The grid is one ``cache.qa.find_images`` query over the cached counts (no label map decoded) and
+thumbnails from ``cache.thumbnails``; the single-image view decodes that one image's files. The
+per-class IoU heatmap links here with ``?split=&variant=&class=&sort=`` (a cell's images, worst
+first); ``?image=`` opens one image. Flags are written to the cache at once and can keep images
+out of the ISLE selection subset (ISLE ensemble page, or ``python -m engine isle --exclude-flagged``).
+
+Widget keys start with "qa_"; "qa_image" (not a widget) is the image open in the single view.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from cache import qa
+from cache.db import connect
+from cache.labelmaps import LabelMapError, read_label_map, read_scores
+from cache.thumbnails import ThumbnailError, image_thumbnail, label_thumbnail
+from cache.voc import VOC_CLASSES
+from engine.dataset import ImageError, read_image, read_mask
+from pages.charts import row_labels
+from pages.common import cache_dir, pick_dataset_and_split, read, refresh
+from pages.overlays import legend, overlay, score_overlay, wipe
+
+GT = "gt"  # the ground truth, as a layer next to the variant ids
+NONE = "none"
+COLUMNS = 4
+PAGE_SIZES = (12, 24, 48)
+state = st.session_state
+
+st.title("Pseudo-label QA")
+st.caption("Sort and filter the images by what the cached counts say, open one to see why: overlays of "
+           "the ground truth and the variants, a comparison slider, the stored class scores, and flags.")
+
+
+def _apply_query_params() -> None:
+    """Copy a link's ``?split=&variant=&other=&class=&sort=&descending=0|1&image=`` into the
+    widgets, once per link."""
+    incoming = {key: st.query_params[key] for key in st.query_params}
+    if not incoming or state.get("qa_link") == incoming:
+        return
+    state["qa_link"] = incoming
+    if incoming.get("split"):  # a split the dataset lacks falls back to the picker's default
+        state["split"] = incoming["split"]
+    for key in ("variant", "other"):
+        if key in incoming:
+            state[f"qa_{key}"] = incoming[key]
+    if incoming.get("class") in VOC_CLASSES:
+        state["qa_class"] = VOC_CLASSES.index(incoming["class"])
+    if incoming.get("sort") in qa.SORTS:
+        state["qa_sort"] = incoming["sort"]
+        state["qa_descending"] = (incoming["descending"] == "1" if incoming.get("descending") in ("0", "1")
+                                  else qa.DESCENDING[incoming["sort"]])
+    state["qa_image"] = incoming.get("image")
+    state["qa_page"] = 1
+
+
+_apply_query_params()
+dataset, split = pick_dataset_and_split("Nothing to check yet: queue CAM on the Home page.")
+directory = cache_dir()
+table = read("iou_table", dataset["id"], split)
+names = dict(zip(table.variant_ids, row_labels(table)))
+layer_names = {GT: "ground truth", NONE: "none", **names}
+
+
+def _fmt(sort: str, value: float | None) -> str:
+    if value is None:
+        return ""
+    if sort == "iou":
+        return f"IoU {100 * value:.1f}%"
+    if sort == "gain":
+        return f"gain {100 * value:+.1f}".replace("-", "\u2212") + " pts"
+    if sort == "disagreement":
+        return f"differ ≥ {100 * value:.1f}% px"
+    return f"{int(value):,} px"
+
+
+def _flag_text(kinds: list[str]) -> str:
+    return "  ⚑ " + ", ".join(qa.FLAG_KINDS[k] for k in kinds) if kinds else ""
+
+
+# --- filters and sort (always drawn, so their state survives the single-image view) ----------
+
+st.subheader("Find images")
+left, middle, right = st.columns(3)
+sort = left.selectbox("Sort by", list(qa.SORTS), format_func=qa.SORTS.get, key="qa_sort",
+                      on_change=lambda: state.update(qa_descending=qa.DESCENDING[state["qa_sort"]], qa_page=1))
+needs_variant = sort != "image"
+if state.get("qa_variant") not in names:
+    state.pop("qa_variant", None)
+variant = middle.selectbox("Variant", list(names), format_func=names.get, key="qa_variant",
+                           index=None, placeholder="choose a variant") if names else None
+other = None
+if sort in ("disagreement", "gain"):
+    others = [v for v in names if v != variant]
+    if state.get("qa_other") not in others:
+        state.pop("qa_other", None)
+    other = right.selectbox("Second variant", others, format_func=names.get, key="qa_other", index=None,
+                            placeholder="choose the variant to compare with")
+class_id = right.selectbox("Class the sort is about", [None, *range(len(VOC_CLASSES))],
+                           format_func=lambda c: "whole image" if c is None else VOC_CLASSES[c], key="qa_class")
+left, middle, right = st.columns(3)
+classes = left.multiselect("Images holding the classes", range(1, len(VOC_CLASSES)),
+                           format_func=VOC_CLASSES.__getitem__, key="qa_classes")
+flagged = middle.selectbox("Flags", qa.FLAG_FILTERS, key="qa_flagged",
+                           format_func=lambda f: qa.FLAG_KINDS.get(f, f))
+state.setdefault("qa_descending", qa.DESCENDING[sort])
+descending = right.toggle("Largest first", key="qa_descending",
+                          help="Default per sort: lowest IoU first, most errors, disagreement, gain and conflicts first.")
+grid_layer = right.selectbox("Grid overlay", [GT, NONE, *names], format_func=layer_names.get,
+                             index=2 if variant is None else 2 + list(names).index(variant), key="qa_grid_layer")
+
+query = None
+if needs_variant and variant is None:
+    st.info(f"Choose a variant to sort by {qa.SORTS[sort].lower()}.")
+elif sort in ("disagreement", "gain") and other is None:
+    st.info("Choose the second variant.")
+else:
+    query = qa.ImageQuery(split, tuple(classes), variant, other, class_id, sort, descending, flagged)
+
+left, right = st.columns([1, 3])
+page_size = left.selectbox("Images per page", PAGE_SIZES, index=1, key="qa_page_size")
+page = None
+if query is not None:
+    total = read("find_images", dataset["id"], query, 1, 0).total
+    pages = max(1, math.ceil(total / page_size))
+    state["qa_page"] = min(max(int(state.get("qa_page", 1)), 1), pages)
+    number = right.number_input(f"Page (of {pages}; {total:,} image(s))", 1, pages, key="qa_page")
+    page = read("find_images", dataset["id"], query, page_size, (number - 1) * page_size)
+
+
+# --- grid --------------------------------------------------------------------------------------
+
+
+def _label_path(variant_id: str, image_id: str) -> Path | None:
+    row = read("label_map_rows", variant_id).get(image_id)
+    return directory / row[0] if row else None
+
+
+def _thumb(row: dict, layer: str, opacity: float) -> np.ndarray:
+    image = image_thumbnail(directory, Path(row["image_path"]))
+    source = Path(row["mask_path"]) if layer == GT and row["mask_path"] else None
+    if layer not in (GT, NONE):
+        source = _label_path(layer, row["image_id"])
+    return image if source is None else overlay(image, label_thumbnail(directory, source), opacity)
+
+
+def _open(image_id: str) -> None:
+    state["qa_image"] = image_id
+    st.query_params["image"] = image_id
+    state["qa_link"] = {key: st.query_params[key] for key in st.query_params}
+
+
+def grid() -> None:
+    if page is None:
+        return
+    if not page.rows:
+        st.info("No image matches these filters.")
+        return
+    opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.55, 0.05, key="qa_grid_opacity")
+    for start in range(0, len(page.rows), COLUMNS):
+        for column, row in zip(st.columns(COLUMNS), page.rows[start:start + COLUMNS]):
+            with column:
+                try:
+                    st.image(_thumb(row, grid_layer, opacity))
+                except ThumbnailError as exc:
+                    st.error(str(exc))
+                st.caption(f"**{row['image_id']}** {_fmt(query.sort, row['value'])}"
+                           f" · {', '.join(VOC_CLASSES[c] for c in row['labels'])}{_flag_text(row['flags'])}")
+                st.button("Open", key=f"qa_open_{row['image_id']}", on_click=_open, args=(row["image_id"],))
+
+
+# --- single image ------------------------------------------------------------------------------
+
+
+def _close() -> None:
+    state["qa_image"] = None
+    st.query_params.pop("image", None)
+    state["qa_link"] = {key: st.query_params[key] for key in st.query_params}
+
+
+def _layer(layer: str, row: dict, maps: dict) -> np.ndarray | None:
+    """The full-size label map of a layer for the open image (None for "none")."""
+    if layer == NONE:
+        return None
+    if layer == GT:
+        return read_mask(Path(row["mask_path"]), (row["height"], row["width"]))
+    return read_label_map(directory / maps[layer][0])
+
+
+def _save_flag(image_id: str, variant_id: str | None) -> None:
+    with connect(directory) as con:
+        qa.set_flag(con, dataset["id"], image_id, state["qa_flag_kind"], state.get("qa_flag_note", ""), variant_id)
+    state["qa_flag_note"] = ""
+    refresh()
+
+
+def _remove_flag(image_id: str, kind: str) -> None:
+    with connect(directory) as con:
+        qa.remove_flag(con, dataset["id"], image_id, kind)
+    refresh()
+
+
+def single(image_id: str) -> None:
+    row = read("image_row", dataset["id"], split, image_id)
+    if row is None or row["problem"]:
+        st.error(f"Image {image_id!r} is not a usable image of {split}"
+                 + (f": {row['problem']}" if row else "."))
+        st.button("← Back to the grid", on_click=_close, key="qa_back")
+        return
+    maps = {v: paths for v, paths in read("image_label_maps", dataset["id"], image_id).items() if v in names}
+    ids = [r["image_id"] for r in page.rows] if page else []
+    here = ids.index(image_id) if image_id in ids else None
+    nav = st.columns([2, 1, 1, 4])
+    nav[0].button("← Back to the grid", on_click=_close, key="qa_back")
+    if here is not None:
+        nav[1].button("◀ Previous", on_click=_open, args=(ids[here - 1],), disabled=here == 0, key="qa_prev")
+        nav[2].button("Next ▶", on_click=_open, args=(ids[min(here + 1, len(ids) - 1)],),
+                      disabled=here == len(ids) - 1, key="qa_next")
+    flags = [f for f in read("flags", dataset["id"]) if f["image_id"] == image_id]
+    st.markdown(f"### {image_id}")
+    st.caption(f"{row['width']}×{row['height']} px · classes: "
+               f"{', '.join(VOC_CLASSES[c] for c in row['labels']) or 'none'}{_flag_text([f['kind'] for f in flags])}")
+    layers = [GT, *maps]
+    left, middle, right = st.columns(3)
+    default_a = layers.index(variant) if variant in maps else 0
+    a = left.selectbox("Layer A", layers, index=default_a, format_func=layer_names.get, key="qa_layer_a")
+    b_options = [NONE, *[layer for layer in layers if layer != a]]
+    b = middle.selectbox("Layer B", b_options, format_func=layer_names.get, key="qa_layer_b",
+                         index=b_options.index(other) if other in b_options else (1 if a != GT else 0))
+    mode = right.radio("Show", ["side by side", "comparison slider"], horizontal=True, key="qa_mode",
+                       disabled=b == NONE)
+    opacity = left.slider("Overlay opacity", 0.0, 1.0, 0.6, 0.05, key="qa_opacity")
+    try:
+        image = read_image(Path(row["image_path"]))
+        label_a, label_b = _layer(a, row, maps), _layer(b, row, maps)
+        gt = read_mask(Path(row["mask_path"]), image.shape[:2])
+    except (ImageError, LabelMapError) as exc:
+        st.error(str(exc))
+        return
+    shown = [(a, overlay(image, label_a, opacity))] + ([] if label_b is None else [(b, overlay(image, label_b, opacity))])
+    if mode == "comparison slider" and len(shown) == 2:
+        position = middle.slider("Slider position (A left, B right)", 0.0, 1.0, 0.5, 0.01, key="qa_wipe")
+        st.image(wipe(shown[0][1], shown[1][1], position),
+                 caption=f"left: {layer_names[a]} · right: {layer_names[b]}")
+    else:
+        for column, (layer, picture) in zip(st.columns(len(shown)), shown):
+            column.image(picture, caption=layer_names[layer])
+
+    st.markdown("**Classes in this image**")
+    compared = {layer_names[layer]: label for layer, label in ((a, label_a), (b, label_b))
+                if label is not None and layer != GT}
+    rows = legend(gt, compared)
+    frame = pd.DataFrame(
+        [{"colour": r["colour"], "class": r["class"], **{k: v for k, v in r.items() if k.endswith("px")},
+          **{k: None if v is None else round(100 * v, 1) for k, v in r.items() if k.endswith("IoU")}}
+         for r in rows])
+    # The colour cell painted in the class's VOC colour: the legend of the overlays above.
+    st.dataframe(frame.style.map(lambda c: f"background-color: {c}; color: {c}", subset=["colour"])
+                 .format(precision=1), hide_index=True)
+    st.caption("Pixels per class (ground-truth pixels labelled 255 ignored); IoU in % in this image.")
+
+    with_scores = [v for v, (_, scores) in maps.items() if scores]
+    if with_scores:
+        with st.expander("Class scores (CAM) as a heatmap"):
+            source = st.selectbox("Scores of", with_scores, format_func=names.get, key="qa_scores_variant",
+                                  index=with_scores.index(a) if a in with_scores else 0)
+            try:
+                stored, scores = read_scores(directory / maps[source][1])
+            except LabelMapError as exc:
+                st.error(str(exc))
+            else:
+                pick = st.selectbox("Class", range(len(stored)), format_func=lambda k: VOC_CLASSES[stored[k]],
+                                    index=len(stored) - 1, key="qa_scores_class")
+                st.image(score_overlay(image, scores[pick], opacity),
+                         caption=f"{VOC_CLASSES[stored[pick]]} score of {names[source]} "
+                                 f"(stored at {scores.shape[2]}×{scores.shape[1]}, upsampled)")
+
+    st.markdown("**Flag this image**")
+    for flag in flags:
+        text, button = st.columns([5, 1])
+        text.write(f"⚑ {qa.FLAG_KINDS[flag['kind']]}: {flag['note'] or '(no note)'}"
+                   + (f" — on {flag['variant_name']}" if flag["variant_name"] else ""))
+        button.button("Remove", key=f"qa_unflag_{flag['kind']}", on_click=_remove_flag, args=(image_id, flag["kind"]))
+    kind_col, note_col, button_col = st.columns([2, 4, 1])
+    kind_col.selectbox("Kind", list(qa.FLAG_KINDS), format_func=qa.FLAG_KINDS.get, key="qa_flag_kind")
+    note_col.text_input("Note", key="qa_flag_note", placeholder="what is wrong, what to look at")
+    button_col.button("Flag", key="qa_flag", on_click=_save_flag,
+                      args=(image_id, a if a not in (GT, NONE) else None), type="primary")
+
+
+# --- flags -------------------------------------------------------------------------------------
+
+
+def flag_list() -> None:
+    rows = read("flags", dataset["id"])
+    st.subheader(f"Flags ({len(rows)})")
+    if not rows:
+        st.caption("No flag yet: open an image and flag it.")
+        return
+    kinds = st.multiselect("Kinds", list(qa.FLAG_KINDS), default=list(qa.FLAG_KINDS),
+                           format_func=qa.FLAG_KINDS.get, key="qa_flag_kinds")
+    rows = [r for r in rows if r["kind"] in kinds]
+    table_rows = [{"image": r["image_id"], "kind": qa.FLAG_KINDS[r["kind"]], "note": r["note"],
+                   "variant": r["variant_name"], "splits": ", ".join(r["splits"] or [])} for r in rows]
+    st.dataframe(table_rows, hide_index=True)
+    ids = sorted({r["image_id"] for r in rows})
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["image", "kind", "note", "variant", "splits"])
+    writer.writeheader()
+    writer.writerows(table_rows)
+    left, right = st.columns(2)
+    left.download_button("Image list (.txt)", "".join(f"{i}\n" for i in ids), "flagged.txt", key="qa_flags_txt",
+                         help="One id per line, like ImageSets/Segmentation/<split>.txt")
+    right.download_button("Flags (.csv)", text.getvalue(), "flags.csv", key="qa_flags_csv")
+    st.caption("Keep flagged images out of the ISLE selection subset on the ISLE ensemble page "
+               "(\"Exclude flagged images\") or with `python -m engine isle --exclude-flagged KIND`.")
+
+
+if state.get("qa_image"):
+    single(state["qa_image"])
+else:
+    grid()
+flag_list()

@@ -64,11 +64,22 @@ def tree_labels(table: IoUTable) -> list[str]:
 def _figure(z: np.ndarray, x: list[str], y: list[str], text: list[list[str]], hover: list[list[str]],
             ticks: list[str] | None = None, **colours) -> go.Figure:
     """The shared heatmap layout; ``y`` are the full row names (hover), ``ticks`` their shown text
-    (default: ``y`` shortened by ``ellipsize``)."""
+    (default: ``y`` shortened by ``ellipsize``).
+
+    Trace 1 is an invisible square marker on every cell, row by row (point index = row * len(x) +
+    column), carrying the hover: Plotly reports no click or selection on a heatmap trace, and
+    ``st.plotly_chart(on_select=...)`` needs one to let a click on a cell open its images.
+    """
     figure = go.Figure(go.Heatmap(
-        z=z, x=x, y=y, text=text, texttemplate="%{text}", textfont={"size": 13}, hovertext=hover,
-        hovertemplate="%{hovertext}<extra>%{y}</extra>", xgap=2, ygap=2, **colours,
+        z=z, x=x, y=y, text=text, texttemplate="%{text}", textfont={"size": 13}, hoverinfo="skip",
+        xgap=2, ygap=2, **colours,
     ))
+    figure.add_scatter(
+        x=[column for _ in y for column in x], y=[row for row in y for _ in x],
+        hovertext=[cell for row in hover for cell in row], hovertemplate="%{hovertext}<extra>%{y}</extra>",
+        mode="markers", marker={"symbol": "square", "size": 34, "opacity": 0}, showlegend=False,
+        selected={"marker": {"opacity": 0}}, unselected={"marker": {"opacity": 0}},
+    )
     figure.update_layout(height=160 + 48 * len(y), margin={"l": 10, "r": 10, "t": 30, "b": 10},
                          xaxis={"side": "top", "tickangle": -45}, yaxis={"autorange": "reversed"},
                          plot_bgcolor="#eeeeee")

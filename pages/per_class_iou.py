@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from cache.reports import gain_table
+from cache.reports import gain_table, tree_order
 from cache.voc import VOC_CLASSES
 from pages.charts import column_labels, gain_heatmap, iou_heatmap, row_labels
 from pages.common import has_active_jobs, jobs_panel, pick_dataset_and_split, queue_chain, read, refinement_steps
@@ -34,12 +34,30 @@ def heatmap() -> None:
     view = st.radio("Rows", list(VIEWS), format_func=VIEWS.get, horizontal=True, key="view")
     gain = gain_table(table) if view == "gain" else None
     if gain is None:
-        st.plotly_chart(iou_heatmap(table, class_images, view), key="heatmap")
+        st.caption("Click a cell to open its images in Pseudo-label QA, most error pixels first.")
+        event = st.plotly_chart(iou_heatmap(table, class_images, view), key="heatmap", on_select="rerun",
+                                selection_mode="points")
+        rows = tree_order(table)[0] if view == "grouped" else list(range(len(table.names)))
+        cells = [(table.variant_ids[r], None) for r in rows]
     elif gain.rows.size:
-        st.caption("IoU of each refined variant minus its source's, in points, class by class.")
-        st.plotly_chart(gain_heatmap(table, gain, class_images), key="heatmap")
+        st.caption("IoU of each refined variant minus its source's, in points, class by class. Click a cell "
+                   "to open the images where the refinement lost most on that class.")
+        event = st.plotly_chart(gain_heatmap(table, gain, class_images), key="heatmap", on_select="rerun",
+                                selection_mode="points")
+        cells = [(table.variant_ids[s], table.variant_ids[r]) for r, s in zip(gain.rows, gain.sources)]
     else:
         st.info(f"No refined variant has label maps on {split} next to its source.")
+        return
+    points = event.selection.points if event else []
+    if points:
+        row, column = divmod(points[0]["point_index"], len(VOC_CLASSES) + 1)
+        variant, other = cells[row]
+        link = {"split": split, "variant": variant, "sort": "errors" if other is None else "gain"}
+        if other is not None:
+            link |= {"other": other, "descending": "0"}
+        if column < len(VOC_CLASSES):  # the mIoU column sorts by the whole image
+            link |= {"class": VOC_CLASSES[column]}
+        st.switch_page("pages/qa.py", query_params=link)
     with st.expander("The numbers"):
         columns = column_labels(class_images)
         st.dataframe(

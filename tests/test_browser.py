@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from selenium import webdriver
@@ -89,7 +90,7 @@ def test_heatmap_page_renders_in_chromium(served_app, browser, tmp_path):
     assert browser.current_url.endswith("/per-class-iou")
     links = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebarNav"] a')
     hrefs = [a.get_attribute("href").removeprefix(served_app) for a in links]
-    assert hrefs == ["/", "/per-class-iou", "/ensemble", "/train"]  # app.py's router, not a listing of pages/
+    assert hrefs == ["/", "/per-class-iou", "/ensemble", "/pseudo-label-qa", "/train"]  # app.py's router, not a listing of pages/
     shot = tmp_path / "heatmap.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 20_000
@@ -153,3 +154,60 @@ def test_ensemble_page_renders_and_an_override_updates_the_prediction(served_app
     option.click()
     wait.until(lambda d: predicted() == expected)
     assert "overridden" in browser.find_element(By.TAG_NAME, "body").text
+
+
+def test_a_heatmap_cell_opens_its_worst_images_and_the_overlay_renders(served_app, browser, baseline_cache):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cache import qa, reports
+    from cache.db import connect
+    from cache.labelmaps import read_label_map
+    from cache.voc import VOC_CLASSES
+    from engine.dataset import read_image
+    from engine.jobs import dataset_id_for
+    from pages.overlays import overlay
+
+    cache_dir, root = baseline_cache
+    dataset_id = dataset_id_for(root)
+    with connect(cache_dir, read_only=True) as con:
+        table = reports.iou_table(con, dataset_id, "train")
+        row = table.names.index(next(n for n in table.names if "dCRF" not in n))  # the CAM row
+        class_id = int(np.argmax(table.n_images[row, 1:])) + 1
+        worst = qa.find_images(con, dataset_id, qa.ImageQuery("train", variant=table.variant_ids[row],
+                                                               class_id=class_id, sort="errors"), limit=100)
+        label_path = cache_dir / qa.image_label_maps(con, dataset_id, worst.rows[0]["image_id"])[table.variant_ids[row]][0]
+
+    browser.get(served_app)
+    wait = WebDriverWait(browser, 90)
+    link = wait.until(EC.element_to_be_clickable((By.PARTIAL_LINK_TEXT, "Per-class IoU")))
+    wait.until(lambda d: any("ISLE Workbench" in h.text for h in d.find_elements(By.TAG_NAME, "h1")))
+    link.click()
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .point")))
+    # One click on the (CAM, class) cell: its invisible click target, row by row.
+    cell = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .point")[row * 22 + class_id]
+    webdriver.ActionChains(browser).move_to_element(cell).click().perform()
+    wait.until(lambda d: "/pseudo-label-qa?" in d.current_url)
+    assert f"class={VOC_CLASSES[class_id]}" in browser.current_url and "sort=errors" in browser.current_url
+    wait.until(lambda d: len(d.find_elements(By.XPATH, "//button[normalize-space()='Open']")) == worst.total)
+    captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]')
+                if c.text.split(" ")[0] in {r["image_id"] for r in worst.rows}]
+    assert [c.split(" ")[0] for c in captions] == [r["image_id"] for r in worst.rows]  # most error pixels first
+
+    # Open the worst image: CAM's overlay next to the ground truth's, and the class legend.
+    browser.find_elements(By.XPATH, "//button[normalize-space()='Open']")[0].click()
+    image_id = worst.rows[0]["image_id"]
+    wait.until(lambda d: f"/pseudo-label-qa?" in d.current_url and f"image={image_id}" in d.current_url)
+    wait.until(lambda d: "Classes in this image" in d.find_element(By.TAG_NAME, "body").text)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"] img')) >= 2)
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert image_id in body and "Traceback" not in body and "ground truth" in body
+    shown = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"] img')[0]
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", shown))
+    with urllib.request.urlopen(shown.get_attribute("src"), timeout=10) as response:
+        rendered = np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"), np.int16)
+    expected = overlay(read_image(Path(worst.rows[0]["image_path"])), read_label_map(label_path), 0.6)
+    assert rendered.shape == expected.shape
+    assert np.abs(rendered - expected).mean() < 2.0  # the overlay as computed, through the browser's encoder

@@ -29,6 +29,9 @@ Counts come from ``engine.metrics.confusion_counts`` and are recorded with
   warm. Copies share files, so that page holds fewer distinct files than images (printed); a
   cold run over 24 distinct real images is timed too. Then the single-image view at full size:
   JPEG, mask and two label maps decoded, both overlaid.
+- **the page**: ``pages/qa.py`` run by Streamlit's AppTest on the scratch cache as a user clicks
+  through it (first load, sort by a variant's error pixels of a class, next page, open an image,
+  back), each step once on an emptied thumbnail folder.
 - **baseline**: what ranking the split costs without the cached counts: decode the mask and the
   shifted label map and take the dog IoU, per image, timed on ``--baseline-images`` distinct
   images and extrapolated linearly to the split (a lower bound for "disagreement" and "gain",
@@ -67,6 +70,7 @@ from engine.dataset import default_voc_root, image_labels, list_splits, mask_fol
 from engine.metrics import confusion_counts, iou_from_counts
 from pages.overlays import overlay
 
+REPO = Path(__file__).resolve().parents[1]
 DATASET_ID = "bench-qa-browse"
 SPLIT = "qa"
 VARIANTS = {"shifted": "bench-shifted", "blocky": "bench-blocky", "merge": "bench-merge"}  # name -> variant id
@@ -297,8 +301,44 @@ def run(cache_dir: Path, root: Path, n_images: int, repeats: int, baseline_image
         median_ms(lambda: load_page(cache_dir, distinct), repeats, setup=empty_thumbs))
     add("image view: JPEG + mask + 2 label maps, 2 overlays (full size)",
         median_ms(lambda: image_view_files(cache_dir, by_id[top[0]["image_id"]]), repeats))
+    for name, ms in page_runs(cache_dir):
+        add(name, ms)
     result["interactions"] = rows
     return result
+
+
+def page_runs(cache_dir: Path) -> list[tuple[str, float]]:
+    """The QA page itself, run by Streamlit's AppTest as a user clicks through it: each step's
+    wall time in ms (the whole script: widgets, the page's cached reads, thumbnails, overlays).
+    Each step runs once, in order, on an emptied thumbnail folder: what a first visit costs."""
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["ISLE_CACHE_DIR"] = str(cache_dir)
+    shutil.rmtree(cache_dir / "thumbs", ignore_errors=True)
+    at = AppTest.from_file(str(REPO / "pages" / "qa.py"), default_timeout=300)
+
+    def sort_errors() -> None:
+        at.selectbox(key="qa_sort").set_value("errors")
+        at.selectbox(key="qa_variant").set_value(VARIANTS["shifted"])
+        at.selectbox(key="qa_class").set_value(CLASS_ID)
+
+    def open_first() -> None:
+        at.button(key=next(b.key for b in at.button if b.key and b.key.startswith("qa_open_"))).click()
+
+    steps = [("page: first load (24 thumbnails, id order)", lambda: None),
+             ("page: sort by error pixels of dog in shifted", sort_errors),
+             ("page: next page", lambda: at.number_input(key="qa_page").increment()),
+             ("page: open an image (full-size overlays, legend)", open_first),
+             ("page: back to the grid", lambda: at.button(key="qa_back").click())]
+    times = []
+    for name, step in steps:
+        step()
+        start = time.perf_counter()
+        at.run()
+        times.append((name, (time.perf_counter() - start) * 1000))
+        if at.exception:
+            raise RuntimeError(f"{name}: the page raised {at.exception[0].value}")
+    return times
 
 
 def report(result: dict[str, Any]) -> None:

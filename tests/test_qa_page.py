@@ -160,6 +160,12 @@ def test_open_an_image_flag_it_and_keep_it_out_of_the_isle_selection(qa_env):
         assert row[f"{cam_name} px"] == int(counts[c, 0] + counts[c, 1])
     assert set(legend["class"]) == {VOC_CLASSES[c] for c in range(21) if (gt == c).any() or (label == c).any()}
 
+    # CAM stored class scores: the heatmap offers each stored class of this image.
+    scores_class = at.selectbox(key="qa_scores_class")
+    assert at.selectbox(key="qa_scores_variant").value == cam_id
+    assert set(scores_class.options) <= {VOC_CLASSES[c] for c in (0, *images[image_id]["labels"])}
+    assert VOC_CLASSES[images[image_id]["labels"][-1]] == scores_class.options[scores_class.index]
+
     # The comparison slider with the ground truth as layer B draws one picture.
     at.selectbox(key="qa_layer_b").set_value("gt").run()
     at.radio(key="qa_mode").set_value("comparison slider").run()

@@ -89,6 +89,11 @@ def _flag_text(kinds: list[str]) -> str:
 
 # --- filters and sort (always drawn, so their state survives the single-image view) ----------
 
+
+def _first_page() -> None:
+    state["qa_page"] = 1
+
+
 st.subheader("Find images")
 left, middle, right = st.columns(3)
 sort = left.selectbox("Sort by", list(qa.SORTS), format_func=qa.SORTS.get, key="qa_sort",
@@ -96,7 +101,7 @@ sort = left.selectbox("Sort by", list(qa.SORTS), format_func=qa.SORTS.get, key="
 needs_variant = sort != "image"
 if state.get("qa_variant") not in names:
     state.pop("qa_variant", None)
-variant = middle.selectbox("Variant", list(names), format_func=names.get, key="qa_variant",
+variant = middle.selectbox("Variant", list(names), format_func=names.get, key="qa_variant", on_change=_first_page,
                            index=None, placeholder="choose a variant") if names else None
 other = None
 if sort in ("disagreement", "gain"):
@@ -104,19 +109,19 @@ if sort in ("disagreement", "gain"):
     if state.get("qa_other") not in others:
         state.pop("qa_other", None)
     other = right.selectbox("Second variant", others, format_func=names.get, key="qa_other", index=None,
-                            placeholder="choose the variant to compare with")
-class_id = right.selectbox("Class the sort is about", [None, *range(len(VOC_CLASSES))],
-                           format_func=lambda c: "whole image" if c is None else VOC_CLASSES[c], key="qa_class")
+                            placeholder="choose the variant to compare with", on_change=_first_page)
+class_id = right.selectbox("Class the sort is about", [None, *range(len(VOC_CLASSES))], key="qa_class",
+                           format_func=lambda c: "whole image" if c is None else VOC_CLASSES[c], on_change=_first_page)
 left, middle, right = st.columns(3)
 classes = left.multiselect("Images holding the classes", range(1, len(VOC_CLASSES)),
-                           format_func=VOC_CLASSES.__getitem__, key="qa_classes")
-flagged = middle.selectbox("Flags", qa.FLAG_FILTERS, key="qa_flagged",
+                           format_func=VOC_CLASSES.__getitem__, key="qa_classes", on_change=_first_page)
+flagged = middle.selectbox("Flags", qa.FLAG_FILTERS, key="qa_flagged", on_change=_first_page,
                            format_func=lambda f: qa.FLAG_KINDS.get(f, f))
 state.setdefault("qa_descending", qa.DESCENDING[sort])
-descending = right.toggle("Largest first", key="qa_descending",
+descending = right.toggle("Largest first", key="qa_descending", on_change=_first_page,
                           help="Default per sort: lowest IoU first, most errors, disagreement, gain and conflicts first.")
 grid_layer = right.selectbox("Grid overlay", [GT, NONE, *names], format_func=layer_names.get,
-                             index=2 if variant is None else 2 + list(names).index(variant), key="qa_grid_layer")
+                             index=0 if variant is None else 2 + list(names).index(variant), key="qa_grid_layer")
 
 query = None
 if needs_variant and variant is None:
@@ -127,7 +132,7 @@ else:
     query = qa.ImageQuery(split, tuple(classes), variant, other, class_id, sort, descending, flagged)
 
 left, right = st.columns([1, 3])
-page_size = left.selectbox("Images per page", PAGE_SIZES, index=1, key="qa_page_size")
+page_size = left.selectbox("Images per page", PAGE_SIZES, index=1, key="qa_page_size", on_change=_first_page)
 page = None
 if query is not None:
     total = read("find_images", dataset["id"], query, 1, 0).total

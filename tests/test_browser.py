@@ -71,15 +71,20 @@ def browser():
     shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_heatmap_page_renders_in_chromium(served_app, browser, tmp_path):
-    # As a user does: open the app, then follow the sidebar link. (A deep link as the very first
-    # session of a fresh server passes through Streamlit's legacy pages/ mode first.)
-    browser.get(served_app)
+def _follow_sidebar(browser, url: str, page: str) -> WebDriverWait:
+    """Open the app and click the sidebar link to ``page``, as a user does (a deep link as the very
+    first session of a fresh server passes through Streamlit's legacy pages/ mode first)."""
+    browser.get(url)
     wait = WebDriverWait(browser, 90)
-    link = wait.until(EC.element_to_be_clickable((By.PARTIAL_LINK_TEXT, "Per-class IoU")))
+    link = wait.until(EC.element_to_be_clickable((By.PARTIAL_LINK_TEXT, page)))
     # The sidebar can be ready before the page body: wait for the title rather than assume it.
     wait.until(lambda d: any("ISLE Workbench" in h.text for h in d.find_elements(By.TAG_NAME, "h1")))
     link.click()
+    return wait
+
+
+def test_heatmap_page_renders_in_chromium(served_app, browser, tmp_path):
+    wait = _follow_sidebar(browser, served_app, "Per-class IoU")
     wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".js-plotly-plot .heatmaplayer")))
     wait.until(lambda d: "mIoU" in d.find_element(By.CSS_SELECTOR, ".js-plotly-plot").text)
     plot_text = browser.find_element(By.CSS_SELECTOR, ".js-plotly-plot").text
@@ -122,11 +127,7 @@ def test_ensemble_page_renders_and_an_override_updates_the_prediction(served_app
     with connect(cache_dir, read_only=True) as con:
         overridden = assignments.build_plan(con, dataset_id, "train", candidates, overrides={entry["class_id"]: other})
 
-    browser.get(served_app)
-    wait = WebDriverWait(browser, 90)
-    link = wait.until(EC.element_to_be_clickable((By.PARTIAL_LINK_TEXT, "ISLE ensemble")))
-    wait.until(lambda d: any("ISLE Workbench" in h.text for h in d.find_elements(By.TAG_NAME, "h1")))
-    link.click()
+    wait = _follow_sidebar(browser, served_app, "ISLE ensemble")
     wait.until(lambda d: "ISLE predicted" in d.find_element(By.TAG_NAME, "body").text)
     assert browser.current_url.endswith("/ensemble")
 
@@ -180,11 +181,7 @@ def test_a_heatmap_cell_opens_its_worst_images_and_the_overlay_renders(served_ap
                                                                class_id=class_id, sort="errors"), limit=100)
         label_path = cache_dir / qa.image_label_maps(con, dataset_id, worst.rows[0]["image_id"])[table.variant_ids[row]][0]
 
-    browser.get(served_app)
-    wait = WebDriverWait(browser, 90)
-    link = wait.until(EC.element_to_be_clickable((By.PARTIAL_LINK_TEXT, "Per-class IoU")))
-    wait.until(lambda d: any("ISLE Workbench" in h.text for h in d.find_elements(By.TAG_NAME, "h1")))
-    link.click()
+    wait = _follow_sidebar(browser, served_app, "Per-class IoU")
     wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .point")))
     # One click on the (CAM, class) cell: its invisible click target, row by row.
     cell = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .point")[row * 22 + class_id]

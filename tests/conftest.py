@@ -62,24 +62,30 @@ def job_row(cache_dir: Path, job_id: int) -> dict:
 
 
 def worker_process(cache_dir: Path, *extra: str) -> subprocess.Popen:
-    """``python -m engine worker --processes 1 *extra`` on ``cache_dir``, as a separate process."""
+    """``python -m engine worker --processes 1 --flush-seconds 0.1 *extra`` on ``cache_dir``, as a
+    separate process (progress recorded every 0.1 s, so a test sees each stage's steps)."""
     env = {**os.environ, "ISLE_CACHE_DIR": str(cache_dir)}
-    return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--processes", "1", *extra],
+    return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--processes", "1", "--flush-seconds", "0.1",
+                             *extra],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def kill_when(worker: subprocess.Popen, cache_dir: Path, job_id: int, stage: str, done: int) -> dict:
-    """SIGKILL ``worker`` once job ``job_id`` reports ``stage`` with at least ``done``; the job row then."""
+    """SIGKILL ``worker`` once job ``job_id`` reports ``stage`` with at least ``done``; the job row then.
+
+    The worker is killed on a failed wait too, so no stray worker outlives the test."""
     deadline = time.monotonic() + 240
-    while True:
-        job = job_row(cache_dir, job_id)
-        if job["stage"] == stage and job["done"] >= done:
-            break
-        assert worker.poll() is None, worker.stderr.read()
-        assert time.monotonic() < deadline, job
-        time.sleep(0.05)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
+    try:
+        while True:
+            job = job_row(cache_dir, job_id)
+            if job["stage"] == stage and job["done"] >= done:
+                break
+            assert worker.poll() is None, worker.stderr.read()
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
     return job_row(cache_dir, job_id)
 
 

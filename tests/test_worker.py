@@ -78,7 +78,7 @@ def test_cancel_stops_the_job_and_keeps_finished_images(baseline_cache, tmp_path
     _, root = baseline_cache
     cache_dir = _copy(baseline_cache, tmp_path / "cache")
     (job_id,) = submit_chain(cache_dir, root, "train", DCRF_5)
-    worker = worker_process(cache_dir, "--until-idle", "--flush-seconds", "0.1")
+    worker = worker_process(cache_dir, "--until-idle")
     while job_row(cache_dir, job_id)["done"] < 1:
         assert worker.poll() is None, worker.stderr.read()
         time.sleep(0.05)
@@ -188,16 +188,19 @@ def test_a_killed_worker_leaves_no_dcrf_processes_behind(baseline_cache, tmp_pat
     cache_dir = _copy(baseline_cache, tmp_path / "cache")
     (job_id,) = submit_chain(cache_dir, root, "train", DCRF_5)
     env = {**os.environ, "ISLE_CACHE_DIR": str(cache_dir)}
-    worker = subprocess.Popen([sys.executable, "-m", "engine", "worker", "--processes", "2"],
+    # Progress every 0.1 s: the first record comes while the pool still works on the 8 images.
+    worker = subprocess.Popen([sys.executable, "-m", "engine", "worker", "--processes", "2", "--flush-seconds", "0.1"],
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while job_row(cache_dir, job_id)["done"] < 1:
-        assert worker.poll() is None
-        time.sleep(0.05)
-    pool = [pid for pid in _children(worker.pid)
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    try:
+        while job_row(cache_dir, job_id)["done"] < 1:
+            assert worker.poll() is None
+            time.sleep(0.05)
+        pool = [pid for pid in _children(worker.pid)
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
     assert len(pool) == 2  # the two dCRF processes
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
     deadline = time.monotonic() + 15
     while any(_alive(pid) for pid in pool) and time.monotonic() < deadline:
         time.sleep(0.2)

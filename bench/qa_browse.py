@@ -22,7 +22,7 @@ Counts come from ``engine.metrics.confusion_counts`` and are recorded with
   a class (dog), and the class, flagged, unflagged and flag-kind filters, at the first page and
   at a deep page (offset = half the matching images); with variant "shifted" chosen, as the page
   always has one to draw. Then ``qa.flags`` and ``qa.flagged_ids``, and the single-image view's
-  reads (``image_row``, ``image_label_maps``, ``image_counts``). Each opens its own read-only
+  reads (``image_row``, ``image_label_maps``, ``flags``). Each opens its own read-only
   connection (``cache.db.connect``), as the app does, and that is included (timed alone too).
 - **page files**: for the 24 images of the first "errors" page, ``image_thumbnail`` +
   ``label_thumbnail`` (shifted) + ``overlay``: cold (thumbs folder emptied before each run) and
@@ -244,7 +244,7 @@ def image_view_rows(cache_dir: Path, image_id: str) -> None:
     with connect(cache_dir, read_only=True) as con:
         qa.image_row(con, DATASET_ID, SPLIT, image_id)
         qa.image_label_maps(con, DATASET_ID, image_id)
-        qa.image_counts(con, image_id, list(VARIANTS.values()))
+        qa.flags(con, DATASET_ID)
 
 
 def run(cache_dir: Path, root: Path, n_images: int, repeats: int, baseline_images: int) -> dict[str, Any]:
@@ -288,7 +288,7 @@ def run(cache_dir: Path, root: Path, n_images: int, repeats: int, baseline_image
     add("flags() listing", median_ms(with_con(qa.flags), repeats), len(with_con(qa.flags)()))
     add("flagged_ids()", median_ms(with_con(qa.flagged_ids), repeats), len(with_con(qa.flagged_ids)()))
     top = find_page(cache_dir, qa.ImageQuery(SPLIT, variant=VARIANTS["shifted"], sort="errors"), 0).rows
-    add("image view: row + label maps + counts (DB)", median_ms(lambda: image_view_rows(cache_dir, top[0]["image_id"]),
+    add("image view: row + label maps + flags (DB)", median_ms(lambda: image_view_rows(cache_dir, top[0]["image_id"]),
                                                                repeats))
     page_files = [(by_id[row["image_id"]].image_path, cache_dir / label_path("shifted", by_id[row["image_id"]].image_id))
                   for row in top]

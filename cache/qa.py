@@ -194,14 +194,6 @@ def image_label_maps(con: Con, dataset_id: str, image_id: str) -> dict[str, tupl
     return {variant_id: (path, scores) for variant_id, path, scores in rows}
 
 
-def image_counts(con: Con, image_id: str, variant_ids: Sequence[str]) -> list[dict[str, Any]]:
-    """The stored TP / FP / FN rows of one image for the given variants (by variant, class)."""
-    return _dicts(con.execute(
-        """SELECT variant_id, class_id::INTEGER AS class_id, tp, fp, fn FROM counts
-           WHERE image_id = ? AND variant_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY variant_id, class_id""",
-        [image_id, list(variant_ids)]))
-
-
 # --- flags -----------------------------------------------------------------------------------
 
 

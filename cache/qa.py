@@ -65,7 +65,7 @@ class ImageQuery:
             raise ValueError(f"unknown sort {self.sort!r}; expected one of {list(SORTS)}")
         if self.flagged not in FLAG_FILTERS:
             raise ValueError(f"unknown flag filter {self.flagged!r}; expected one of {list(FLAG_FILTERS)}")
-        if self.sort in ("iou", "errors", "conflicts", "disagreement", "gain") and self.variant is None:
+        if self.sort != "image" and self.variant is None:
             raise ValueError(f"sort {self.sort!r} needs a variant")
         if self.sort in ("disagreement", "gain") and self.other is None:
             raise ValueError(f"sort {self.sort!r} needs a second variant")
@@ -85,11 +85,12 @@ class ImagePage:
     rows: list[dict[str, Any]]
 
 
-def _iou_per_image(class_filter: str) -> str:
-    """Per image: IoU of the class, or the mean over the classes in the ground truth or the
-    prediction (those are the rows ``counts`` keeps) for the whole image."""
+def _iou_per_image(variant: str, where: str = "") -> str:
+    """Per image of ``variant`` (an SQL parameter): the IoU of the class ``where`` selects, or the
+    mean over the classes in the ground truth or the prediction (those are the rows ``counts``
+    keeps) for the whole image."""
     return f"""SELECT image_id, avg(tp / (tp + fp + fn)) AS value FROM counts
-               WHERE variant_id = $variant {class_filter} GROUP BY image_id"""
+               WHERE variant_id = {variant} {where} GROUP BY image_id"""
 
 
 def _key_sql(query: ImageQuery) -> str | None:
@@ -97,7 +98,7 @@ def _key_sql(query: ImageQuery) -> str | None:
     by_class = query.class_id is not None
     class_filter = "AND class_id = $class_id" if by_class else ""
     if query.sort == "iou":
-        return _iou_per_image(class_filter)
+        return _iou_per_image("$variant", class_filter)
     if query.sort == "errors":
         # Without a class: every wrong pixel is one FN of its true class (an undecided 255 too).
         return f"""SELECT image_id, sum({'fp + fn' if by_class else 'fn'}) AS value FROM counts
@@ -120,11 +121,10 @@ def _key_sql(query: ImageQuery) -> str | None:
                    GROUP BY image_id"""
     if query.sort == "gain":
         # With a class: images whose ground truth holds it, where both IoUs are defined.
-        holds = "AND tp + fn > 0" if by_class else ""
-        one = "SELECT image_id, avg(tp / (tp + fp + fn)) AS iou FROM counts WHERE variant_id = {} " \
-              f"{class_filter} {holds} GROUP BY image_id"
-        return f"""SELECT image_id, b.iou - a.iou AS value
-                   FROM ({one.format('$variant')}) a JOIN ({one.format('$other')}) b USING (image_id)"""
+        where = f"{class_filter} AND tp + fn > 0" if by_class else ""
+        return f"""SELECT image_id, b.value - a.value AS value
+                   FROM ({_iou_per_image('$variant', where)}) a JOIN ({_iou_per_image('$other', where)}) b
+                        USING (image_id)"""
     return None
 
 

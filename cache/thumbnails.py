@@ -19,6 +19,7 @@ from PIL import Image
 
 from cache.labelmaps import LabelMapError, atomic_target, read_label_map, write_label_map
 
+
 class ThumbnailError(ValueError):
     """A source that cannot be shown; the message names the file and the problem."""
 

@@ -234,7 +234,8 @@ def lost_pixels(conflicts: Sequence[Mapping[str, Any]]) -> np.ndarray:
     return lost
 
 
-def _pct(value: float) -> float | None:
+def percent(value: float | None) -> float | None:
+    """A fraction in [0, 1] as a percentage rounded to 2 places; None for None or NaN (no image)."""
     return None if value is None or value != value else round(100 * float(value), 2)
 
 
@@ -266,7 +267,7 @@ def summary(con: queries.Con, plan: Plan, merge_variant_id: str | None = None,
             "variant": plan.chosen(c), "variant_name": plan.names[plan.choice[c]],
             "auto_variant": plan.candidates[plan.auto.choice[c]], "overridden": c in plan.overridden,
             "tied": [plan.candidates[r] for r in plan.auto.tied.get(c, ())],
-            "candidate_iou": {v: _pct(plan.selection.iou[r, c]) for v, r in zip(plan.candidates, sel_rows)},
+            "candidate_iou": {v: percent(plan.selection.iou[r, c]) for v, r in zip(plan.candidates, sel_rows)},
             "lost_pixels_selection": int(lost[c]),
         }
         if exact["selection"] is not None:
@@ -275,26 +276,26 @@ def summary(con: queries.Con, plan: Plan, merge_variant_id: str | None = None,
             delta = plan.predicted["selection"].counts[c] - exact["selection"].counts[c]
             entry["tp_lost_selection"], entry["fp_lost_selection"] = int(delta[0]), int(delta[1])
         for key in subsets:
-            entry[f"predicted_iou_{key}"] = _pct(plan.predicted[key].iou[c])
-            entry[f"exact_iou_{key}"] = _pct(exact[key].iou[c]) if exact[key] else None
+            entry[f"predicted_iou_{key}"] = percent(plan.predicted[key].iou[c])
+            entry[f"exact_iou_{key}"] = percent(exact[key].iou[c]) if exact[key] else None
         classes.append(entry)
     best = plan.best_single()
     miou = {}
     for key, (table, _) in subsets.items():
         rows = _rows(table, plan.candidates)
         miou[key] = {
-            "best_single": _pct(table.miou[rows][best]), "best_single_variant": plan.candidates[best],
-            "predicted": _pct(plan.predicted[key].miou),
-            "exact": _pct(exact[key].miou) if exact[key] else None,
-            "naive": _pct(naive[key].miou) if naive[key] else None,
-            "predicted_background_iou": _pct(plan.predicted[key].iou[0]),
-            "exact_background_iou": _pct(exact[key].iou[0]) if exact[key] else None,
+            "best_single": percent(table.miou[rows][best]), "best_single_variant": plan.candidates[best],
+            "predicted": percent(plan.predicted[key].miou),
+            "exact": percent(exact[key].miou) if exact[key] else None,
+            "naive": percent(naive[key].miou) if naive[key] else None,
+            "predicted_background_iou": percent(plan.predicted[key].iou[0]),
+            "exact_background_iou": percent(exact[key].iou[0]) if exact[key] else None,
         }
     return {
         "dataset_id": plan.dataset_id, "split": plan.split, "rule": plan.rule,
         "subset": {**asdict(plan.subset), "selection_images": len(plan.selection_ids),
                    "report_images": len(plan.report_ids)},
-        "candidates": [{"id": v, "name": n, "miou_selection": _pct(plan.selection.miou[r])}
+        "candidates": [{"id": v, "name": n, "miou_selection": percent(plan.selection.miou[r])}
                        for v, n, r in zip(plan.candidates, plan.names, sel_rows)],
         "priority": list(plan.priority), "merge_variant": merge_variant_id, "naive_variant": naive_variant_id,
         "classes": classes, "miou": miou,

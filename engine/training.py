@@ -101,13 +101,9 @@ def trainings(con: queries.Con, dataset_id: str, split: str = "val") -> list[dic
             "variant_id": vid, "name": v["name"], "label_set_id": v["source_id"],
             "label_set": source.get("name", v["source_id"]), "label_set_method": source.get("method"),
             "params": json.loads(v["params"]), "images": int(table.labelled[row]),
-            "miou": _pct(table.miou[row]), "iou": [_pct(x) for x in table.iou[row]],
+            "miou": assignments.percent(table.miou[row]), "iou": [assignments.percent(x) for x in table.iou[row]],
             "dcrf_variant_id": table.variant_ids[crf] if crf is not None else None,
-            "miou_dcrf": _pct(table.miou[crf]) if crf is not None else None,
+            "miou_dcrf": assignments.percent(table.miou[crf]) if crf is not None else None,
             "created_at": v["created_at"],
         })
     return out
-
-
-def _pct(value: float) -> float | None:
-    return None if value != value else round(100 * float(value), 2)

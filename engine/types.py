@@ -154,11 +154,10 @@ class RunContext:
     def model_dir(self, family: str, params: dict[str, Any], images: Sequence[Item] | None = None) -> Path:
         """The directory of the model of ``family`` trained with ``params`` (created).
 
-        Keyed by a hash of the training settings and of the training images (``images``, default
-        ``items``; their paths),
-        so variants that differ in inference settings (a threshold, the scales, which output is
-        read) share one trained model, while a changed training setting or another image set gets
-        a new directory instead of a stale checkpoint.
+        Keyed by a hash of the training settings and of the training images' paths (``images``,
+        default ``items``), so variants that differ in inference settings (a threshold, the scales,
+        which output is read) share one trained model, while a changed training setting or another
+        image set gets a new directory instead of a stale checkpoint.
         """
         images = [str(item.image_path) for item in (self.items if images is None else images)]
         key = hashlib.sha1(json.dumps([params, images], sort_keys=True).encode()).hexdigest()[:12]

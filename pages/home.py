@@ -26,10 +26,6 @@ KEYS_HELP = {"index": "0-based foreground indices, class id = key + 1 (IRN)",
              "class_id": "VOC class ids, a leading 0 = background (PuzzleCAM)"}
 
 
-def queue(steps: list[Step], source_variant_id: str | None = None) -> None:
-    queue_chain(root, SPLIT, steps, source_variant_id)
-
-
 st.subheader("Queue work")
 st.write(f"On the **{SPLIT}** split of `{root}`. "
          "The background worker (`python -m engine worker`) picks the jobs up.")
@@ -47,7 +43,7 @@ with method_tab:
     method = st.selectbox("Method", list(methods), format_func=methods.get, key="method")
     then = refinement_steps("method_refinements")
     if st.button("Queue", key="queue_method"):
-        queue([Step(method), *then])
+        queue_chain(root, SPLIT, [Step(method), *then])
 
 with refine_tab:
     variants = {v["id"]: v["name"] for v in read("variants", dataset["id"])} if dataset else {}
@@ -57,7 +53,7 @@ with refine_tab:
         source = st.selectbox("Variant to refine", list(variants), format_func=variants.get, key="source_variant")
         source_chain = refinement_steps("source_refinements")
         if st.button("Queue refinements", key="queue_refinement", disabled=not source_chain):
-            queue(source_chain, source)
+            queue_chain(root, SPLIT, source_chain, source)
 
 with import_tab:
     st.write("Pseudo-labels made elsewhere, one file per image named `<image id>.png` (VOC palette or "
@@ -82,7 +78,7 @@ with import_tab:
         except (OSError, ValueError) as exc:
             st.error(str(exc))
         else:
-            queue([step])
+            queue_chain(root, SPLIT, [step])
 
 
 st.subheader("Jobs")

@@ -192,13 +192,11 @@ def _close() -> None:
     state["qa_link"] = {key: st.query_params[key] for key in st.query_params}
 
 
-def _layer(layer: str, row: dict, maps: dict) -> np.ndarray | None:
+def _layer(layer: str, gt: np.ndarray, maps: dict) -> np.ndarray | None:
     """The full-size label map of a layer for the open image (None for "none")."""
     if layer == NONE:
         return None
-    if layer == GT:
-        return read_mask(Path(row["mask_path"]), (row["height"], row["width"]))
-    return read_label_map(directory / maps[layer][0])
+    return gt if layer == GT else read_label_map(directory / maps[layer][0])
 
 
 def _save_flag(image_id: str, variant_id: str | None) -> None:
@@ -246,8 +244,8 @@ def single(image_id: str) -> None:
     opacity = left.slider("Overlay opacity", 0.0, 1.0, 0.6, 0.05, key="qa_opacity")
     try:
         image = read_image(Path(row["image_path"]))
-        label_a, label_b = _layer(a, row, maps), _layer(b, row, maps)
         gt = read_mask(Path(row["mask_path"]), image.shape[:2])
+        label_a, label_b = _layer(a, gt, maps), _layer(b, gt, maps)
     except (ImageError, LabelMapError) as exc:
         st.error(str(exc))
         return

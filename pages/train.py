@@ -23,12 +23,12 @@ from pathlib import Path
 import streamlit as st
 
 from cache.db import connect
-from engine import assignments, registry
+from cache.reports import select_rows
+from engine import registry
 from engine.dataset import DatasetError
 from engine.jobs import Step
 from engine.refine.deeplab import DeepLabConfig
 from engine.training import GROUND_TRUTH, ISLE_PREFIX, submit_training, trainings
-from cache.reports import select_rows
 from pages.charts import iou_heatmap, loss_curve, miou_bars, validation_curve
 from pages.common import (ACTIVE, cache_dir, cache_exists, complete_variants, has_active_jobs, jobs_panel,
                           param_widgets, pick_dataset, queue_chain, read, refresh, saved_assignments)

@@ -42,7 +42,7 @@ from torch import nn
 from cache.voc import IGNORE_INDEX, NUM_CLASSES
 from engine.backbone import BACKBONES, freeze_batchnorm, to_input
 from engine.checkpoints import train_resumable
-from engine.dataset import read_image, read_mask
+from engine.dataset import label_each, read_image, read_mask
 from engine.methods.cam import augment_with_label, downsample_scores, poly_lr
 from engine.methods.isim import load_imagenet_encoder, pad_to_multiple
 from engine.metrics import confusion_counts, iou_from_counts
@@ -257,11 +257,6 @@ def train(cfg: DeepLabConfig, ctx: RunContext) -> SegNet:
 def run(cfg: DeepLabConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Train on the source label set (once), then predict every ``ctx.todo`` image."""
     net = train(cfg, ctx)
-    for item in ctx.todo:
-        try:
-            rgb = read_image(item.image_path)
-        except ImageError as exc:
-            yield LabelResult(item.image_id, error=str(exc))
-            continue
-        probs = predict_probs(net, rgb, cfg.output_stride, cfg.test_flip, ctx.device)
-        yield label_from_probs(probs, item.image_id, cfg.keep_prob, cfg.score_max_side)
+    yield from label_each(ctx.todo, lambda rgb, item: label_from_probs(
+        predict_probs(net, rgb, cfg.output_stride, cfg.test_flip, ctx.device), item.image_id, cfg.keep_prob,
+        cfg.score_max_side))

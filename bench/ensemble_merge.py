@@ -3,7 +3,7 @@
     python -m bench.ensemble_merge [--cache DIR] [--sizes 200 0]
 
 Both do the same work per image: read the chosen candidates' label maps (and, at overlap pixels,
-their scores), merge (``engine.ensemble.merge_slices``, rule "score"), count against the ground
+their scores), merge (``engine.isle.numerics.merge_slices``, rule "score"), count against the ground
 truth and write the palette PNG.
 
 - **plain loop**: one process, one image after the other, nothing recorded in DuckDB.
@@ -33,17 +33,18 @@ from pathlib import Path
 from cache import queries
 from cache.db import connect, db_path, default_cache_dir
 from cache.labelmaps import write_label_map
-from engine import assignments
-from engine.dataset import default_voc_root, read_mask
-from engine.jobs import dataset_id_for
-from engine.methods.isle import _class_score, _read_label
-from engine.ensemble import merge_slices
-from engine.metrics import confusion_counts
+from cache.rows import ImageRow
+from engine.core.chains import dataset_id_for
+from engine.core.dataset import default_voc_root, read_mask
+from engine.isle import assignments
+from engine.isle.merge import _class_score, _read_label
+from engine.isle.numerics import merge_slices
+from engine.ops.metrics import confusion_counts
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def plain_loop(cache_dir: Path, images: list[dict], plan: assignments.Plan, out: Path) -> float:
+def plain_loop(cache_dir: Path, images: list[ImageRow], plan: assignments.Plan, out: Path) -> float:
     """Seconds for the straightforward loop over ``images``."""
     files = {}
     with connect(cache_dir, read_only=True) as con:
@@ -51,16 +52,16 @@ def plain_loop(cache_dir: Path, images: list[dict], plan: assignments.Plan, out:
             files[v] = queries.label_map_rows(con, v)
     start = time.perf_counter()
     for image in images:
-        size = (image["height"], image["width"])
+        size = (image.height, image.width)
         claims, scores = {}, {}
-        for c in image["labels"]:
-            label_path, scores_path = files[plan.chosen(c)][image["image_id"]]
-            claims[c] = _read_label(cache_dir / label_path, size, image["image_id"]) == c
+        for c in image.labels:
+            label_path, scores_path = files[plan.chosen(c)][image.image_id]
+            claims[c] = _read_label(cache_dir / label_path, size, image.image_id) == c
             scores[c] = cache_dir / scores_path if scores_path else None
-        label, _ = merge_slices(claims, image["labels"], plan.priority, plan.rule,
+        label, _ = merge_slices(claims, image.labels, plan.priority, plan.rule,
                                 lambda c: _class_score(scores[c], c, size))
-        confusion_counts(read_mask(Path(image["mask_path"]), size), label)
-        write_label_map(out / f"{image['image_id']}.png", label)
+        confusion_counts(read_mask(Path(image.mask_path), size), label)
+        write_label_map(out / f"{image.image_id}.png", label)
     return time.perf_counter() - start
 
 
@@ -85,8 +86,9 @@ def scratch_cache(cache_dir: Path, plan: assignments.Plan, keep: list[str], dest
 _WORKER = """
 import json, sys, time
 from pathlib import Path
-from engine.jobs import Step, submit_chain
-from engine.worker import WorkerConfig, serve
+from engine.core.chains import Step
+from engine.runtime.jobs import submit_chain
+from engine.runtime.worker import WorkerConfig, serve
 cache, root, split, params = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 submit_chain(cache, root, split, [Step("isle", params, title="ISLE (bench)")])
 start = time.perf_counter()
@@ -143,7 +145,7 @@ def main() -> None:
     args = parser.parse_args()
     dataset_id = dataset_id_for(args.root.resolve())
     with connect(args.cache, read_only=True) as con:
-        candidates = [v["id"] for v in assignments.complete_variants(con, dataset_id, args.split) if v["default"]]
+        candidates = [c.variant.id for c in assignments.complete_variants(con, dataset_id, args.split) if c.default]
         plan = assignments.build_plan(con, dataset_id, args.split, candidates)
         images = queries.usable_images(con, dataset_id, args.split)
     print(f"{len(candidates)} candidates, {len(images)} images on {args.split}; {os.cpu_count()} CPU cores")
@@ -154,7 +156,7 @@ def main() -> None:
             (tmp / "plain").mkdir()
             plain = plain_loop(args.cache, subset, plan, tmp / "plain")
             (tmp / "cache").mkdir()
-            scratch_cache(args.cache, plan, [i["image_id"] for i in subset], tmp / "cache")
+            scratch_cache(args.cache, plan, [i.image_id for i in subset], tmp / "cache")
             ours = engine_run(tmp / "cache", args.root, plan)
         n = len(subset)
         print(f"{n:5d} images | plain loop {plain:7.1f} s ({n / plain:5.1f} img/s) | engine {ours['seconds']:7.1f} s "

@@ -14,7 +14,7 @@ from its ground truth (GT 255 pixels stay 255) and shared by its copies:
 - **merge**: blocky's label maps and counts, plus ``conflicts`` rows where the two disagree
   between two foreground classes (winner blocky's class, loser shifted's).
 
-Counts come from ``engine.metrics.confusion_counts`` and are recorded with
+Counts come from ``engine.ops.metrics.confusion_counts`` and are recorded with
 ``queries.record_results`` (2,000 images per call); ~300 flags of mixed kinds are set with
 ``qa.set_flag``. Then, each the median of ``--repeats`` runs (``time.perf_counter``):
 
@@ -62,13 +62,22 @@ import numpy as np
 from cache import qa, queries
 from cache.db import connect, db_path
 from cache.labelmaps import read_label_map, write_label_map
+from cache.rows import Variant
 from cache.schema import JobStatus
 from cache.thumbnails import image_thumbnail, label_thumbnail
 from cache.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
 from engine import __version__
-from engine.dataset import default_voc_root, image_labels, list_splits, mask_folder, read_image, read_mask, read_split_ids
-from engine.metrics import confusion_counts, iou_from_counts
-from pages.overlays import overlay
+from engine.core.dataset import (
+    default_voc_root,
+    image_labels,
+    list_splits,
+    mask_folder,
+    read_image,
+    read_mask,
+    read_split_ids,
+)
+from engine.ops.metrics import confusion_counts, iou_from_counts
+from ui.overlays import overlay
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET_ID = "bench-qa-browse"
@@ -159,10 +168,10 @@ def record(cache_dir: Path, root: Path, split: list[tuple[str, RealImage]]) -> N
             for image_id, r in split])
         queries.mark_scanned(con, DATASET_ID)  # so an app opened on --keep queues no scan
         for name, variant_id in VARIANTS.items():
-            queries.insert_variant(con, {
-                "id": variant_id, "dataset_id": DATASET_ID, "name": f"bench {name}", "method": name, "step": name,
-                "params": "{}", "steps": json.dumps([{"name": name, "params": {}}]), "source_id": None,
-                "code_version": __version__, "created_at": time.time()})
+            queries.insert_variant(con, Variant(
+                id=variant_id, dataset_id=DATASET_ID, name=f"bench {name}", method=name, step=name, params={},
+                steps=({"name": name, "params": {}},), source_id=None, code_version=__version__,
+                created_at=time.time()))
             # Jobs go queued -> running -> done as under the worker, so none is left to run.
             job_id = queries.insert_job(con, "label", DATASET_ID, variant_id, SPLIT, None)
             queries.claim_job(con, job_id, "bench")

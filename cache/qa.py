@@ -20,7 +20,7 @@ FLAG_KINDS: dict[str, str] = {
     "method_failure": "method failure",
 }
 """Flag kind -> what it says. A flag of kind ``wrong_gt`` is the usual reason to keep an image
-out of the ISLE selection subset (``engine.ensemble.Subset.exclude``)."""
+out of the ISLE selection subset (``engine.isle.numerics.Subset.exclude``)."""
 
 SORTS: dict[str, str] = {
     "image": "image id",

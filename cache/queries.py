@@ -14,6 +14,7 @@ from typing import Any
 
 import duckdb
 
+from cache.rows import Dataset, ImageRow, Job, Variant
 from cache.schema import FINISHED, JobStatus
 
 Con = duckdb.DuckDBPyConnection
@@ -59,13 +60,13 @@ def mark_scanned(con: Con, dataset_id: str) -> None:
     con.execute("UPDATE datasets SET scanned_at = ? WHERE id = ?", [time.time(), dataset_id])
 
 
-def datasets(con: Con) -> list[dict[str, Any]]:
-    return _dicts(con.execute("SELECT * FROM datasets ORDER BY name"))
+def datasets(con: Con) -> list[Dataset]:
+    return [Dataset.from_row(r) for r in _dicts(con.execute("SELECT * FROM datasets ORDER BY name"))]
 
 
-def get_dataset(con: Con, dataset_id: str) -> dict[str, Any] | None:
+def get_dataset(con: Con, dataset_id: str) -> Dataset | None:
     rows = _dicts(con.execute("SELECT * FROM datasets WHERE id = ?", [dataset_id]))
-    return rows[0] if rows else None
+    return Dataset.from_row(rows[0]) if rows else None
 
 
 def split_summary(con: Con, dataset_id: str) -> list[dict[str, Any]]:
@@ -86,18 +87,18 @@ def image_problems(con: Con, dataset_id: str) -> list[dict[str, Any]]:
     ))
 
 
-def usable_images(con: Con, dataset_id: str, split: str) -> list[dict[str, Any]]:
+def usable_images(con: Con, dataset_id: str, split: str) -> list[ImageRow]:
     """The split's images without a problem, in id order."""
-    return _dicts(con.execute(
+    return [ImageRow.from_row(r) for r in _dicts(con.execute(
         "SELECT * FROM images WHERE dataset_id = ? AND split = ? AND problem IS NULL ORDER BY image_id",
         [dataset_id, split],
-    ))
+    ))]
 
 
 # --- variants and label maps ---------------------------------------------------------------
 
 
-def insert_variant(con: Con, row: dict[str, Any]) -> None:
+def insert_variant(con: Con, variant: Variant) -> None:
     """Add a variant unless one with the same id (same chain and parameters) exists."""
     con.execute(
         """INSERT INTO variants (id, dataset_id, name, method, step, params, steps, source_id,
@@ -105,23 +106,23 @@ def insert_variant(con: Con, row: dict[str, Any]) -> None:
            VALUES ($id, $dataset_id, $name, $method, $step, $params, $steps, $source_id,
                    $code_version, $created_at)
            ON CONFLICT (id) DO NOTHING""",
-        row,
+        variant.to_row(),
     )
 
 
-def get_variant(con: Con, variant_id: str) -> dict[str, Any] | None:
+def get_variant(con: Con, variant_id: str) -> Variant | None:
     rows = _dicts(con.execute("SELECT * FROM variants WHERE id = ?", [variant_id]))
-    return rows[0] if rows else None
+    return Variant.from_row(rows[0]) if rows else None
 
 
-def variants(con: Con, dataset_id: str) -> list[dict[str, Any]]:
+def variants(con: Con, dataset_id: str) -> list[Variant]:
     """Every variant of the dataset with its number of label maps, sources before refinements."""
-    return _dicts(con.execute(
+    return [Variant.from_row(r) for r in _dicts(con.execute(
         """SELECT v.*, count(m.image_id) AS n_label_maps
            FROM variants v LEFT JOIN label_maps m ON m.variant_id = v.id
            WHERE v.dataset_id = ? GROUP BY ALL ORDER BY v.created_at, v.name""",
         [dataset_id],
-    ))
+    ))]
 
 
 def variant_split(con: Con, variant_id: str) -> str | None:
@@ -291,43 +292,43 @@ def insert_job(con: Con, kind: str, dataset_id: str, variant_id: str | None, spl
     ).fetchone()[0]
 
 
-def open_job(con: Con, kind: str, dataset_id: str, variant_id: str | None, split: str | None) -> dict[str, Any] | None:
+def open_job(con: Con, kind: str, dataset_id: str, variant_id: str | None, split: str | None) -> Job | None:
     """A queued or running job doing exactly this, if any."""
     rows = _dicts(con.execute(
         """SELECT * FROM jobs WHERE kind = ? AND dataset_id = ? AND variant_id IS NOT DISTINCT FROM ?
                   AND split IS NOT DISTINCT FROM ? AND status IN (?, ?) ORDER BY id LIMIT 1""",
         [kind, dataset_id, variant_id, split, JobStatus.QUEUED.value, JobStatus.RUNNING.value],
     ))
-    return rows[0] if rows else None
+    return Job.from_row(rows[0]) if rows else None
 
 
-def get_job(con: Con, job_id: int) -> dict[str, Any] | None:
+def get_job(con: Con, job_id: int) -> Job | None:
     """The job row, with its variant's name (None for a scan)."""
     rows = _dicts(con.execute(
         "SELECT j.*, v.name AS variant_name FROM jobs j LEFT JOIN variants v ON v.id = j.variant_id WHERE j.id = ?",
         [job_id],
     ))
-    return rows[0] if rows else None
+    return Job.from_row(rows[0]) if rows else None
 
 
-def recent_jobs(con: Con, limit: int = 50) -> list[dict[str, Any]]:
+def recent_jobs(con: Con, limit: int = 50) -> list[Job]:
     """Newest first, with the variant's name."""
-    return _dicts(con.execute(
+    return [Job.from_row(r) for r in _dicts(con.execute(
         """SELECT j.*, v.name AS variant_name FROM jobs j LEFT JOIN variants v ON v.id = j.variant_id
            ORDER BY j.id DESC LIMIT ?""",
         [limit],
-    ))
+    ))]
 
 
-def runnable_jobs(con: Con) -> list[dict[str, Any]]:
+def runnable_jobs(con: Con) -> list[Job]:
     """Queued jobs whose dependency has finished (or that have none), oldest first."""
-    return _dicts(con.execute(
+    return [Job.from_row(r) for r in _dicts(con.execute(
         """SELECT j.*, d.status AS dependency_status FROM jobs j
            LEFT JOIN jobs d ON d.id = j.depends_on
            WHERE j.status = ? AND (j.depends_on IS NULL OR d.status IN (?, ?, ?))
            ORDER BY j.id""",
         [JobStatus.QUEUED.value, *(s.value for s in FINISHED)],
-    ))
+    ))]
 
 
 def has_unfinished_jobs(con: Con) -> bool:
@@ -377,8 +378,8 @@ def fail_queued_job(con: Con, job_id: int, error: str) -> bool:
     return row is not None
 
 
-def running_jobs(con: Con) -> list[dict[str, Any]]:
-    return _dicts(con.execute("SELECT * FROM jobs WHERE status = ?", [JobStatus.RUNNING.value]))
+def running_jobs(con: Con) -> list[Job]:
+    return [Job.from_row(r) for r in _dicts(con.execute("SELECT * FROM jobs WHERE status = ?", [JobStatus.RUNNING.value]))]
 
 
 def requeue_stale_job(con: Con, job_id: int, heartbeat_at: float | None) -> str | None:
@@ -437,11 +438,12 @@ def splits(con: Con, dataset_id: str) -> list[str]:
 
 
 def cache_state(con: Con) -> tuple:
-    """A cheap fingerprint that changes whenever label maps, variants, jobs or flags change: the
-    key of the app's cached query results."""
+    """A cheap fingerprint that changes whenever label maps, variants, jobs, flags or saved
+    assignments change: the key of the app's cached query results."""
     return con.execute(
         """SELECT (SELECT count(*) FROM label_maps), (SELECT max(created_at) FROM label_maps),
                   (SELECT count(*) FROM variants), (SELECT count(*) FROM images),
                   (SELECT string_agg(id || status || done, ',' ORDER BY id) FROM jobs),
-                  (SELECT count(*) FROM flags), (SELECT max(created_at) FROM flags)"""
+                  (SELECT count(*) FROM flags), (SELECT max(created_at) FROM flags),
+                  (SELECT max(id) FROM assignments)"""
     ).fetchone()

@@ -41,8 +41,8 @@ def iou_table(con: Con, dataset_id: str, split: str, image_ids: Sequence[str] | 
     """Every variant of ``dataset_id`` with at least one label map on ``split``; counts summed
     over ``image_ids`` only when given (a selection or report subset)."""
     labelled = queries.labelled_in_split(con, dataset_id, split, image_ids)
-    variants = [v for v in queries.variants(con, dataset_id) if labelled.get(v["id"], 0) > 0]
-    index = {v["id"]: row for row, v in enumerate(variants)}
+    variants = [v for v in queries.variants(con, dataset_id) if labelled.get(v.id, 0) > 0]
+    index = {v.id: row for row, v in enumerate(variants)}
     shape = (len(variants), NUM_CLASSES)
     tp, fp, fn, n_images = (np.zeros(shape, np.int64) for _ in range(4))
     for r in queries.class_counts(con, dataset_id, split, image_ids):
@@ -54,10 +54,10 @@ def iou_table(con: Con, dataset_id: str, split: str, image_ids: Sequence[str] | 
     has_class = n_images > 0
     miou = np.array([row[mask].mean() if mask.any() else np.nan for row, mask in zip(iou, has_class)])
     return IoUTable(
-        variant_ids=[v["id"] for v in variants],
-        names=[v["name"] for v in variants],
-        source_ids=[v["source_id"] for v in variants],
-        labelled=np.array([labelled[v["id"]] for v in variants], np.int64),
+        variant_ids=[v.id for v in variants],
+        names=[v.name for v in variants],
+        source_ids=[v.source_id for v in variants],
+        labelled=np.array([labelled[v.id] for v in variants], np.int64),
         iou=iou, tp=tp, fp=fp, fn=fn, n_images=n_images, miou=miou,
     )
 

@@ -100,7 +100,7 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
 
 
 class JobStatus(str, Enum):
-    """queued -> running -> done | failed | cancelled; only ``engine/worker.py`` moves a job."""
+    """queued -> running -> done | failed | cancelled; only ``engine/runtime/worker.py`` moves a job."""
 
     QUEUED = "queued"
     RUNNING = "running"

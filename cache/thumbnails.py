@@ -17,7 +17,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cache.labelmaps import LabelMapError, atomic_target, read_label_map, write_label_map
+from cache.labelmaps import (
+    LabelMapError,
+    atomic_target,
+    read_label_map,
+    write_label_map,
+)
 
 
 class ThumbnailError(ValueError):

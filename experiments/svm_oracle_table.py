@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cache.voc import NUM_CLASSES, VOC_CLASSES  # noqa: E402
-from engine import registry  # noqa: E402
-from engine.dataset import read_mask, scan_split, to_item  # noqa: E402
-from engine.metrics import confusion_counts, iou_from_counts  # noqa: E402
-from engine.types import RunContext  # noqa: E402
+from engine.core import registry  # noqa: E402
+from engine.core.dataset import read_mask, scan_split, to_item  # noqa: E402
+from engine.core.types import RunContext  # noqa: E402
+from engine.ops.metrics import confusion_counts, iou_from_counts  # noqa: E402
 
 # Table 1 of the paper (mIoU %, PASCAL VOC 2012 train), columns in VOC class order 0-20, then mean.
 PAPER_TABLE_1: dict[str, list[float]] = {

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from cache import queries
 from cache.db import connect, default_cache_dir
 from cache.labelmaps import read_scores
-from engine.dataset import default_voc_root
-from engine.jobs import dataset_id_for
+from engine.core.chains import dataset_id_for
+from engine.core.dataset import default_voc_root
 
 
 def main() -> None:
@@ -39,16 +39,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     written = 0
     for image in images:
-        row = rows.get(image["image_id"])
+        row = rows.get(image.image_id)
         if row is None or row[1] is None:
             continue
         classes, scores = read_scores(cache_dir / row[1])
         if classes[0] != 0:
             raise SystemExit(f"{row[1]}: expected a background channel first, got classes {classes}")
-        high_res = F.interpolate(torch.from_numpy(scores[1:]).float()[None], size=(image["height"], image["width"]),
+        high_res = F.interpolate(torch.from_numpy(scores[1:]).float()[None], size=(image.height, image.width),
                                  mode="bilinear", align_corners=False)[0].numpy()
         keys = np.array(classes[1:], dtype=np.int64) - 1
-        np.save(args.out / f"{image['image_id']}.npy", {"keys": keys, "high_res": high_res.astype(np.float16)})
+        np.save(args.out / f"{image.image_id}.npy", {"keys": keys, "high_res": high_res.astype(np.float16)})
         written += 1
     print(f"wrote {written} IRN-style npy dicts to {args.out}")
 

@@ -3,8 +3,8 @@ override any class, watch the predicted IoU, run the exact merge (Algorithm 3), 
 assignments with history, compare with naive ISLE, and export the ensemble as a VOCdevkit folder.
 
 Ostrowski & Shafique, ISVC'23 (shared/papers/isle-class-wise-ensemble.md), Sec. 3. The numbers
-are ``engine.assignments.summary`` of ``engine.assignments.build_plan`` (cached per-class counts,
-no label map decoded); the merges are chain steps the worker runs.
+are ``engine.isle.assignments.plan_view`` (cached per-class counts, no label map decoded); the
+merges are chain steps the worker runs.
 
 The editor's state lives in ``st.session_state``: the widgets' keys ("candidates", "subset_mode",
 "fraction", "seed", "rule", "choice_<class id>", "assignment_name") and "overrides" ``{class id:
@@ -13,6 +13,7 @@ variant id}``, the classes the user set apart from Algorithm 2's choice.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import time
 from pathlib import Path
@@ -22,11 +23,19 @@ import streamlit as st
 from cache import qa, queries
 from cache.db import connect
 from cache.voc import VOC_CLASSES
-from engine import assignments
-from engine.ensemble import OVERLAP_RULES, Subset
-from engine.export import IMAGE_MODES, ExportError, export_assignment
-from pages.common import (cache_dir, complete_variants, has_active_jobs, jobs_panel, pick_dataset_and_split,
-                          queue_chain, read, refresh, saved_assignments)
+from engine.isle import assignments
+from engine.isle.assignments import ClassSummary
+from engine.isle.export import IMAGE_MODES, ExportError, export_assignment
+from engine.isle.numerics import OVERLAP_RULES, Subset
+from ui.common import (
+    cache_dir,
+    has_active_jobs,
+    jobs_panel,
+    pick_dataset_and_split,
+    queue_chain,
+    read,
+    refresh,
+)
 
 RULES = {"score": "score: the class whose variant is more confident at the pixel (precision where "
                   "a variant stored no scores)",
@@ -35,29 +44,6 @@ RULES = {"score": "score: the class whose variant is more confident at the pixel
 SUBSETS = {"whole": "whole split (as in the paper)", "fraction": "a seeded fraction selects, the rest reports"}
 IMAGES = {"link": "symlink the JPEGs", "copy": "copy the JPEGs", "none": "labels only"}
 CONFLICT_ROWS = 15
-
-
-# --- cached reads (keyed on the cache fingerprint, like pages.common.read) ------------------
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def _plan(directory: Path, state: tuple, dataset_id: str, split: str, candidates: tuple[str, ...],
-          subset: tuple, overrides: tuple[tuple[int, str], ...], rule: str, name: str):
-    """``(plan, summary, merge variant id, naive variant id)`` of the editor's assignment."""
-    fraction, seed, exclude = subset
-    with connect(directory, read_only=True) as con:
-        plan = assignments.build_plan(con, dataset_id, split, candidates, Subset(fraction, seed, exclude),
-                                      dict(overrides), rule)
-        merge_id = assignments.step_variant_id(dataset_id, assignments.merge_step(plan, name))
-        naive_id = assignments.step_variant_id(dataset_id, assignments.naive_step(plan))
-        return plan, assignments.summary(con, plan, merge_id, naive_id), merge_id, naive_id
-
-
-def _history(dataset_id: str, split: str, name: str) -> list[dict]:
-    """Every saved version of ``name``, oldest first; not cached: the cache fingerprint does not
-    cover the assignments table, and this read is one small query."""
-    with connect(cache_dir(), read_only=True) as con:
-        return queries.assignment_history(con, dataset_id, split, name)
 
 
 # --- editor state --------------------------------------------------------------------------
@@ -107,13 +93,13 @@ def _chip(text: str, pct: float | None, title: str, chosen: bool = False, auto: 
             f'background:rgba(31,119,70,{alpha:.2f});color:{colour}">{"★" if auto else ""}{text}</span>')
 
 
-def _heat_row(entry: dict, candidates: list[str], names: list[str]) -> str:
+def _heat_row(entry: ClassSummary, candidates: list[str], names: list[str]) -> str:
     chips = []
     for k, (variant_id, name) in enumerate(zip(candidates, names), start=1):
-        pct = entry["candidate_iou"][variant_id]
-        tie = " (tied best)" if variant_id in entry["tied"] else ""
+        pct = entry.candidate_iou[variant_id]
+        tie = " (tied best)" if variant_id in entry.tied else ""
         chips.append(_chip("—" if pct is None else f"{pct:.0f}", pct, f"#{k} {name}: {_pct(pct)}{tie}",
-                           chosen=variant_id == entry["variant"], auto=variant_id == entry["auto_variant"]))
+                           chosen=variant_id == entry.variant, auto=variant_id == entry.auto_variant))
     return "".join(chips)
 
 
@@ -125,19 +111,19 @@ st.caption("ISLE (Ostrowski & Shafique, ISVC'23, Sec. 3): for each object class 
            "chosen variants' class slices (Algorithm 3). Background is what no chosen class claims.")
 
 dataset, split = pick_dataset_and_split("Nothing to ensemble yet: queue methods on the Home page first.")
-directory, fingerprint = cache_dir(), read("cache_state")
+directory = cache_dir()
 
-offered = complete_variants(dataset["id"], split)
+offered = read(assignments.complete_variants, dataset.id, split)
 if not offered:
     st.info(f"No variant has label maps for every image of {split} yet: the ensemble needs complete candidates.")
     st.stop()
-names = {v["id"]: v["name"] for v in offered}
-missing = [v["name"] for v in read("variants", dataset["id"]) if v["id"] not in names]
+names = {c.variant.id: c.variant.name for c in offered}
+missing = [v.name for v in read(queries.variants, dataset.id) if v.id not in names]
 
 st.subheader("Candidates")
 state = st.session_state
 if "candidates" not in state:
-    state["candidates"] = [v["id"] for v in offered if v["default"]] or [offered[0]["id"]]
+    state["candidates"] = [c.variant.id for c in offered if c.default] or [offered[0].variant.id]
 gone = [c for c in state["candidates"] if c not in names]
 state["candidates"] = [c for c in state["candidates"] if c in names]
 candidates = st.multiselect("Candidate variants", list(names), format_func=names.get, key="candidates",
@@ -145,7 +131,7 @@ candidates = st.multiselect("Candidate variants", list(names), format_func=names
 notes = []
 if missing:
     notes.append(f"Not offered (label maps missing on {split}): {', '.join(missing)}.")
-if not_default := [v["name"] for v in offered if not v["default"]]:
+if not_default := [c.variant.name for c in offered if not c.default]:
     notes.append(f"Not selected by default (oracles and ensembles): {', '.join(not_default)}.")
 if notes:
     st.caption(" ".join(notes))
@@ -167,7 +153,7 @@ with left:
     kinds = st.multiselect("Exclude flagged images (Pseudo-label QA) from the selection", list(qa.FLAG_KINDS),
                            format_func=qa.FLAG_KINDS.get, key="exclude_flagged")
     if kinds:
-        flagged = read("flagged_ids", dataset["id"], tuple(kinds))
+        flagged = read(qa.flagged_ids, dataset.id, tuple(kinds))
         exclude = tuple(sorted({*exclude, *flagged}))
         st.caption(f"{len(flagged)} flagged image(s) kept out of the selection subset.")
 with right:
@@ -181,20 +167,20 @@ if not candidates:
 overrides = {c: v for c, v in state.get("overrides", {}).items() if v in candidates}
 name = state.get("assignment_name", "auto").strip() or "auto"
 try:
-    plan, summary, merge_id, naive_id = _plan(
-        directory, fingerprint, dataset["id"], split, tuple(candidates), (fraction, seed, exclude),
-        tuple(sorted(overrides.items())), rule, name)
+    view = read(assignments.plan_view, dataset.id, split, tuple(candidates), Subset(fraction, seed, exclude),
+                tuple(sorted(overrides.items())), rule, name)
 except (KeyError, ValueError) as exc:
     st.error(str(exc))
     st.stop()
+plan, summary, merge_id, naive_id = view.plan, view.summary, view.merge_id, view.naive_id
 # Keep only real overrides: a pick equal to Algorithm 2's choice follows it from now on.
 state["overrides"] = {c: v for c, v in overrides.items() if c in plan.overridden}
 report = plan.report is not None
 
 st.subheader("Assignment")
 st.caption(
-    f"Selection subset: {summary['subset']['selection_images']} image(s)"
-    + (f"; report subset: {summary['subset']['report_images']} image(s)" if report else "")
+    f"Selection subset: {summary.subset.selection_images} image(s)"
+    + (f"; report subset: {summary.subset.report_images} image(s)" if report else "")
     + ". Chips: every candidate's IoU (%) for the class on the selection subset, in this order: "
     + " · ".join(f"#{k} {n}" for k, n in enumerate(plan.names, start=1))
     + ". ★ = automatic choice (Algorithm 2), red outline = current choice; hover for the name."
@@ -206,51 +192,49 @@ header = st.columns(WIDTHS)
 for column, title in zip(header, ["Class (images)", "Candidates' IoU", "Automatic choice", "Chosen variant",
                                   "Predicted IoU", "Exact IoU (Δ)"]):
     column.markdown(f"**{title}**")
-for entry in summary["classes"]:
-    c = entry["class_id"]
+for entry in summary.classes:
+    c = entry.class_id
     row = st.columns(WIDTHS, vertical_alignment="center")
-    mark = " :orange-badge[overridden]" if entry["overridden"] else ""
-    row[0].markdown(f"{entry['class']} ({entry['images']}){mark}")
+    mark = " :orange-badge[overridden]" if entry.overridden else ""
+    row[0].markdown(f"{entry.class_name} ({entry.images}){mark}")
     row[1].markdown(_heat_row(entry, plan.candidates, plan.names), unsafe_allow_html=True)
-    if not entry["images"]:
+    if not entry.images:
         row[2].caption("no images in the selection subset (best mIoU)")
     else:
-        tied = f" (tie of {len(entry['tied'])})" if entry["tied"] else ""
-        row[2].caption(names[entry["auto_variant"]] + tied)
-    state[f"choice_{c}"] = entry["variant"]
-    row[3].selectbox(f"{entry['class']} variant", plan.candidates, format_func=names.get, key=f"choice_{c}",
+        tied = f" (tie of {len(entry.tied)})" if entry.tied else ""
+        row[2].caption(names[entry.auto_variant] + tied)
+    state[f"choice_{c}"] = entry.variant
+    row[3].selectbox(f"{entry.class_name} variant", plan.candidates, format_func=names.get, key=f"choice_{c}",
                      label_visibility="collapsed", on_change=_override, args=(c,))
-    predicted = _pct(entry["predicted_iou_selection"])
+    predicted = _pct(entry.predicted_iou.selection)
     if report:
-        predicted += f" / {_pct(entry['predicted_iou_report'])}"
+        predicted += f" / {_pct(entry.predicted_iou.report)}"
     row[4].markdown(predicted)
-    if entry["exact_iou_selection"] is None:
+    if entry.exact_iou.selection is None:
         row[5].markdown("—")
     else:
-        delta = entry["exact_iou_selection"] - (entry["predicted_iou_selection"] or 0.0)
-        row[5].markdown(f"{_pct(entry['exact_iou_selection'])} ({_pct(delta, signed=True)})")
+        delta = entry.exact_iou.selection - (entry.predicted_iou.selection or 0.0)
+        row[5].markdown(f"{_pct(entry.exact_iou.selection)} ({_pct(delta, signed=True)})")
 if report:
     st.caption("Predicted IoU: selection / report subset. Exact IoU: on the selection subset.")
 
 st.subheader("mIoU")
-for key in ("selection", "report") if report else ("selection",):
-    m = summary["miou"][key]
+for key, m in (("selection", summary.miou.selection), ("report", summary.miou.report)):
+    if m is None:
+        continue
     if report:
         st.markdown(f"**{key.capitalize()} subset**")
     best, predicted, exact, naive = st.columns(4)
-    best.metric("Best single candidate", _pct(m["best_single"]), help=names[m["best_single_variant"]])
-    predicted.metric("ISLE predicted", _pct(m["predicted"]),
-                     delta=_delta(m["predicted"], m["best_single"]),
+    best.metric("Best single candidate", _pct(m.best_single), help=names[m.best_single_variant])
+    predicted.metric("ISLE predicted", _pct(m.predicted), delta=_delta(m.predicted, m.best_single),
                      help="Delta: versus the best single candidate.")
-    exact.metric("ISLE exact", _pct(m["exact"]),
-                 delta=_delta(m["exact"], m["predicted"]),
+    exact.metric("ISLE exact", _pct(m.exact), delta=_delta(m.exact, m.predicted),
                  help="After the exact merge ran on every image. Delta: versus the prediction.")
-    naive.metric("Naive ISLE", _pct(m["naive"]),
-                 delta=_delta(m["naive"], m["best_single"]),
+    naive.metric("Naive ISLE", _pct(m.naive), delta=_delta(m.naive, m.best_single),
                  help="The paper's baseline: each image's whole label map from one candidate. "
                       "Delta: versus the best single candidate.")
-    st.caption(f"Background IoU: predicted {_pct(m['predicted_background_iou'])}, "
-               f"exact {_pct(m['exact_background_iou'])}.")
+    st.caption(f"Background IoU: predicted {_pct(m.predicted_background_iou)}, "
+               f"exact {_pct(m.exact_background_iou)}.")
 st.caption("Predicted from cached counts: an object class's IoU is its chosen variant's IoU, except for "
            "pixels it loses to another class where two chosen slices overlap (only the exact merge counts "
            "those). Background is estimated: the chosen classes' false positives are taken to lie on "
@@ -270,7 +254,7 @@ with left:
             st.error(str(exc))
         else:
             refresh()
-            count = len(_history(dataset["id"], split, name))
+            count = len(read(queries.assignment_history, dataset.id, split, name))
             st.success(f"Saved {name!r} version {count} (id {version_id}).")
 with middle:
     st.write(f"The exact merge makes the variant “ISLE ({name})”; naive ISLE uses the automatic choice.")
@@ -279,16 +263,16 @@ with middle:
              "run_naive": ("Run naive ISLE", assignments.naive_step(plan))}
     for column, (key, (label, step)) in zip((run_merge, run_naive), steps.items()):
         if column.button(label, key=key):
-            queue_chain(dataset["root"], split, [step], nothing=f"{label.lower()[4:]} is complete on {split}")
+            queue_chain(dataset.root, split, [step], nothing=f"{label.lower()[4:]} is complete on {split}")
 
 st.subheader("Jobs")
 jobs_panel()
-if has_active_jobs(dataset["id"]):
+if has_active_jobs(dataset.id):
     @st.fragment(run_every=2)
     def _watch(rendered: tuple[bool, bool]) -> None:
         """While jobs run: rerun the whole page once the merge or naive ISLE completes on the
         selection subset, so the exact figures appear (the jobs panel shows the progress)."""
-        labelled = read("labelled_in_split", dataset["id"], split, tuple(plan.selection_ids))
+        labelled = read(queries.labelled_in_split, dataset.id, split, tuple(plan.selection_ids))
         if tuple(labelled.get(v, 0) >= len(plan.selection_ids) for v in (merge_id, naive_id)) != rendered:
             st.rerun()
 
@@ -296,8 +280,8 @@ if has_active_jobs(dataset["id"]):
     _watch(tuple(bool(shown.get(v, 0) >= len(plan.selection_ids)) for v in (merge_id, naive_id)))
 
 st.subheader("History")
-history = _history(dataset["id"], split, name)
-others = [r for r in saved_assignments(dataset["id"], split) if r["name"] != name]
+history = read(queries.assignment_history, dataset.id, split, name)
+others = [r for r in read(queries.assignment_names, dataset.id, split) if r["name"] != name]
 if others:
     st.caption("Other saved names (type one above to see its history): "
                + ", ".join(f"{r['name']} ({r['versions']})" for r in others))
@@ -323,14 +307,14 @@ else:
         st.caption("The editor differs from the latest saved version: save to keep the changes.")
 
 st.subheader("Conflicts")
-if summary["miou"]["selection"]["exact"] is None:
+if summary.miou.selection.exact is None:
     st.caption("Run the exact merge to count the pixels two chosen classes both claim.")
-elif not summary["conflicts_selection"]:
+elif not summary.conflicts:
     st.caption("No overlap: no pixel was claimed by two chosen classes.")
 else:
     st.caption("Pixels of the selection subset the winner took from the loser (rule: "
                f"{rule}); “(absent from labels)”: dropped because the image does not hold the class.")
-    st.dataframe(summary["conflicts_selection"][:CONFLICT_ROWS], hide_index=True)
+    st.dataframe([dataclasses.asdict(c) for c in summary.conflicts[:CONFLICT_ROWS]], hide_index=True)
 
 st.subheader("Export")
 st.caption(f"Writes the exact merge of the latest saved version of {name!r} as a VOCdevkit folder "
@@ -343,7 +327,7 @@ if st.button("Export", key="export"):
         st.error(f"Save the assignment {name!r} first: the export is of a saved version.")
     else:
         try:
-            exported = export_assignment(directory, dataset["id"], split, assignments.decode(history[-1]),
+            exported = export_assignment(directory, dataset.id, split, assignments.decode(history[-1]),
                                          Path(dest.strip() or default_dest), images)
         except ExportError as exc:
             st.error(str(exc))

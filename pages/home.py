@@ -4,23 +4,39 @@ imported pseudo-labels (a folder of PNG label maps or WSSS npy score dicts)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import streamlit as st
 
-from engine import registry
-from engine.assignments import ENSEMBLE_METHODS
-from engine.dataset import default_voc_root
-from engine.jobs import DEFAULT_CHAIN, Step
-from engine.methods.imported import DEFAULT_BG_THRESHOLDS, FORMATS, KEY_CONVENTIONS, SCORE_KEYS, import_step
-from pages.common import cache_exists, jobs_panel, pick_dataset, queue_chain, read, refinement_steps
+from cache import queries
+from engine.core import registry
+from engine.core.chains import Step
+from engine.core.dataset import default_voc_root
+from engine.core.registry import Offer
+from engine.methods.imported import (
+    DEFAULT_BG_THRESHOLDS,
+    FORMATS,
+    KEY_CONVENTIONS,
+    SCORE_KEYS,
+    import_step,
+)
+from engine.runtime.jobs import BASELINE
+from ui.common import (
+    cache_exists,
+    jobs_panel,
+    pick_dataset,
+    queue_chain,
+    read,
+    refinement_steps,
+)
 
 st.title("ISLE Workbench")
 st.caption("Weakly supervised segmentation: compare pseudo-label methods class by class, "
            "then build the ISLE class-wise ensemble.")
 
 dataset = pick_dataset() if cache_exists() else None
-root = Path(dataset["root"]) if dataset else default_voc_root()
+root = Path(dataset.root) if dataset else default_voc_root()
 SPLIT = "train"  # pseudo-labels are made for the training images (WSSS)
 KEYS_HELP = {"index": "0-based foreground indices, class id = key + 1 (IRN)",
              "class_id": "VOC class ids, a leading 0 = background (PuzzleCAM)"}
@@ -29,15 +45,16 @@ KEYS_HELP = {"index": "0-based foreground indices, class id = key + 1 (IRN)",
 st.subheader("Queue work")
 st.write(f"On the **{SPLIT}** split of `{root}`. "
          "The background worker (`python -m engine worker`) picks the jobs up.")
-# Imports and ISLE merges have pages of their own: they need a folder or an assignment.
-methods = {p.name: p.title for p in registry.plugins("method") if p.name not in ("import", *ENSEMBLE_METHODS)}
+# Imports and ISLE merges have forms and pages of their own: they need a folder or an assignment.
+methods = {p.name: p.title for p in registry.plugins(offer=Offer.QUEUE) if p.role.starts_chain}
 baseline_tab, method_tab, refine_tab, import_tab = st.tabs(
     ["Baseline", "Queue a method", "Refine a variant", "Import pseudo-labels"])
 
 with baseline_tab:
-    st.write("CAM, then CAM → dCRF.")
-    if st.button("Queue CAM and CAM → dCRF", type="primary", key="queue_baseline"):
-        queue_chain(root, SPLIT, list(DEFAULT_CHAIN), nothing="both variants are complete")
+    baseline = " → ".join(registry.get(step.name).title for step in BASELINE)
+    st.write(f"The baseline chain: {baseline}.")
+    if st.button(f"Queue {baseline}", type="primary", key="queue_baseline"):
+        queue_chain(root, SPLIT, list(BASELINE), nothing="every variant of the baseline is complete")
 
 with method_tab:
     method = st.selectbox("Method", list(methods), format_func=methods.get, key="method")
@@ -46,7 +63,7 @@ with method_tab:
         queue_chain(root, SPLIT, [Step(method), *then])
 
 with refine_tab:
-    variants = {v["id"]: v["name"] for v in read("variants", dataset["id"])} if dataset else {}
+    variants = {v.id: v.name for v in read(queries.variants, dataset.id)} if dataset else {}
     if not variants:
         st.caption("No variants yet: queue a method or import pseudo-labels first.")
     else:
@@ -86,17 +103,17 @@ jobs_panel()
 
 if dataset:
     st.subheader("Dataset")
-    st.dataframe(read("split_summary", dataset["id"]), hide_index=True)
-    problems = read("image_problems", dataset["id"])
+    st.dataframe(read(queries.split_summary, dataset.id), hide_index=True)
+    problems = read(queries.image_problems, dataset.id)
     if problems:
         with st.expander(f"{len(problems)} image(s) with a problem, left out of every job"):
             st.dataframe(problems, hide_index=True)
     st.subheader("Variants")
-    variants = read("variants", dataset["id"])
+    variants = read(queries.variants, dataset.id)
     if variants:
         st.dataframe(
-            [{"variant": v["name"], "id": v["id"], "method": v["method"], "label maps": v["n_label_maps"],
-              "parameters": v["params"]} for v in variants],
+            [{"variant": v.name, "id": v.id, "method": v.method, "label maps": v.n_label_maps,
+              "parameters": json.dumps(v.params, sort_keys=True)} for v in variants],
             hide_index=True,
         )
     else:

@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import streamlit as st
 
+from cache import queries, reports
 from cache.reports import gain_table, tree_order
 from cache.voc import VOC_CLASSES
-from pages.charts import column_labels, gain_heatmap, iou_heatmap, row_labels
-from pages.common import has_active_jobs, jobs_panel, pick_dataset_and_split, queue_chain, read, refinement_steps
+from ui.charts import column_labels, gain_heatmap, iou_heatmap, row_labels
+from ui.common import (
+    has_active_jobs,
+    jobs_panel,
+    pick_dataset_and_split,
+    queue_chain,
+    read,
+    refinement_steps,
+)
 
 VIEWS = {"flat": "flat", "grouped": "grouped by source", "gain": "gain vs source"}
 
@@ -22,8 +30,8 @@ dataset, split = pick_dataset_and_split("Nothing to show yet: queue CAM and CAM 
 
 def heatmap() -> None:
     """The heatmap in the chosen view and its numbers, re-read from the cache on every run."""
-    table = read("iou_table", dataset["id"], split)
-    class_images = read("class_image_counts", dataset["id"], split)
+    table = read(reports.iou_table, dataset.id, split)
+    class_images = read(queries.class_image_counts, dataset.id, split)
     if not table.names:
         st.info(f"No variant has label maps on {split} yet.")
         return
@@ -72,7 +80,7 @@ def heatmap() -> None:
 heatmap_slot = st.container()
 
 st.subheader("Refine a variant")
-table = read("iou_table", dataset["id"], split)
+table = read(reports.iou_table, dataset.id, split)
 if not table.names:
     st.caption(f"No variant to refine on {split} yet.")
 else:
@@ -80,7 +88,7 @@ else:
     source = st.selectbox("Variant", list(sources), format_func=sources.get, key="iou_refine_source")
     steps = refinement_steps("iou_refine_chain")
     if st.button("Queue", key="iou_queue_refine", disabled=not steps):
-        queue_chain(dataset["root"], split, steps, source, f"every variant of the chain is complete on {split}")
+        queue_chain(dataset.root, split, steps, source, f"every variant of the chain is complete on {split}")
 
 st.subheader("Jobs")
 jobs_panel()
@@ -88,4 +96,4 @@ jobs_panel()
 with heatmap_slot:
     # New rows appear by themselves while this dataset has work queued or running; the reads are
     # cached on the cache fingerprint, so a rerun with nothing new costs no query.
-    st.fragment(run_every=3 if has_active_jobs(dataset["id"]) else None)(heatmap)()
+    st.fragment(run_every=3 if has_active_jobs(dataset.id) else None)(heatmap)()

@@ -14,24 +14,29 @@ from __future__ import annotations
 import csv
 import io
 import math
-from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import streamlit as st
 
-from cache import qa
+from cache import qa, queries, reports
 from cache.db import connect
-from cache.labelmaps import LabelMapError, read_label_map, read_scores
-from cache.thumbnails import ThumbnailError, image_thumbnail, label_thumbnail
+from cache.labelmaps import LabelMapError
+from cache.thumbnails import ThumbnailError
 from cache.voc import VOC_CLASSES
-from engine.dataset import ImageError, read_image, read_mask
-from pages.charts import row_labels
-from pages.common import cache_dir, pick_dataset_and_split, read, refresh
-from pages.overlays import legend, overlay, score_overlay, wipe
+from engine.core.types import ImageError
+from ui.charts import row_labels
+from ui.common import cache_dir, pick_dataset_and_split, read, refresh
+from ui.qa_view import (
+    GT,
+    NONE,
+    class_scores,
+    comparison,
+    grid_thumbnail,
+    legend_table,
+    open_image,
+    pictures,
+    score_picture,
+)
 
-GT = "gt"  # the ground truth, as a layer next to the variant ids
-NONE = "none"
 COLUMNS = 4
 PAGE_SIZES = (12, 24, 48)
 state = st.session_state
@@ -66,7 +71,7 @@ def _apply_query_params() -> None:
 _apply_query_params()
 dataset, split = pick_dataset_and_split("Nothing to check yet: queue CAM on the Home page.")
 directory = cache_dir()
-table = read("iou_table", dataset["id"], split)
+table = read(reports.iou_table, dataset.id, split)
 names = dict(zip(table.variant_ids, row_labels(table)))
 layer_names = {GT: "ground truth", NONE: "none", **names}
 
@@ -135,27 +140,20 @@ left, right = st.columns([1, 3])
 page_size = left.selectbox("Images per page", PAGE_SIZES, index=1, key="qa_page_size", on_change=_first_page)
 page = None
 if query is not None:
-    total = read("find_images", dataset["id"], query, 1, 0).total
+    total = read(qa.find_images, dataset.id, query, 1, 0).total
     pages = max(1, math.ceil(total / page_size))
     state["qa_page"] = min(max(int(state.get("qa_page", 1)), 1), pages)
     number = right.number_input(f"Page (of {pages}; {total:,} image(s))", 1, pages, key="qa_page")
-    page = read("find_images", dataset["id"], query, page_size, (number - 1) * page_size)
+    page = read(qa.find_images, dataset.id, query, page_size, (number - 1) * page_size)
 
 
 # --- grid --------------------------------------------------------------------------------------
 
 
-def _label_path(variant_id: str, image_id: str) -> Path | None:
-    row = read("label_map_rows", variant_id).get(image_id)
-    return directory / row[0] if row else None
-
-
-def _thumb(row: dict, layer: str, opacity: float) -> np.ndarray:
-    image = image_thumbnail(directory, Path(row["image_path"]))
-    source = Path(row["mask_path"]) if layer == GT and row["mask_path"] else None
-    if layer not in (GT, NONE):
-        source = _label_path(layer, row["image_id"])
-    return image if source is None else overlay(image, label_thumbnail(directory, source), opacity)
+def _thumb(row: dict, layer: str, opacity: float):
+    stored = read(queries.label_map_rows, layer).get(row["image_id"]) if layer not in (GT, NONE) else None
+    return grid_thumbnail(directory, row["image_path"], row["mask_path"], directory / stored[0] if stored else None,
+                          layer, opacity)
 
 
 def _open(image_id: str) -> None:
@@ -192,34 +190,27 @@ def _close() -> None:
     state["qa_link"] = {key: st.query_params[key] for key in st.query_params}
 
 
-def _layer(layer: str, gt: np.ndarray, maps: dict) -> np.ndarray | None:
-    """The full-size label map of a layer for the open image (None for "none")."""
-    if layer == NONE:
-        return None
-    return gt if layer == GT else read_label_map(directory / maps[layer][0])
-
-
 def _save_flag(image_id: str, variant_id: str | None) -> None:
     with connect(directory) as con:
-        qa.set_flag(con, dataset["id"], image_id, state["qa_flag_kind"], state.get("qa_flag_note", ""), variant_id)
+        qa.set_flag(con, dataset.id, image_id, state["qa_flag_kind"], state.get("qa_flag_note", ""), variant_id)
     state["qa_flag_note"] = ""
     refresh()
 
 
 def _remove_flag(image_id: str, kind: str) -> None:
     with connect(directory) as con:
-        qa.remove_flag(con, dataset["id"], image_id, kind)
+        qa.remove_flag(con, dataset.id, image_id, kind)
     refresh()
 
 
 def single(image_id: str) -> None:
-    row = read("image_row", dataset["id"], split, image_id)
+    row = read(qa.image_row, dataset.id, split, image_id)
     if row is None or row["problem"]:
         st.error(f"Image {image_id!r} is not a usable image of {split}"
                  + (f": {row['problem']}" if row else "."))
         st.button("← Back to the grid", on_click=_close, key="qa_back")
         return
-    maps = {v: paths for v, paths in read("image_label_maps", dataset["id"], image_id).items() if v in names}
+    maps = {v: paths for v, paths in read(qa.image_label_maps, dataset.id, image_id).items() if v in names}
     ids = [r["image_id"] for r in page.rows] if page else []
     here = ids.index(image_id) if image_id in ids else None
     nav = st.columns([2, 1, 1, 4])
@@ -228,7 +219,7 @@ def single(image_id: str) -> None:
         nav[1].button("◀ Previous", on_click=_open, args=(ids[here - 1],), disabled=here == 0, key="qa_prev")
         nav[2].button("Next ▶", on_click=_open, args=(ids[min(here + 1, len(ids) - 1)],),
                       disabled=here == len(ids) - 1, key="qa_next")
-    flags = [f for f in read("flags", dataset["id"]) if f["image_id"] == image_id]
+    flags = [f for f in read(qa.flags, dataset.id) if f["image_id"] == image_id]
     st.markdown(f"### {image_id}")
     st.caption(f"{row['width']}×{row['height']} px · classes: "
                f"{', '.join(VOC_CLASSES[c] for c in row['labels']) or 'none'}{_flag_text([f['kind'] for f in flags])}")
@@ -243,32 +234,21 @@ def single(image_id: str) -> None:
                        disabled=b == NONE)
     opacity = left.slider("Overlay opacity", 0.0, 1.0, 0.6, 0.05, key="qa_opacity")
     try:
-        image = read_image(Path(row["image_path"]))
-        gt = read_mask(Path(row["mask_path"]), image.shape[:2])
-        label_a, label_b = _layer(a, gt, maps), _layer(b, gt, maps)
+        view = open_image(directory, row["image_path"], row["mask_path"], maps, a, b)
     except (ImageError, LabelMapError) as exc:
         st.error(str(exc))
         return
-    shown = [(a, overlay(image, label_a, opacity))] + ([] if label_b is None else [(b, overlay(image, label_b, opacity))])
+    shown = [layer for layer in (a, b) if layer != NONE]
     if mode == "comparison slider" and len(shown) == 2:
         position = middle.slider("Slider position (A left, B right)", 0.0, 1.0, 0.5, 0.01, key="qa_wipe")
-        st.image(wipe(shown[0][1], shown[1][1], position),
-                 caption=f"left: {layer_names[a]} · right: {layer_names[b]}")
+        st.image(comparison(view, opacity, position), caption=f"left: {layer_names[a]} · right: {layer_names[b]}")
     else:
-        for column, (layer, picture) in zip(st.columns(len(shown)), shown):
+        for column, layer, picture in zip(st.columns(len(shown)), shown, pictures(view, opacity)):
             column.image(picture, caption=layer_names[layer])
 
     st.markdown("**Classes in this image**")
-    compared = {layer_names[layer]: label for layer, label in ((a, label_a), (b, label_b))
-                if label is not None and layer != GT}
-    rows = legend(gt, compared)
-    frame = pd.DataFrame(
-        [{"colour": r["colour"], "class": r["class"], **{k: v for k, v in r.items() if k.endswith("px")},
-          **{k: None if v is None else round(100 * v, 1) for k, v in r.items() if k.endswith("IoU")}}
-         for r in rows])
     # The colour cell painted in the class's VOC colour: the legend of the overlays above.
-    st.dataframe(frame.style.map(lambda c: f"background-color: {c}; color: {c}", subset=["colour"])
-                 .format(precision=1), hide_index=True)
+    st.dataframe(legend_table(view, layer_names, a, b), hide_index=True)
     st.caption("Pixels per class (ground-truth pixels labelled 255 ignored); IoU in % in this image.")
 
     with_scores = [v for v, (_, scores) in maps.items() if scores]
@@ -277,13 +257,13 @@ def single(image_id: str) -> None:
             source = st.selectbox("Scores of", with_scores, format_func=names.get, key="qa_scores_variant",
                                   index=with_scores.index(a) if a in with_scores else 0)
             try:
-                stored, scores = read_scores(directory / maps[source][1])
+                stored, scores = class_scores(directory, maps[source][1])
             except LabelMapError as exc:
                 st.error(str(exc))
             else:
                 pick = st.selectbox("Class", range(len(stored)), format_func=lambda k: VOC_CLASSES[stored[k]],
                                     index=len(stored) - 1, key="qa_scores_class")
-                st.image(score_overlay(image, scores[pick], opacity),
+                st.image(score_picture(view, scores[pick], opacity),
                          caption=f"{VOC_CLASSES[stored[pick]]} score of {names[source]} "
                                  f"(stored at {scores.shape[2]}×{scores.shape[1]}, upsampled)")
 
@@ -304,7 +284,7 @@ def single(image_id: str) -> None:
 
 
 def flag_list() -> None:
-    rows = read("flags", dataset["id"])
+    rows = read(qa.flags, dataset.id)
     st.subheader(f"Flags ({len(rows)})")
     if not rows:
         st.caption("No flag yet: open an image and flag it.")

@@ -1,16 +1,16 @@
-"""Train: the final segmentation network, DeepLabV3+ (``engine/refine/deeplab.py``), trained fully
+"""Train: the final segmentation network, DeepLabV3+ (``engine/final/deeplab.py``), trained fully
 supervised on a label set of the training split (a method's pseudo-labels, an ISLE merge, or the
 ground truth as the upper bound), followed live, and compared by val mIoU across label sets.
 
 ISLE (Ostrowski & Shafique, ISVC'23, shared/papers/isle-class-wise-ensemble.md), Algorithm 3
 step 4 and Table 2: every component's pseudo-labels and the ensemble train the same network; the
-comparison table here has that shape. The jobs come from ``engine.training.submit_training``; the
-curves are ``cache.queries.train_log`` (loss per step, val mIoU per epoch end); the figures are
-``engine.training.trainings`` of the evaluation split (cached per-class counts).
+comparison table here has that shape. The jobs come from ``engine.runtime.trainings.submit_training``;
+the curves are ``cache.queries.train_log`` (loss per step, val mIoU per epoch end); the figures are
+``engine.runtime.trainings.trainings`` of the evaluation split (cached per-class counts).
 
-Widget keys: "dataset", "train_split", "eval_split", "label_set", "train.deeplab.<field>" (the
-settings), "train_dcrf", "train_submit", "follow", "predict_training", "predict_split",
-"predict_submit".
+Widget keys: "dataset", "train_split", "eval_split", "label_set", "train.<plugin>.<field>" (the
+settings), "train_then" (test-time refinements), "train_submit", "follow", "predict_training",
+"predict_split", "predict_submit".
 """
 
 from __future__ import annotations
@@ -22,48 +22,60 @@ from pathlib import Path
 
 import streamlit as st
 
-from cache.db import connect
+from cache import queries, reports
 from cache.reports import select_rows
-from engine import registry
-from engine.dataset import DatasetError
-from engine.jobs import Step
-from engine.refine.deeplab import DeepLabConfig
-from engine.training import GROUND_TRUTH, ISLE_PREFIX, submit_training, trainings
-from pages.charts import iou_heatmap, loss_curve, miou_bars, validation_curve
-from pages.common import (ACTIVE, cache_dir, cache_exists, complete_variants, has_active_jobs, jobs_panel,
-                          param_widgets, pick_dataset, queue_chain, read, refresh, saved_assignments)
+from cache.rows import Job
+from engine.core import registry
+from engine.core.chains import Step
+from engine.core.dataset import DatasetError
+from engine.core.registry import Role
+from engine.isle import assignments
+from engine.runtime.trainings import (
+    GROUND_TRUTH,
+    ISLE_PREFIX,
+    final_plugin,
+    submit_training,
+    trainings,
+)
+from ui.charts import iou_heatmap, loss_curve, miou_bars, validation_curve
+from ui.common import (
+    ACTIVE,
+    cache_dir,
+    cache_exists,
+    has_active_jobs,
+    jobs_panel,
+    param_widgets,
+    pick_dataset,
+    queue_chain,
+    read,
+    refinement_steps,
+    refresh,
+)
 
-DEFAULTS = DeepLabConfig()
+FINAL = final_plugin()
+DEFAULTS = FINAL.make_config()
 SHOWN_SETTINGS = {"encoder": "encoder", "epochs": "epochs", "crop_size": "crop", "batch_size": "batch", "lr": "lr"}
-
-
-# --- cached reads (keyed on the cache fingerprint, like pages.common.read) ------------------
-
-
-@st.cache_data(show_spinner=False, max_entries=8)
-def _trainings(directory: Path, state: tuple, dataset_id: str, split: str) -> list[dict]:
-    with connect(directory, read_only=True) as con:
-        return trainings(con, dataset_id, split)
 
 
 # --- small helpers -------------------------------------------------------------------------
 
 
-def _cli(label_set: str, params: dict, dcrf: bool, train_split: str, eval_split: str) -> str:
+def _cli(label_set: str, params: dict, then: list[Step], train_split: str, eval_split: str) -> str:
     """The command line that queues the same training."""
     parts = ["python -m engine"] + ([f"--split {train_split}"] if train_split != "train" else [])
     parts += ["train", label_set if " " not in label_set else json.dumps(label_set)]
-    parts += [f"--param deeplab.{k}={json.dumps(v)}" for k, v in params.items()]
-    parts += ([f"--on {eval_split}"] if eval_split != "val" else []) + (["--dcrf"] if dcrf else [])
+    parts += [f"--param {FINAL.name}.{k}={json.dumps(v)}" for k, v in params.items()]
+    parts += ([f"--on {eval_split}"] if eval_split != "val" else [])
+    parts += (["--then", *(step.name for step in then)] if then else [])
     return " ".join(parts)
 
 
-def _eta(job: dict) -> str:
+def _eta(job: Job) -> str:
     """"about N min left" for a training job, from its rate so far (steps done since it started)."""
-    if job["stage"] != "train" or not job["done"] or not job["started_at"] or not job["heartbeat_at"]:
+    if job.stage != "train" or not job.done or not job.started_at or not job.heartbeat_at:
         return ""
-    rate = (job["heartbeat_at"] - job["started_at"]) / job["done"]  # seconds per step
-    left = max(rate * (job["total"] - job["done"]) - (time.time() - job["heartbeat_at"]), 0.0)
+    rate = (job.heartbeat_at - job.started_at) / job.done  # seconds per step
+    left = max(rate * (job.total - job.done) - (time.time() - job.heartbeat_at), 0.0)
     finish = time.strftime("%H:%M", time.localtime(time.time() + left))
     return f" · about {left / 60:.0f} min left (≈ {finish})" if left >= 60 else f" · about {left:.0f} s left"
 
@@ -81,7 +93,7 @@ st.caption("The final segmentation network: DeepLabV3+ trained fully supervised 
            "is their IoU against the ground truth.")
 
 dataset = pick_dataset() if cache_exists() else None
-splits = read("splits", dataset["id"]) if dataset else []
+splits = read(queries.splits, dataset.id) if dataset else []
 if not splits:
     st.info("Nothing to train on yet: queue methods on the Home page first.")
     st.stop()
@@ -92,36 +104,35 @@ eval_split = right.selectbox("Evaluation split (predicted and scored)", splits, 
                              index=splits.index("val") if "val" in splits else len(splits) - 1)
 if train_split == eval_split:
     st.warning("Training and evaluation split are the same: the mIoU then measures fit, not generalisation.")
-directory, fingerprint, root = cache_dir(), read("cache_state"), Path(dataset["root"])
+directory, root = cache_dir(), Path(dataset.root)
 
 # --- launch --------------------------------------------------------------------------------
 
 st.subheader("Launch")
-complete = complete_variants(dataset["id"], train_split)
-shared = Counter(v["name"] for v in complete)  # a name two variants share gets their ids added
-label_sets = {v["id"]: v["name"] + (f"  [{v['id']}]" if shared[v["name"]] > 1 else "")
-              + ("" if v["default"] else " (oracle or ensemble)") for v in complete}
+complete = read(assignments.complete_variants, dataset.id, train_split)
+shared = Counter(c.variant.name for c in complete)  # a name two variants share gets their ids added
+label_sets = {c.variant.id: c.variant.name + (f"  [{c.variant.id}]" if shared[c.variant.name] > 1 else "")
+              + ("" if c.default else " (oracle or ensemble)") for c in complete}
 label_sets |= {f"{ISLE_PREFIX}{r['name']}": f"ISLE assignment {r['name']!r} (exact merge of its latest version)"
-               for r in saved_assignments(dataset["id"], train_split)}
+               for r in read(queries.assignment_names, dataset.id, train_split)}
 label_sets[GROUND_TRUTH] = "Ground truth (upper bound)"
 label_set = st.selectbox("Label set", list(label_sets), format_func=label_sets.get, key="label_set",
                          help=f"Variants with a label map for every image of {train_split}, saved ISLE "
                               "assignments (their merge is queued first if missing), or the ground truth.")
-with st.expander("Model settings (DeepLabV3+)"):
+with st.expander(f"Model settings ({FINAL.title})"):
     st.caption("The defaults (Lite0 encoder, 2 epochs, batch 8, crop 256) take about 16 minutes on 2 CPU "
                "cores for the bundled 1,861 training images; the model is reused for any split it predicts.")
-    params = param_widgets(registry.get("deeplab"), "train")
-dcrf = st.checkbox("Test-time dCRF (also score the predictions refined by dCRF)", key="train_dcrf")
-st.caption("Command line: `" + _cli(label_set, params, dcrf, train_split, eval_split) + "`")
+    params = param_widgets(FINAL, "train")
+then = refinement_steps("train_then", "Test-time refinements of the predictions (e.g. dCRF), each scored too")
+st.caption("Command line: `" + _cli(label_set, params, then, train_split, eval_split) + "`")
 if st.button("Train", key="train_submit", type="primary"):
     try:
-        queued = submit_training(directory, root, label_set, params, dcrf=dcrf, split=eval_split,
+        queued = submit_training(directory, root, label_set, params, then=then, split=eval_split,
                                  train_split=train_split)
     except (DatasetError, KeyError, ValueError) as exc:
         st.error(str(exc))
     else:
         refresh()
-        fingerprint = read("cache_state")
         st.session_state["follow"] = queued.model_variant_id
         st.toast(f"Queued jobs {queued.job_ids}" if queued.job_ids else
                  f"Nothing to do: this training is complete on {eval_split}.")
@@ -129,37 +140,38 @@ if st.button("Train", key="train_submit", type="primary"):
 # --- follow --------------------------------------------------------------------------------
 
 st.subheader("Follow")
-models = {v["id"]: v for v in reversed(read("variants", dataset["id"])) if v["step"] == "deeplab"}  # newest first
+models = {v.id: v for v in reversed(read(queries.variants, dataset.id))
+          if registry.get(v.step).role is Role.FINAL}  # newest first
 if not models:
     st.caption("No training yet.")
 else:
     if st.session_state.get("follow") not in models:
         st.session_state.pop("follow", None)
-    followed = st.selectbox("Training", list(models), format_func=lambda v: f"{models[v]['name']}  [{v}]",
+    followed = st.selectbox("Training", list(models), format_func=lambda v: f"{models[v].name}  [{v}]",
                             key="follow")
 
-    def _job(variant_id: str) -> dict | None:
+    def _job(variant_id: str) -> Job | None:
         """The newest job of the variant, one on the evaluation split first."""
-        jobs = [j for j in read("recent_jobs", 30) if j["variant_id"] == variant_id]
-        return next((j for j in jobs if j["split"] == eval_split), jobs[0] if jobs else None)
+        jobs = [j for j in read(queries.recent_jobs, 30) if j.variant_id == variant_id]
+        return next((j for j in jobs if j.split == eval_split), jobs[0] if jobs else None)
 
     def follow(variant_id: str, rendered: str | None) -> None:
         """Progress, ETA and the curves of one training; reruns the page once its job finishes,
         so the comparison below shows the new figures."""
         job = _job(variant_id)
-        status = job["status"] if job else None
+        status = job.status if job else None
         if status != rendered and rendered in ACTIVE:
             st.rerun()
         if job is None:
             st.caption("No job of this training among the recent jobs.")
         elif status in ACTIVE:
-            fraction = job["done"] / job["total"] if job["total"] else 0.0
-            stage = job["stage"] or ("waiting for the label set" if job["depends_on"] else "waiting")
-            st.progress(min(fraction, 1.0), text=f"job {job['id']} · {status} · {stage} "
-                        f"{job['done']}/{job['total']}{_eta(job)}")
+            fraction = job.done / job.total if job.total else 0.0
+            stage = job.stage or ("waiting for the label set" if job.depends_on else "waiting")
+            st.progress(min(fraction, 1.0), text=f"job {job.id} · {status} · {stage} "
+                        f"{job.done}/{job.total}{_eta(job)}")
         else:
-            st.caption(f"job {job['id']} on {job['split']}: {status}" + (f" ({job['error']})" if job["error"] else ""))
-        log = read("train_log", variant_id)
+            st.caption(f"job {job.id} on {job.split}: {status}" + (f" ({job.error})" if job.error else ""))
+        log = read(queries.train_log, variant_id)
         if not log:
             st.caption("No curve point yet: the loss appears once the first steps are recorded.")
             return
@@ -172,8 +184,8 @@ else:
                         f"{eval_split}.")
 
     first = _job(followed)
-    st.fragment(run_every=2 if has_active_jobs(dataset["id"]) else None)(follow)(
-        followed, first["status"] if first else None)
+    st.fragment(run_every=2 if has_active_jobs(dataset.id) else None)(follow)(
+        followed, first.status if first else None)
 
 st.subheader("Jobs")
 jobs_panel()
@@ -181,24 +193,26 @@ jobs_panel()
 # --- compare -------------------------------------------------------------------------------
 
 st.subheader("Compare")
-rows = _trainings(directory, fingerprint, dataset["id"], eval_split)
+rows = read(trainings, dataset.id, eval_split)
 if not rows:
     st.caption(f"No trained model has predictions on {eval_split} yet.")
 else:
+    refinements = list(dict.fromkeys(x.title for r in rows for x in r.refined))  # e.g. ["dCRF"]
     st.dataframe(
-        [{"label set": r["label_set"], "method": r["label_set_method"],
-          **{title: _setting(r["params"], name) for name, title in SHOWN_SETTINGS.items()},
-          "images": r["images"], f"{eval_split} mIoU": r["miou"], f"{eval_split} mIoU + dCRF": r["miou_dcrf"],
-          "variant": r["variant_id"], "trained": time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"]))}
+        [{"label set": r.label_set, "method": r.label_set_method,
+          **{title: _setting(r.params, name) for name, title in SHOWN_SETTINGS.items()},
+          "images": r.images, f"{eval_split} mIoU": r.miou,
+          **{f"{eval_split} mIoU + {t}": next((x.miou for x in r.refined if x.title == t), None) for t in refinements},
+          "variant": r.variant_id, "trained": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at))}
          for r in rows],
         hide_index=True, key="trainings",
     )
-    st.plotly_chart(miou_bars(rows), key="miou_bars")
+    st.plotly_chart(miou_bars(rows, FINAL.title), key="miou_bars")
     st.caption(f"Per-class IoU (%) of the trained models' predictions on {eval_split}"
-               + (" and their dCRF" if any(r["dcrf_variant_id"] for r in rows) else "") + ".")
-    shown = [v for r in rows for v in (r["variant_id"], r["dcrf_variant_id"]) if v]
-    table = select_rows(read("iou_table", dataset["id"], eval_split), shown)
-    st.plotly_chart(iou_heatmap(table, read("class_image_counts", dataset["id"], eval_split)), key="train_heatmap")
+               + (" and their refinements" if refinements else "") + ".")
+    shown = [v for r in rows for v in (r.variant_id, *(x.variant_id for x in r.refined))]
+    table = select_rows(read(reports.iou_table, dataset.id, eval_split), shown)
+    st.plotly_chart(iou_heatmap(table, read(queries.class_image_counts, dataset.id, eval_split)), key="train_heatmap")
 
 # --- predict -------------------------------------------------------------------------------
 
@@ -208,13 +222,13 @@ if not rows:
 else:
     st.caption("The trained model's predictions on another split become a variant (inspect, refine or "
                "ensemble them on the other pages). The same model is used: no retraining.")
-    by_id = {r["variant_id"]: r for r in rows}
+    by_id = {r.variant_id: r for r in rows}
     left, right = st.columns(2)
     chosen = left.selectbox("Trained model", list(by_id), key="predict_training",
-                            format_func=lambda v: f"{by_id[v]['name']}  [{v}]")
+                            format_func=lambda v: f"{by_id[v].name}  [{v}]")
     target = right.selectbox("Split", splits, key="predict_split",
                              index=splits.index(train_split))
     if st.button("Predict", key="predict_submit"):
         model = by_id[chosen]
-        queue_chain(root, target, [Step("deeplab", model["params"])], model["label_set_id"],
-                    f"{model['name']!r} already predicted every image of {target}")
+        queue_chain(root, target, [Step(models[chosen].step, model.params)], model.label_set_id,
+                    f"{model.name!r} already predicted every image of {target}")

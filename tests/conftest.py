@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.types import Cancelled, Item
+from engine.core.types import Cancelled, Item
 
 REPO = Path(__file__).resolve().parents[1]
 VOC_ROOT = (REPO / ".." / "shared" / "data" / "voc2012-animals").resolve()
@@ -78,7 +78,7 @@ def kill_when(worker: subprocess.Popen, cache_dir: Path, job_id: int, stage: str
     try:
         while True:
             job = job_row(cache_dir, job_id)
-            if job["stage"] == stage and job["done"] >= done:
+            if job.stage == stage and job.done >= done:
                 break
             assert worker.poll() is None, worker.stderr.read()
             assert time.monotonic() < deadline, job
@@ -130,8 +130,9 @@ TINY_CAM = {"epochs": 1, "batch_size": 4, "crop_size": 160, "scales": [1.0], "fl
 def baseline_cache(tmp_path_factory) -> tuple[Path, Path]:
     """``(cache_dir, voc_root)`` after the real worker ran CAM and CAM -> dCRF on 8 real train
     images (tiny CAM training) and scanned the 4 val images."""
-    from engine.jobs import Step, submit_chain
-    from engine.worker import WorkerConfig, serve
+    from engine.core.chains import Step
+    from engine.runtime.jobs import submit_chain
+    from engine.runtime.worker import WorkerConfig, serve
 
     base = tmp_path_factory.mktemp("baseline")
     root = make_voc_copy(base / "voc", {"train": _split_ids("train")[:8], "val": _split_ids("val")[:4]})

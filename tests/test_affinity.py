@@ -16,11 +16,13 @@ from PIL import Image
 from cache import queries
 from cache.db import connect
 from cache.labelmaps import write_label_map, write_scores
-from engine import registry
-from engine.checkpoints import checkpoint_path, final_path
-from engine.jobs import Step, dataset_id_for, submit_chain
-from engine.refine import affinity
-from engine.refine.affinity import (
+from engine.core import registry
+from engine.core.chains import Step, dataset_id_for
+from engine.core.registry import training_key
+from engine.core.types import Cancelled, RunContext, SourceVariant
+from engine.ops.checkpoints import checkpoint_path, final_path
+from engine.refine import random_walk as affinity
+from engine.refine.random_walk import (
     _label_job,
     _LabelJob,
     affinity_label,
@@ -33,9 +35,16 @@ from engine.refine.affinity import (
     transition_matrix,
     walk_to_label,
 )
-from engine.types import Cancelled, RunContext, SourceVariant
-from engine.worker import WorkerConfig, serve
-from tests.conftest import TINY_CAM, Reports, job_row, kill_when, split_items, worker_process
+from engine.runtime.jobs import submit_chain
+from engine.runtime.worker import WorkerConfig, serve
+from tests.conftest import (
+    TINY_CAM,
+    Reports,
+    job_row,
+    kill_when,
+    split_items,
+    worker_process,
+)
 
 # A training small enough for tests: 2 epochs at batch 2 on 128-pixel crops.
 TINY_RW = {"epochs": 2, "batch_size": 2, "crop_size": 128, "resize_long": [128, 192], "checkpoint_every": 1}
@@ -187,7 +196,7 @@ def test_plugin_refines_real_images_and_resumes_a_killed_training(cam_source, tm
     def ctx(reports: Reports, todo=items[:3]) -> RunContext:
         return RunContext(items=items, todo=todo, workdir=workdir, report=reports, source=source, processes=1)
 
-    model_dir = ctx(Reports()).model_dir(affinity.FAMILY, affinity.training_params(cfg, "src"))
+    model_dir = ctx(Reports()).model_dir(affinity.FAMILY, training_key(cfg, source="src"))
     first = Reports(cancel_at=("train", 3))
     with pytest.raises(Cancelled):
         list(affinity.run(cfg, ctx(first)))
@@ -203,7 +212,7 @@ def test_plugin_refines_real_images_and_resumes_a_killed_training(cam_source, tm
     straight = RunContext(items=items, todo=[], workdir=tmp_path / "straight", source=source, processes=2)
     affinity.train(cfg, straight)
     a = torch.load(final_path(model_dir, affinity.FAMILY), weights_only=True)["model"]
-    b = torch.load(final_path(straight.model_dir(affinity.FAMILY, affinity.training_params(cfg, "src")),
+    b = torch.load(final_path(straight.model_dir(affinity.FAMILY, training_key(cfg, source="src")),
                               affinity.FAMILY), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -245,22 +254,22 @@ def test_chain_survives_a_worker_killed_in_training_and_in_the_walk(baseline_cac
     shutil.copytree(cache_dir, killed)
     walk_job, crf_job = submit_chain(killed, root, "train", chain)
     state = kill_when(worker_process(killed), killed, walk_job, "train", 2)
-    assert state["status"] == "running" and state["done"] < 16
+    assert state.status == "running" and state.done < 16
     state = kill_when(worker_process(killed), killed, walk_job, "label", 2)  # resumed training, then walking
-    assert state["status"] == "running" and state["done"] < 8 and state["attempts"] == 2
+    assert state.status == "running" and state.done < 8 and state.attempts == 2
     assert submit_chain(killed, root, "train", chain) == [walk_job, crf_job]  # re-queuing adds nothing
     restarted = worker_process(killed, "--until-idle")
     assert restarted.wait(timeout=300) == 0, restarted.stderr.read()
-    assert job_row(killed, walk_job)["status"] == job_row(killed, crf_job)["status"] == "done"
+    assert job_row(killed, walk_job).status == job_row(killed, crf_job).status == "done"
     assert submit_chain(killed, root, "train", chain) == []  # complete: nothing to queue
 
     with connect(killed, read_only=True) as con, connect(reference, read_only=True) as ref:
         for job_id in (walk_job, crf_job):
-            variant = queries.get_job(con, job_id)["variant_id"]
+            variant = queries.get_job(con, job_id).variant_id
             ours, theirs = queries.label_map_rows(con, variant), queries.label_map_rows(ref, variant)
             assert len(ours) == 8 and ours.keys() == theirs.keys()
             for image_id in ours:
                 assert (killed / ours[image_id][0]).read_bytes() == (reference / theirs[image_id][0]).read_bytes()
-        names = [v["name"] for v in queries.variants(con, dataset_id_for(root))]
+        names = [v.name for v in queries.variants(con, dataset_id_for(root))]
     assert any(name.endswith("→ random walk (batch_size=2, checkpoint_every=1, crop_size=128, epochs=4, "
                               "resize_long=[128, 192]) → dCRF") for name in names)

@@ -14,14 +14,14 @@ from streamlit.testing.v1 import AppTest
 from cache import queries, reports
 from cache.db import connect
 from cache.labelmaps import write_label_map
-from engine import registry
-from engine.jobs import Step, chain_variants, dataset_id_for
-from pages.charts import ellipsize
+from engine.core import registry
+from engine.core.chains import Step, chain_variants, dataset_id_for
 from tests.conftest import REPO, TINY_CAM
+from ui.charts import ellipsize
 
 # The baseline cache's variant names: the tiny CAM settings differ from the defaults, so its name
-# lists them (engine.jobs names variants by the parameters that differ).
-BASELINE_NAMES = [row["name"] for row in chain_variants("d", [Step("cam", TINY_CAM), Step("dcrf")])]
+# lists them (engine.runtime.jobs names variants by the parameters that differ).
+BASELINE_NAMES = [row.name for row in chain_variants("d", [Step("cam", TINY_CAM), Step("dcrf")])]
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def test_home_lists_the_images_a_job_skipped(app_env, tmp_path, monkeypatch):
 
 def _jobs(cache_dir) -> list[tuple]:
     with connect(cache_dir, read_only=True) as con:
-        return [(j["kind"], j["variant_name"], j["status"]) for j in reversed(queries.recent_jobs(con))]
+        return [(j.kind, j.variant_name, j.status) for j in reversed(queries.recent_jobs(con))]
 
 
 def test_import_form_queues_a_job_with_the_given_name(app_env, tmp_path, monkeypatch):
@@ -169,7 +169,7 @@ def test_refine_an_existing_variant(app_env, tmp_path, monkeypatch):
     at = _page("home.py").run()
     assert at.button(key="queue_refinement").disabled  # no refinement chosen yet
     with connect(cache_dir, read_only=True) as con:
-        source = next(v["id"] for v in queries.variants(con, dataset_id_for(app_env[1])) if v["name"] == BASELINE_NAMES[1])
+        source = next(v.id for v in queries.variants(con, dataset_id_for(app_env[1])) if v.name == BASELINE_NAMES[1])
     assert BASELINE_NAMES[1] in at.selectbox(key="source_variant").options
     at.selectbox(key="source_variant").set_value(source)
     at.multiselect(key="source_refinements").set_value(["dcrf"]).run()
@@ -217,7 +217,7 @@ def test_gain_view_is_the_refinement_minus_its_source(app_env):
 def test_queue_a_chain_from_the_heatmap_page_and_see_its_row(app_env, tmp_path, monkeypatch):
     import shutil
 
-    from engine.worker import WorkerConfig, serve
+    from engine.runtime.worker import WorkerConfig, serve
 
     cache_dir = tmp_path / "cache"
     shutil.copytree(app_env[0], cache_dir)
@@ -226,8 +226,8 @@ def test_queue_a_chain_from_the_heatmap_page_and_see_its_row(app_env, tmp_path, 
     at = _page("per_class_iou.py").run()
     assert at.button(key="iou_queue_refine").disabled  # no refinement chosen yet
     with connect(cache_dir, read_only=True) as con:
-        cam = next(v for v in queries.variants(con, dataset_id_for(app_env[1])) if v["name"] == BASELINE_NAMES[0])
-    at.selectbox(key="iou_refine_source").set_value(cam["id"])
+        cam = next(v for v in queries.variants(con, dataset_id_for(app_env[1])) if v.name == BASELINE_NAMES[0])
+    at.selectbox(key="iou_refine_source").set_value(cam.id)
     at.multiselect(key="iou_refine_chain").set_value(["dcrf"]).run()
     at.number_input(key="iou_refine_chain.dcrf.iters").set_value(5).run()
     at.button(key="iou_queue_refine").click().run()

@@ -8,8 +8,8 @@ import timm
 import torch
 from PIL import Image
 
-from engine import backbone
-from engine.backbone import (
+from engine.ops import backbone
+from engine.ops.backbone import (
     BACKBONES,
     INPUT_MEAN,
     INPUT_STD,

@@ -112,20 +112,20 @@ def test_heatmap_page_renders_in_chromium(served_app, browser, tmp_path):
 
 def test_ensemble_page_renders_and_an_override_updates_the_prediction(served_app, browser, baseline_cache):
     from cache.db import connect
-    from engine import assignments
-    from engine.jobs import dataset_id_for
+    from engine.core.chains import dataset_id_for
+    from engine.isle import assignments
 
     cache_dir, root = baseline_cache
     dataset_id = dataset_id_for(root)
     with connect(cache_dir, read_only=True) as con:
-        candidates = [v["id"] for v in assignments.complete_variants(con, dataset_id, "train") if v["default"]]
+        candidates = [c.variant.id for c in assignments.complete_variants(con, dataset_id, "train") if c.default]
         plan = assignments.build_plan(con, dataset_id, "train", candidates)
         summary = assignments.summary(con, plan)
     # A class with images on which the other candidate differs, and the prediction with it.
-    entry = next(e for e in summary["classes"] if e["images"] and len(set(e["candidate_iou"].values())) > 1)
-    other = next(v for v in plan.candidates if v != entry["variant"])
+    entry = next(e for e in summary.classes if e.images and len(set(e.candidate_iou.values())) > 1)
+    other = next(v for v in plan.candidates if v != entry.variant)
     with connect(cache_dir, read_only=True) as con:
-        overridden = assignments.build_plan(con, dataset_id, "train", candidates, overrides={entry["class_id"]: other})
+        overridden = assignments.build_plan(con, dataset_id, "train", candidates, overrides={entry.class_id: other})
 
     wait = _follow_sidebar(browser, served_app, "ISLE ensemble")
     wait.until(lambda d: "ISLE predicted" in d.find_element(By.TAG_NAME, "body").text)
@@ -136,17 +136,17 @@ def test_ensemble_page_renders_and_an_override_updates_the_prediction(served_app
         return next(m.find_element(By.CSS_SELECTOR, '[data-testid="stMetricValue"]').text
                     for m in metrics if "ISLE predicted" in m.text)
 
-    assert predicted() == f"{summary['miou']['selection']['predicted']:.2f}"
+    assert predicted() == f"{summary.miou.selection.predicted:.2f}"
     body = browser.find_element(By.TAG_NAME, "body").text
-    assert all(f"{e['class']} ({e['images']})" in body for e in summary["classes"])
+    assert all(f"{e.class_name} ({e.images})" in body for e in summary.classes)
     assert "Traceback" not in body and "overridden" not in body
     labels = [label.get_attribute("textContent").strip()
               for label in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSelectbox"] label')]
-    assert [x for x in labels if x.endswith(" variant")] == [f"{e['class']} variant" for e in summary["classes"]]
+    assert [x for x in labels if x.endswith(" variant")] == [f"{e.class_name} variant" for e in summary.classes]
 
     # Override the class in the browser: the predicted mIoU changes to the engine's figure.
     select = browser.find_element(By.XPATH, f"//div[@data-testid='stSelectbox'][.//input[@aria-label="
-                                            f"'{entry['class']} variant']]")
+                                            f"'{entry.class_name} variant']]")
     select.find_element(By.CSS_SELECTOR, 'button[aria-haspopup="listbox"]').click()
     option = wait.until(EC.element_to_be_clickable(
         (By.XPATH, f"//*[@role='option'][normalize-space()='{plan.names[plan.candidates.index(other)]}']")))
@@ -167,9 +167,9 @@ def test_a_heatmap_cell_opens_its_worst_images_and_the_overlay_renders(served_ap
     from cache.db import connect
     from cache.labelmaps import read_label_map
     from cache.voc import VOC_CLASSES
-    from engine.dataset import read_image
-    from engine.jobs import dataset_id_for
-    from pages.overlays import overlay
+    from engine.core.chains import dataset_id_for
+    from engine.core.dataset import read_image
+    from ui.overlays import overlay
 
     cache_dir, root = baseline_cache
     dataset_id = dataset_id_for(root)
@@ -196,7 +196,7 @@ def test_a_heatmap_cell_opens_its_worst_images_and_the_overlay_renders(served_ap
     # Open the worst image: CAM's overlay next to the ground truth's, and the class legend.
     browser.find_elements(By.XPATH, "//button[normalize-space()='Open']")[0].click()
     image_id = worst.rows[0]["image_id"]
-    wait.until(lambda d: f"/pseudo-label-qa?" in d.current_url and f"image={image_id}" in d.current_url)
+    wait.until(lambda d: "/pseudo-label-qa?" in d.current_url and f"image={image_id}" in d.current_url)
     wait.until(lambda d: "Classes in this image" in d.find_element(By.TAG_NAME, "body").text)
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"] img')) >= 2)
     body = browser.find_element(By.TAG_NAME, "body").text

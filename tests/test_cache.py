@@ -11,6 +11,7 @@ import numpy as np
 
 from cache import queries, reports
 from cache.db import connect
+from cache.rows import Variant
 from tests.conftest import REPO
 
 
@@ -19,9 +20,8 @@ def _seed(con, dataset_id="d1"):
     rows = [("a", "/a.jpg", "/a.png", 3, 3, [8], None), ("b", "/b.jpg", "/b.png", 3, 3, [8, 12], None),
             ("c", "/c.jpg", None, 0, 0, [], "/c.png: mask file is missing")]
     queries.replace_split_images(con, dataset_id, "train", rows)
-    queries.insert_variant(con, {"id": "v1", "dataset_id": dataset_id, "name": "CAM", "method": "cam",
-                                 "step": "cam", "params": "{}", "steps": "[]", "source_id": None,
-                                 "code_version": "t", "created_at": 1.0})
+    queries.insert_variant(con, Variant(id="v1", dataset_id=dataset_id, name="CAM", method="cam", step="cam",
+                                        params={}, steps=(), source_id=None, code_version="t", created_at=1.0))
 
 
 def test_iou_table_is_one_aggregation_over_counts(tmp_path):
@@ -59,14 +59,14 @@ def test_failed_write_rolls_back(tmp_path):
         _seed(con)
     try:
         with connect(tmp_path) as con:
-            queries.insert_variant(con, {"id": "v2", "dataset_id": "d1", "name": "X", "method": "x",
-                                         "step": "x", "params": "{}", "steps": "[]", "source_id": None,
-                                         "code_version": "t", "created_at": 2.0})
+            queries.insert_variant(con, Variant(id="v2", dataset_id="d1", name="X", method="x", step="x",
+                                                params={}, steps=(), source_id=None, code_version="t",
+                                                created_at=2.0))
             raise RuntimeError("boom")
     except RuntimeError:
         pass
     with connect(tmp_path, read_only=True) as con:
-        assert [v["id"] for v in queries.variants(con, "d1")] == ["v1"]
+        assert [v.id for v in queries.variants(con, "d1")] == ["v1"]
 
 
 WRITER = textwrap.dedent("""
@@ -98,13 +98,13 @@ def test_reader_and_writer_processes_share_the_file(tmp_path):
     seen, reads = [], 0
     while writer.poll() is None:
         with connect(tmp_path, read_only=True) as con:
-            seen.append(queries.get_job(con, 1)["done"])
+            seen.append(queries.get_job(con, 1).done)
             reports.iou_table(con, "d1", "train")
         reads += 1
         time.sleep(0.003)
     assert writer.returncode == 0 and "writer done" in writer.stdout.read()
     with connect(tmp_path, read_only=True) as con:
-        assert queries.get_job(con, 1)["done"] == n
+        assert queries.get_job(con, 1).done == n
         assert con.execute("SELECT count(*) FROM label_maps").fetchone()[0] == n
     assert reads > 10, "the reader never got in while the writer ran"
     assert seen == sorted(seen) and len(set(seen)) > 3, "the reader did not see progress arrive"
@@ -116,7 +116,7 @@ def test_cached_iou_equals_sklearn_on_the_cached_label_maps(baseline_cache):
     from PIL import Image
     from sklearn.metrics import confusion_matrix
 
-    from engine.jobs import dataset_id_for
+    from engine.core.chains import dataset_id_for
 
     cache_dir, root = baseline_cache
     dataset_id = dataset_id_for(root)

@@ -8,20 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from engine import registry
-from engine.checkpoints import checkpoint_path, final_path, load_checked
+from engine.core import registry
+from engine.core.registry import Role, training_key
+from engine.core.types import Cancelled, Item, RunContext
 from engine.methods import cam
-from engine.methods.cam import (
-    CAMConfig,
-    cam_to_image_size,
+from engine.methods.cam import CAMConfig
+from engine.ops import augment
+from engine.ops.cams import (
     cams_to_label,
-    downsample_scores,
     multilabel_target,
     normalise_cams,
-    poly_lr,
     select_classes,
 )
-from engine.types import Cancelled, Item, RunContext
+from engine.ops.checkpoints import checkpoint_path, final_path, load_checked
+from engine.ops.scores import downsample_scores
+from engine.ops.scores import strided_to_image as cam_to_image_size
+from engine.ops.training import poly_lr
 from tests.conftest import Reports, split_items
 
 # A few optimisation steps on small crops; one scale with flip at inference.
@@ -104,22 +106,22 @@ def test_augment_rescales_flips_crops_and_pads():
     rgb = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)  # values 0..71, never PAD_VALUE
     rng = np.random.default_rng(0)
     # Long side drawn from (6, 6): no rescale. A crop of 8 holds the whole (maybe flipped) image.
-    big = cam.augment(rgb, rng, (6, 6), 8)
+    big = augment.augment(rgb, rng, (6, 6), 8)
     assert big.shape == (8, 8, 3) and big.dtype == np.uint8
-    inside = (big != cam.PAD_VALUE).all(axis=2)
+    inside = (big != augment.PAD_VALUE).all(axis=2)
     assert inside.sum() == 24
     ys, xs = np.nonzero(inside)
     window = big[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     assert np.array_equal(window, rgb) or np.array_equal(window, rgb[:, ::-1])
     # A crop of 2 is a 2x2 window of the image or of its mirror image.
-    small = cam.augment(rgb, rng, (6, 6), 2)
+    small = augment.augment(rgb, rng, (6, 6), 2)
     windows = [im[y : y + 2, x : x + 2] for im in (rgb, rgb[:, ::-1]) for y in range(3) for x in range(5)]
     assert any(np.array_equal(small, w) for w in windows)
 
 
 def test_registered_with_config_and_paper_preset():
     plugin = registry.get("cam")
-    assert plugin.kind == "method" and plugin.config is CAMConfig and plugin.title == "CAM"
+    assert plugin.role is Role.METHOD and plugin.config is CAMConfig and plugin.title == "CAM"
     paper = plugin.make_config(cam.PAPER_PARAMS)
     assert paper.scales == (1.0, 0.5, 1.5, 2.0) and paper.crop_size == 512 and paper.flip
     default = CAMConfig()
@@ -169,7 +171,7 @@ def test_run_end_to_end_on_real_images(tiny_voc, tmp_path):
         assert max(h, w) == TINY.score_max_side and abs(h / w - item.height / item.width) < 0.05
         assert np.all(result.scores[0] == np.float16(TINY.bg_threshold))
         assert 0 <= result.scores.min() and result.scores[1:].max() <= 1
-    model_dir = ctx.model_dir("cam", cam.training_params(TINY))
+    model_dir = ctx.model_dir("cam", training_key(TINY))
     assert final_path(model_dir, cam.FAMILY).is_file() and not checkpoint_path(model_dir, cam.FAMILY).exists()
 
 
@@ -177,7 +179,7 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_voc, tmp_path):
     items = split_items(tiny_voc, "train")
     cfg = replace(TINY, epochs=2, scales=(0.5,), flip=False)  # 6 steps, checkpoints at 2, 3, 4, 6
     workdir = tmp_path / "work"
-    model_dir = RunContext(items=items, todo=[], workdir=workdir).model_dir("cam", cam.training_params(cfg))
+    model_dir = RunContext(items=items, todo=[], workdir=workdir).model_dir("cam", training_key(cfg))
 
     first = Reports(cancel_at=("train", 5))
     with pytest.raises(Cancelled):
@@ -193,7 +195,7 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_voc, tmp_path):
     # Same batches and optimiser state: the resumed model equals an uninterrupted run's.
     straight = tmp_path / "straight"
     list(cam.run(cfg, RunContext(items=items, todo=[], workdir=straight)))
-    straight_dir = RunContext(items=items, todo=[], workdir=straight).model_dir("cam", cam.training_params(cfg))
+    straight_dir = RunContext(items=items, todo=[], workdir=straight).model_dir("cam", training_key(cfg))
     a = torch.load(final_path(model_dir, cam.FAMILY), weights_only=True)["model"]
     b = torch.load(final_path(straight_dir, cam.FAMILY), weights_only=True)["model"]
     assert torch.allclose(a["classifier.weight"], b["classifier.weight"], atol=1e-5)
@@ -209,10 +211,10 @@ def test_models_are_keyed_by_training_settings_only(tiny_voc, tmp_path):
     items = split_items(tiny_voc, "train")
     ctx = RunContext(items=items, todo=[], workdir=tmp_path / "work", models=tmp_path / "models")
     # Inference-only settings share the trained model; a training setting gets its own.
-    assert ctx.model_dir("cam", cam.training_params(replace(TINY, bg_threshold=0.5))) == \
-        ctx.model_dir("cam", cam.training_params(TINY))
-    assert ctx.model_dir("cam", cam.training_params(replace(TINY, lr=0.5))) != \
-        ctx.model_dir("cam", cam.training_params(TINY))
+    assert ctx.model_dir("cam", training_key(replace(TINY, bg_threshold=0.5))) == \
+        ctx.model_dir("cam", training_key(TINY))
+    assert ctx.model_dir("cam", training_key(replace(TINY, lr=0.5))) != \
+        ctx.model_dir("cam", training_key(TINY))
     list(cam.run(TINY, ctx))
     steps = Reports()
     list(cam.run(replace(TINY, bg_threshold=0.5), RunContext(items=items, todo=[], workdir=tmp_path / "other",
@@ -220,6 +222,6 @@ def test_models_are_keyed_by_training_settings_only(tiny_voc, tmp_path):
     assert steps.stage("train") == []  # loaded, not retrained
 
     # A checkpoint written with other settings is refused, naming the file.
-    final = final_path(ctx.model_dir("cam", cam.training_params(TINY)), cam.FAMILY)
+    final = final_path(ctx.model_dir("cam", training_key(TINY)), cam.FAMILY)
     with pytest.raises(ValueError, match="training settings"):
-        load_checked(final, cam.training_params(replace(TINY, lr=0.5)))
+        load_checked(final, training_key(replace(TINY, lr=0.5)))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.dataset import (
+from engine.core.dataset import (
     DatasetError,
     default_voc_root,
     image_labels,
@@ -20,7 +20,7 @@ from engine.dataset import (
     scan_split,
     to_item,
 )
-from engine.types import ImageError
+from engine.core.types import ImageError
 
 
 def _ids(root: Path, split: str) -> list[str]:

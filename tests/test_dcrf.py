@@ -10,17 +10,13 @@ import numpy as np
 import pytest
 
 from cache.labelmaps import write_label_map, write_scores
-from engine import registry
-from engine.dataset import image_labels, read_mask
-from engine.refine.dcrf import (
-    DCRFConfig,
-    dcrf_refine,
-    dcrf_refine_labels,
-    resize_channels,
-    scores_to_probs,
-)
-from engine.pool import map_in_order
-from engine.types import Item, LabelResult, RunContext, SourceVariant
+from engine.core import registry
+from engine.core.dataset import image_labels, read_mask
+from engine.core.registry import Role
+from engine.core.types import Item, LabelResult, RunContext, SourceVariant
+from engine.ops.crf import DCRFConfig, dcrf_refine, dcrf_refine_labels, scores_to_probs
+from engine.ops.pool import map_in_order
+from engine.ops.scores import resize_channels
 
 # Real val images, 500x375: dog (2 labels with background), cat + person and dog + person (3).
 # Chosen where the CRF helps: it does not always (e.g. 2007_003872, a white dog in white surf, is
@@ -167,7 +163,7 @@ def _context(items, tmp_path: Path, with_scores: bool, processes: int) -> RunCon
 def test_plugin_improves_coarse_scores_on_real_images(real_source):
     items, truth, tmp_path = real_source
     plugin = registry.get("dcrf")
-    assert plugin.kind == "refine" and plugin.title == "dCRF"
+    assert plugin.role is Role.REFINEMENT and plugin.title == "dCRF"
     results = list(plugin.run(plugin.make_config({}), _context(items, tmp_path, with_scores=True, processes=2)))
     assert [r.image_id for r in results] == list(REAL_IDS)
     for r in results:

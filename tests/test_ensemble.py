@@ -15,14 +15,23 @@ from PIL import Image, ImageFilter
 from cache import queries
 from cache.db import connect
 from cache.labelmaps import read_label_map, write_label_map
-from engine import assignments
-from engine.ensemble import (ABSENT, Subset, auto_assignment, drop_absent, merge_slices, naive_choice,
-                             precision_priority, predicted_counts)
-from engine.export import ExportError, export_assignment, export_variant
-from engine.jobs import Step, dataset_id_for, submit_chain
+from engine.core.chains import Step, dataset_id_for
+from engine.isle import assignments
+from engine.isle.export import ExportError, export_assignment, export_variant
+from engine.isle.numerics import (
+    ABSENT,
+    Subset,
+    auto_assignment,
+    drop_absent,
+    merge_slices,
+    naive_choice,
+    precision_priority,
+    predicted_counts,
+)
 from engine.methods.imported import import_step
-from engine.metrics import confusion_counts
-from engine.worker import WorkerConfig, serve
+from engine.ops.metrics import confusion_counts
+from engine.runtime.jobs import submit_chain
+from engine.runtime.worker import WorkerConfig, serve
 
 # --- Algorithm 2 -----------------------------------------------------------------------------
 
@@ -230,7 +239,7 @@ def cache_copy(baseline_cache, tmp_path) -> tuple[Path, Path, str, list[str]]:
         submit_chain(copy, root, "train", [import_step(folder, name)])
     serve(WorkerConfig(copy, until_idle=True, poll_seconds=0.05, processes=1))
     with connect(copy, read_only=True) as con:
-        candidates = [v["id"] for v in assignments.complete_variants(con, dataset_id, "train") if v["default"]]
+        candidates = [c.variant.id for c in assignments.complete_variants(con, dataset_id, "train") if c.default]
     assert len(candidates) == 4
     return copy, root, dataset_id, candidates
 
@@ -255,7 +264,7 @@ def test_exact_merge_of_real_variants_agrees_with_the_prediction_up_to_conflicts
     with connect(cache_dir, read_only=True) as con:
         plan = assignments.build_plan(con, dataset_id, "train", candidates, overrides=overrides)
         conflicts = queries.conflict_totals(con, merged)
-        items = {r["image_id"]: r for r in queries.usable_images(con, dataset_id, "train")}
+        items = {r.image_id: r for r in queries.usable_images(con, dataset_id, "train")}
         rows = queries.label_map_rows(con, merged)
     exact = assignments.table_figures(plan.selection, merged)
     assert exact is not None and len(rows) == 8
@@ -270,7 +279,7 @@ def test_exact_merge_of_real_variants_agrees_with_the_prediction_up_to_conflicts
             np.testing.assert_array_equal(exact.counts[c], predicted[c])
     for image_id, (path, _) in rows.items():
         present_classes = set(np.unique(read_label_map(cache_dir / path)).tolist()) - {0, 255}
-        assert present_classes <= set(items[image_id]["labels"])  # no absent class
+        assert present_classes <= set(items[image_id].labels)  # no absent class
     # Re-queuing the same assignment is a no-op: the variant is complete.
     assert submit_chain(cache_dir, root, "train", [assignments.merge_step(plan, "again")]) == []
 
@@ -349,8 +358,8 @@ def test_a_corrupt_candidate_label_map_is_reported_by_name_and_the_rest_merges(c
     with connect(cache_dir, read_only=True) as con:
         plan = assignments.build_plan(con, dataset_id, "train", candidates)
         image = queries.usable_images(con, dataset_id, "train")[0]
-        chosen = plan.chosen(image["labels"][0])
-        bad = cache_dir / queries.label_map_rows(con, chosen)[image["image_id"]][0]
+        chosen = plan.chosen(image.labels[0])
+        bad = cache_dir / queries.label_map_rows(con, chosen)[image.image_id][0]
     bad.write_bytes(b"not a png")
     step = assignments.merge_step(plan, "corrupt")
     job_ids = submit_chain(cache_dir, root, "train", [step])
@@ -358,7 +367,7 @@ def test_a_corrupt_candidate_label_map_is_reported_by_name_and_the_rest_merges(c
     with connect(cache_dir, read_only=True) as con:
         errors = queries.image_errors(con, job_ids[-1])
         labelled = queries.labelled_in_split(con, dataset_id, "train")[assignments.step_variant_id(dataset_id, step)]
-    assert [e["image_id"] for e in errors] == [image["image_id"]]
+    assert [e["image_id"] for e in errors] == [image.image_id]
     assert str(bad) in errors[0]["message"] and "cannot decode" in errors[0]["message"]
     assert labelled == 7
 
@@ -369,14 +378,14 @@ def test_naive_isle_runs_as_a_variant(cache_copy):
         plan = assignments.build_plan(con, dataset_id, "train", candidates)
     naive = _run(cache_dir, root, assignments.naive_step(plan))
     with connect(cache_dir, read_only=True) as con:
-        items = {r["image_id"]: r for r in queries.usable_images(con, dataset_id, "train")}
+        items = {r.image_id: r for r in queries.usable_images(con, dataset_id, "train")}
         rows = queries.label_map_rows(con, naive)
         summary = assignments.summary(con, assignments.build_plan(con, dataset_id, "train", candidates),
                                       naive_variant_id=naive)
-    assert len(rows) == 8 and summary["miou"]["selection"]["naive"] is not None
+    assert len(rows) == 8 and summary.miou.selection.naive is not None
     ranking = assignments.naive_step(plan).params["ranking"]
     for image_id, (path, _) in rows.items():
-        labels = items[image_id]["labels"]
+        labels = items[image_id].labels
         source = naive_choice(labels, ranking, {c: plan.candidates[plan.auto.choice[c]] for c in range(1, 21)},
                               plan.candidates[plan.best_single()])
         with connect(cache_dir, read_only=True) as con:

@@ -15,9 +15,9 @@ from streamlit.testing.v1 import AppTest
 from cache import queries
 from cache.db import connect
 from cache.voc import VOC_CLASSES
-from engine import assignments
-from engine.ensemble import Subset
-from engine.jobs import dataset_id_for
+from engine.core.chains import dataset_id_for
+from engine.isle import assignments
+from engine.isle.numerics import Subset
 from tests.conftest import REPO
 
 OBJECT_CLASSES = range(1, 21)
@@ -51,7 +51,7 @@ def _direct_plan(cache_dir, root, overrides=None) -> assignments.Plan:
     """What the engine computes on the same cache, without the page."""
     dataset_id = dataset_id_for(root)
     with connect(cache_dir, read_only=True) as con:
-        candidates = [v["id"] for v in assignments.complete_variants(con, dataset_id, "train") if v["default"]]
+        candidates = [c.variant.id for c in assignments.complete_variants(con, dataset_id, "train") if c.default]
         return assignments.build_plan(con, dataset_id, "train", candidates, overrides=overrides)
 
 
@@ -81,19 +81,19 @@ def test_rows_show_algorithm_2s_choice_and_the_predicted_figures(app_env):
     assert _choices(at) == {c: plan.candidates[plan.auto.choice[c]] for c in OBJECT_CLASSES}
     with connect(cache_dir, read_only=True) as con:
         summary = assignments.summary(con, plan)
-    for entry in summary["classes"]:
-        cells = _cells(at, entry["class_id"])
-        assert cells[0].startswith(f"{entry['class']} ({entry['images']})")
+    for entry in summary.classes:
+        cells = _cells(at, entry.class_id)
+        assert cells[0].startswith(f"{entry.class_name} ({entry.images})")
         assert "overridden" not in cells[0]
-        expected = "—" if entry["predicted_iou_selection"] is None else f"{entry['predicted_iou_selection']:.2f}"
+        expected = "—" if entry.predicted_iou.selection is None else f"{entry.predicted_iou.selection:.2f}"
         assert cells[4] == expected and cells[5] == "—"  # no exact merge yet
-    assert _metric(at, "ISLE predicted") == f"{summary['miou']['selection']['predicted']:.2f}"
-    assert _metric(at, "Best single candidate") == f"{summary['miou']['selection']['best_single']:.2f}"
+    assert _metric(at, "ISLE predicted") == f"{summary.miou.selection.predicted:.2f}"
+    assert _metric(at, "Best single candidate") == f"{summary.miou.selection.best_single:.2f}"
     assert _metric(at, "ISLE exact") == "—" and _metric(at, "Naive ISLE") == "—"
     # A class absent from the 8 images says so instead of showing an IoU.
-    empty = next(e for e in summary["classes"] if not e["images"])
+    empty = next(e for e in summary.classes if not e.images)
     assert "no images in the selection subset" in " ".join(c.value for c in at.caption)
-    assert _cells(at, empty["class_id"])[4] == "—"
+    assert _cells(at, empty.class_id)[4] == "—"
 
 
 def test_an_override_shows_the_other_candidates_iou_at_once(app_env):
@@ -119,7 +119,7 @@ def test_an_override_shows_the_other_candidates_iou_at_once(app_env):
 
 
 def test_save_restore_merge_and_export(writable_env, tmp_path):
-    from engine.worker import WorkerConfig, serve
+    from engine.runtime.worker import WorkerConfig, serve
 
     cache_dir, root = writable_env
     dataset_id = dataset_id_for(root)
@@ -165,9 +165,9 @@ def test_save_restore_merge_and_export(writable_env, tmp_path):
     merge_id = assignments.step_variant_id(dataset_id, assignments.merge_step(
         _direct_plan(cache_dir, root, {c: other}), "mine"))
     with connect(cache_dir, read_only=True) as con:
-        jobs = {j["variant_id"]: j for j in queries.recent_jobs(con)}
-    assert jobs[merge_id]["status"] == "queued" and jobs[merge_id]["variant_name"] == "ISLE (mine)"
-    assert any(j["variant_name"] == "naive ISLE" and j["status"] == "queued" for j in jobs.values())
+        jobs = {j.variant_id: j for j in queries.recent_jobs(con)}
+    assert jobs[merge_id].status == "queued" and jobs[merge_id].variant_name == "ISLE (mine)"
+    assert any(j.variant_name == "naive ISLE" and j.status == "queued" for j in jobs.values())
 
     # AppTest left the page as __main__: the worker's spawned processes would re-run it.
     sys.modules["__main__"] = MAIN
@@ -176,14 +176,14 @@ def test_save_restore_merge_and_export(writable_env, tmp_path):
     assert not at.exception
     with connect(cache_dir, read_only=True) as con:
         summary = assignments.summary(con, assignments.rebuild(con, dataset_id, "train", second), merge_id)
-    miou = summary["miou"]["selection"]
-    assert miou["exact"] is not None
-    assert _metric(at, "ISLE exact") == f"{miou['exact']:.2f}" and _metric(at, "Naive ISLE") != "—"
-    for entry in summary["classes"]:
-        if entry["exact_iou_selection"] is not None:
-            delta = entry["exact_iou_selection"] - entry["predicted_iou_selection"]
-            assert _cells(at, entry["class_id"])[5].startswith(f"{entry['exact_iou_selection']:.2f} (")
-            assert f"{abs(delta):.2f})" in _cells(at, entry["class_id"])[5]
+    miou = summary.miou.selection
+    assert miou.exact is not None
+    assert _metric(at, "ISLE exact") == f"{miou.exact:.2f}" and _metric(at, "Naive ISLE") != "—"
+    for entry in summary.classes:
+        if entry.exact_iou.selection is not None:
+            delta = entry.exact_iou.selection - entry.predicted_iou.selection
+            assert _cells(at, entry.class_id)[5].startswith(f"{entry.exact_iou.selection:.2f} (")
+            assert f"{abs(delta):.2f})" in _cells(at, entry.class_id)[5]
 
     dest = tmp_path / "export"
     at.text_input(key="export_dest").input(str(dest)).run()
@@ -203,7 +203,7 @@ def test_a_seeded_fraction_selects_and_the_rest_reports(app_env):
     cache_dir, root = app_env
     dataset_id = dataset_id_for(root)
     with connect(cache_dir, read_only=True) as con:
-        ids = [r["image_id"] for r in queries.usable_images(con, dataset_id, "train")]
+        ids = [r.image_id for r in queries.usable_images(con, dataset_id, "train")]
     seed = next(s for s in range(50) if all(Subset(0.5, s).split(ids)))  # both subsets non-empty
     selection, report = Subset(0.5, seed).split(ids)
     at = _page().run()
@@ -213,7 +213,7 @@ def test_a_seeded_fraction_selects_and_the_rest_reports(app_env):
     assert f"Selection subset: {len(selection)} image(s); report subset: {len(report)} image(s)" in \
         " ".join(c.value for c in at.caption)
     with connect(cache_dir, read_only=True) as con:
-        candidates = [v["id"] for v in assignments.complete_variants(con, dataset_id, "train") if v["default"]]
+        candidates = [c.variant.id for c in assignments.complete_variants(con, dataset_id, "train") if c.default]
         plan = assignments.build_plan(con, dataset_id, "train", candidates, Subset(0.5, seed))
     assert _choices(at) == {c: plan.candidates[plan.auto.choice[c]] for c in OBJECT_CLASSES}
     predicted = [m.value for m in at.metric if m.label == "ISLE predicted"]

@@ -16,21 +16,22 @@ from PIL import Image
 from cache import queries
 from cache.db import connect
 from cache.labelmaps import read_label_map, read_scores, write_label_map
-from engine import registry
-from engine.__main__ import main
-from engine.dataset import image_labels, read_mask
-from engine.jobs import dataset_id_for, submit_chain
-from engine.methods.cam import cams_to_label
+from engine.core import registry
+from engine.core.chains import dataset_id_for
+from engine.core.dataset import image_labels, read_mask
 from engine.methods.imported import (
     check_label,
     class_ids,
     import_step,
     npy_scores,
-    scores_to_label,
     with_background,
 )
-from engine.metrics import confusion_counts
-from engine.worker import WorkerConfig, serve
+from engine.ops.cams import cams_to_label
+from engine.ops.metrics import confusion_counts
+from engine.ops.scores import argmax_label as scores_to_label
+from engine.runtime.cli import main
+from engine.runtime.jobs import submit_chain
+from engine.runtime.worker import WorkerConfig, serve
 from tests.conftest import REPO
 
 # Two classes on a 2x3 grid: dog (12) and person (15), stored IRN-style as keys 11 and 14.
@@ -195,11 +196,11 @@ def test_png_folder_imports_good_files_and_names_the_bad_ones(tiny_voc, tmp_path
     with connect(cache_dir, read_only=True) as con:
         job = queries.get_job(con, job_id)
         errors = {e["image_id"]: e["message"] for e in queries.image_errors(con, job_id)}
-        rows = queries.label_map_rows(con, job["variant_id"])
+        rows = queries.label_map_rows(con, job.variant_id)
         counts = con.execute("SELECT image_id, class_id, tp, fp, fn FROM counts WHERE variant_id = ? ORDER BY ALL",
-                             [job["variant_id"]]).fetchall()
-    assert job["status"] == "done" and job["variant_name"] == "Mine"
-    assert job["done"] == job["total"] == 12 and job["n_errors"] == 5
+                             [job.variant_id]).fetchall()
+    assert job.status == "done" and job.variant_name == "Mine"
+    assert job.done == job.total == 12 and job.n_errors == 5
     ids = [image_id for image_id, _ in images]
     assert set(errors) == set(ids[:5]) and set(rows) == set(written)
     for image_id, message in errors.items():
@@ -249,8 +250,8 @@ def test_npy_folder_imports_labels_and_scores_and_reimport_queues_nothing(tiny_v
     _work(cache_dir)
     with connect(cache_dir, read_only=True) as con:
         job = queries.get_job(con, job_id)
-        rows = queries.label_map_rows(con, job["variant_id"])
-    assert job["status"] == "done" and job["n_errors"] == 0 and job["variant_name"] == "IRN CAM"
+        rows = queries.label_map_rows(con, job.variant_id)
+    assert job.status == "done" and job.n_errors == 0 and job.variant_name == "IRN CAM"
     assert set(rows) == set(expected)
     for image_id, (label_path, scores_path) in rows.items():
         assert np.array_equal(read_label_map(cache_dir / label_path), expected[image_id])
@@ -279,6 +280,6 @@ def test_command_line_import(tiny_voc, tmp_path):
     assert "queued jobs [1, 2]" in done.stdout and "mIoU=100.00" in done.stdout
     with connect(cache_dir, read_only=True) as con:
         (variant,) = queries.variants(con, dataset_id_for(tiny_voc))
-    assert variant["name"] == "X" and variant["n_label_maps"] == 12
+    assert variant.name == "X" and variant.n_label_maps == 12
     with pytest.raises(SystemExit, match=r"no \.npy files \(it holds \.png files"):
         main(["--cache", str(cache_dir), "--root", str(tiny_voc), "import", str(folder), "--format", "npy"])

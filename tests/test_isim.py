@@ -9,21 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from engine import registry
-from engine.backbone import load_imagenet_model
-from engine.checkpoints import checkpoint_path, final_path
-from engine.refine.dcrf import scaled_dcrf
-from engine.methods import cam, isim
+from engine.core import registry
+from engine.core.registry import Role, training_key
+from engine.core.types import Cancelled, RunContext
+from engine.methods import isim
 from engine.methods.isim import (
     ISIMConfig,
     foreground_images,
     modified_cross_entropy,
-    refine_pseudo_label,
     restricted_softmax,
     training_round,
 )
-from engine.refine.dcrf import DCRFConfig
-from engine.types import Cancelled, RunContext
+from engine.ops import augment
+from engine.ops import cams as cam
+from engine.ops.backbone import load_imagenet_model, pad_to_multiple
+from engine.ops.checkpoints import checkpoint_path, final_path
+from engine.ops.crf import DCRFConfig, refine_pseudo_label, scaled_dcrf
 from tests.conftest import Reports, split_items
 
 # 12 images, batch 4: 3 steps an epoch; 1 warm-up epoch + 2 rounds of 1 epoch = 9 steps on 64 crops.
@@ -95,10 +96,10 @@ def test_restricted_softmax_by_hand():
 
 def test_pad_to_multiple_pads_bottom_right_with_zeros():
     x = torch.ones(1, 1, 3, 5)
-    padded = isim.pad_to_multiple(x, 4)
+    padded = pad_to_multiple(x, 4)
     assert padded.shape == (1, 1, 4, 8)  # 3 -> 4 rows, 5 -> 8 columns
     assert padded.sum().item() == 15 and torch.equal(padded[..., :3, :5], x)
-    assert isim.pad_to_multiple(torch.ones(1, 1, 8, 4), 4).shape == (1, 1, 8, 4)  # already fits
+    assert pad_to_multiple(torch.ones(1, 1, 8, 4), 4).shape == (1, 1, 8, 4)  # already fits
 
 
 def test_scaled_dcrf_shrinks_only_the_spatial_widths():
@@ -132,22 +133,22 @@ def test_augment_with_label_moves_the_label_with_the_image():
     for seed in range(6):
         # Long side stays 40 (no rescale): a 32 crop cuts, a 48 crop pads.
         for crop in (32, 48):
-            image, crop_label = cam.augment_with_label(rgb, label, np.random.default_rng(seed), (40, 40), crop)
-            alone = cam.augment(rgb, np.random.default_rng(seed), (40, 40), crop)
+            image, crop_label = augment.augment_with_label(rgb, label, np.random.default_rng(seed), (40, 40), crop)
+            alone = augment.augment(rgb, np.random.default_rng(seed), (40, 40), crop)
             assert np.array_equal(image, alone)  # same random draws as augment
             inside = crop_label != 255
             assert np.array_equal((image[..., 0][inside] - 10) // 60, crop_label[inside])
             assert inside.sum() == min(30, crop) * min(40, crop)
-            assert np.all(image[~inside] == cam.PAD_VALUE)
+            assert np.all(image[~inside] == augment.PAD_VALUE)
     # A label stored at a lower resolution is resized to the image (nearest).
-    _, small = cam.augment_with_label(rgb, label[::2, ::2], np.random.default_rng(1), (40, 40), 48)
+    _, small = augment.augment_with_label(rgb, label[::2, ::2], np.random.default_rng(1), (40, 40), 48)
     assert small.shape == (48, 48) and set(np.unique(small)) <= {0, 1, 2, 255}
 
 
 def test_registered_variants_share_config_and_trained_model(tmp_path):
     cam_plugin, decoder_plugin = registry.get("isim-cam"), registry.get("isim-decoder")
     assert (cam_plugin.title, decoder_plugin.title) == ("ISIM CAM", "ISIM decoder")
-    assert cam_plugin.kind == decoder_plugin.kind == "method"
+    assert cam_plugin.role is decoder_plugin.role is Role.METHOD
     assert cam_plugin.config is decoder_plugin.config is ISIMConfig
     paper = cam_plugin.make_config(isim.PAPER_PARAMS)
     assert (paper.epochs, paper.warmup_epochs, paper.regenerate_every, paper.crop_size) == (50, 5, 10, 320)
@@ -156,10 +157,10 @@ def test_registered_variants_share_config_and_trained_model(tmp_path):
     # Inference settings share the model directory, training settings do not.
     inference = replace(TINY, scales=(1.0,), flip=True, decoder_scales=(1.0, 2.0), decoder_flip=True,
                         bg_threshold=0.5, score_max_side=16)
-    assert ctx.model_dir("isim", isim.training_params(inference)) == ctx.model_dir("isim", isim.training_params(TINY))
+    assert ctx.model_dir("isim", training_key(inference)) == ctx.model_dir("isim", training_key(TINY))
     for change in ({"pseudo_threshold": 0.4}, {"crf_max_side": 80}, {"decoder_lr_mult": 0.1}):
-        assert ctx.model_dir("isim", isim.training_params(replace(TINY, **change))) != \
-            ctx.model_dir("isim", isim.training_params(TINY))
+        assert ctx.model_dir("isim", training_key(replace(TINY, **change))) != \
+            ctx.model_dir("isim", training_key(TINY))
     with pytest.raises(ValueError, match="warmup_epochs"):
         ISIMConfig(epochs=2, warmup_epochs=2)
     with pytest.raises(ValueError, match="multiple of output_stride"):
@@ -203,7 +204,7 @@ def test_both_variants_share_one_trained_model(tiny_voc, tmp_path):
     assert first.done("warm-up") == [1, 2, 3]
     assert first.done("pseudo-labels round 1") == first.done("pseudo-labels round 2") == list(range(1, 13))
     assert first.done("self-training") == [1, 2, 3, 4, 5, 6]
-    model_dir = ctx.model_dir("isim", isim.training_params(TINY))
+    model_dir = ctx.model_dir("isim", training_key(TINY))
     assert sorted(p.name for p in model_dir.iterdir()) == [f"{isim.FAMILY}_model.pt"]  # checkpoint + pseudo-labels gone
 
     # The decoder variant with other inference settings loads the same model: no training at all.
@@ -234,7 +235,7 @@ def test_killed_regeneration_and_training_resume(tiny_voc, tmp_path, monkeypatch
     monkeypatch.setattr(isim, "PSEUDO_CHUNK", 4)  # 3 pseudo-label files of 4 images per round
     items = split_items(tiny_voc, "train")
     workdir = tmp_path / "work"
-    model_dir = RunContext(items=items, todo=[], workdir=workdir).model_dir("isim", isim.training_params(TINY))
+    model_dir = RunContext(items=items, todo=[], workdir=workdir).model_dir("isim", training_key(TINY))
 
     def run(reports: Reports) -> list:
         ctx = RunContext(items=items, todo=items[:1], workdir=workdir, report=reports, processes=1)

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
-from engine.metrics import confusion_counts, iou_from_counts
+from engine.ops.metrics import confusion_counts, iou_from_counts
 
 
 def test_counts_on_a_3x3_map_worked_out_by_hand():

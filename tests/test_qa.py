@@ -15,10 +15,11 @@ from PIL import Image
 from cache import qa, queries
 from cache.db import connect
 from cache.labelmaps import write_label_map
+from cache.rows import Variant
 from cache.thumbnails import ThumbnailError, image_thumbnail, label_thumbnail
-from engine.metrics import confusion_counts
-from pages.overlays import legend, overlay, score_overlay, wipe
+from engine.ops.metrics import confusion_counts
 from tests.conftest import _split_ids
+from ui.overlays import legend, overlay, score_overlay, wipe
 
 BIRD, DOG, PERSON = 3, 12, 15
 TRAIN, PROBLEM, VAL = _split_ids("train")[:10], _split_ids("train")[10], _split_ids("val")[:2]
@@ -56,9 +57,9 @@ def qa_cache(voc_root, tmp_path_factory) -> Path:
         queries.replace_split_images(con, "d1", "train", [row(i) for i in TRAIN] + [row(PROBLEM, "x.jpg: corrupt")])
         queries.replace_split_images(con, "d1", "val", [row(i) for i in VAL])
         for n, (vid, maps) in enumerate({"shift": shift, "recolour": recolour, "merge": merge}.items()):
-            queries.insert_variant(con, {"id": vid, "dataset_id": "d1", "name": f"{vid} name", "method": vid,
-                                         "step": vid, "params": "{}", "steps": "[]", "source_id": None,
-                                         "code_version": "t", "created_at": float(n)})
+            queries.insert_variant(con, Variant(id=vid, dataset_id="d1", name=f"{vid} name", method=vid, step=vid,
+                                                params={}, steps=(), source_id=None, code_version="t",
+                                                created_at=float(n)))
             rows = queries.ResultRows([], [], [])
             for i, label in maps.items():
                 write_label_map(cache_dir / "labels" / vid / f"{i}.png", label)

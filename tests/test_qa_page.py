@@ -19,11 +19,11 @@ from cache import qa, queries
 from cache.db import connect
 from cache.labelmaps import read_label_map
 from cache.voc import VOC_CLASSES
-from engine import assignments
-from engine.dataset import read_mask
-from engine.ensemble import Subset
-from engine.jobs import dataset_id_for
-from engine.metrics import confusion_counts, iou_from_counts
+from engine.core.chains import dataset_id_for
+from engine.core.dataset import read_mask
+from engine.isle import assignments
+from engine.isle.numerics import Subset
+from engine.ops.metrics import confusion_counts, iou_from_counts
 from tests.conftest import REPO
 
 MAIN = sys.modules["__main__"]  # pytest's, before any AppTest run replaced it
@@ -41,11 +41,11 @@ def qa_env(baseline_cache, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "__main__", MAIN)
     dataset_id = dataset_id_for(baseline_cache[1])
     with connect(cache_dir, read_only=True) as con:
-        images = {r["image_id"]: r for r in queries.usable_images(con, dataset_id, "train")}
+        images = {r.image_id: r for r in queries.usable_images(con, dataset_id, "train")}
         variants = {}
         for v in queries.variants(con, dataset_id):
-            maps = queries.label_map_rows(con, v["id"])
-            variants[v["step"]] = (v["id"], {i: (read_mask(Path(images[i]["mask_path"])),
+            maps = queries.label_map_rows(con, v.id)
+            variants[v.step] = (v.id, {i: (read_mask(Path(images[i].mask_path)),
                                                  read_label_map(cache_dir / maps[i][0])) for i in images})
     return cache_dir, dataset_id, images, variants
 
@@ -74,7 +74,7 @@ def test_grid_sorts_and_filters_agree_with_the_decoded_label_maps(qa_env):
     assert _grid(at) == sorted(images)  # default: every usable image, by id
 
     # Per-image IoU of the most common class, lowest first: the order numpy gives from the files.
-    class_id = max(range(1, 21), key=lambda c: sum(c in r["labels"] for r in images.values()))
+    class_id = max(range(1, 21), key=lambda c: sum(c in r.labels for r in images.values()))
     at.selectbox(key="qa_sort").set_value("iou").run()
     at.selectbox(key="qa_variant").set_value(cam_id).run()
     at.selectbox(key="qa_class").set_value(class_id).run()
@@ -90,7 +90,7 @@ def test_grid_sorts_and_filters_agree_with_the_decoded_label_maps(qa_env):
     at.toggle(key="qa_descending").set_value(True).run()
     assert _grid(at) == sorted(expected, key=lambda i: (-expected[i], i))
     at.multiselect(key="qa_classes").set_value([class_id]).run()
-    holding = {i for i, r in images.items() if class_id in r["labels"]}
+    holding = {i for i, r in images.items() if class_id in r.labels}
     assert set(_grid(at)) == holding and len(holding) < len(images)
 
     # Disagreement between CAM and CAM -> dCRF over the whole image: most first, by the bound
@@ -124,7 +124,7 @@ def test_grid_sorts_and_filters_agree_with_the_decoded_label_maps(qa_env):
 def test_a_heatmap_link_opens_the_cells_images_worst_first(qa_env):
     cache_dir, dataset_id, images, variants = qa_env
     cam_id, cam = variants["cam"]
-    class_id = max(range(1, 21), key=lambda c: sum(c in r["labels"] for r in images.values()))
+    class_id = max(range(1, 21), key=lambda c: sum(c in r.labels for r in images.values()))
     # What pages/per_class_iou.py sends on a click on the (CAM, class) cell.
     at = _page(split="train", variant=cam_id, sort="errors", **{"class": VOC_CLASSES[class_id]}).run()
     assert not at.exception
@@ -163,8 +163,8 @@ def test_open_an_image_flag_it_and_keep_it_out_of_the_isle_selection(qa_env):
     # CAM stored class scores: the heatmap offers each stored class of this image.
     scores_class = at.selectbox(key="qa_scores_class")
     assert at.selectbox(key="qa_scores_variant").value == cam_id
-    assert set(scores_class.options) <= {VOC_CLASSES[c] for c in (0, *images[image_id]["labels"])}
-    assert VOC_CLASSES[images[image_id]["labels"][-1]] == scores_class.options[scores_class.index]
+    assert set(scores_class.options) <= {VOC_CLASSES[c] for c in (0, *images[image_id].labels)}
+    assert VOC_CLASSES[images[image_id].labels[-1]] == scores_class.options[scores_class.index]
 
     # The comparison slider with the ground truth as layer B draws one picture.
     at.selectbox(key="qa_layer_b").set_value("gt").run()
@@ -195,7 +195,7 @@ def test_open_an_image_flag_it_and_keep_it_out_of_the_isle_selection(qa_env):
     assert "1 flagged image(s) kept out of the selection subset." in [c.value for c in ensemble.caption]
     assert any("Selection subset: 7 image(s)" in c.value for c in ensemble.caption)
     with connect(cache_dir, read_only=True) as con:
-        candidates = [v["id"] for v in assignments.complete_variants(con, dataset_id, "train") if v["default"]]
+        candidates = [c.variant.id for c in assignments.complete_variants(con, dataset_id, "train") if c.default]
         kept = assignments.build_plan(con, dataset_id, "train", candidates,
                                       Subset(exclude=(image_id,)))
     assert kept.selection.labelled.tolist() == [7, 7]

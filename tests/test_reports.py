@@ -6,6 +6,7 @@ import numpy as np
 
 from cache import queries, reports
 from cache.db import connect
+from cache.rows import Variant
 from cache.voc import NUM_CLASSES
 
 # (id, name, source id, IoU of classes 0, 1, 3) on a split whose images hold classes 0, 1 and 3
@@ -66,10 +67,9 @@ def test_iou_table_carries_the_source_of_each_variant(tmp_path):
         queries.upsert_dataset(con, "d1", "toy", "/toy")
         queries.replace_split_images(con, "d1", "train", [("a", "/a.jpg", "/a.png", 3, 3, [8], None)])
         for vid, name, source, created in [("v1", "CAM", None, 1.0), ("v2", "CAM → dCRF", "v1", 2.0)]:
-            queries.insert_variant(con, {"id": vid, "dataset_id": "d1", "name": name, "method": "cam",
-                                         "step": "cam" if source is None else "dcrf", "params": "{}",
-                                         "steps": "[]", "source_id": source, "code_version": "t",
-                                         "created_at": created})
+            queries.insert_variant(con, Variant(id=vid, dataset_id="d1", name=name, method="cam",
+                                                step="cam" if source is None else "dcrf", params={}, steps=(),
+                                                source_id=source, code_version="t", created_at=created))
             # cat: CAM TP 2 FP 2 FN 0 (IoU 1/2), the refinement TP 3 FP 0 FN 1 (IoU 3/4)
             tp, fp, fn = (2, 2, 0) if source is None else (3, 0, 1)
             queries.record_results(con, 1, vid, queries.ResultRows(

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 
 from cache.labelmaps import write_label_map, write_scores
-from engine import registry
-from engine.backbone import load_feature_extractor, to_input
-from engine.dataset import read_mask
-from engine.methods.svm import (
+from engine.core import registry
+from engine.core.dataset import read_mask
+from engine.core.registry import Role
+from engine.core.types import Item, RunContext, SourceVariant
+from engine.ops.backbone import load_feature_extractor, to_input
+from engine.ops.scores import resize_channels
+from engine.ops.svm import (
     LAYERS,
     SVMConfig,
-    SVMSeedConfig,
     balanced_sample,
     confident_regions,
     eroded_regions,
@@ -24,8 +26,7 @@ from engine.methods.svm import (
     svm_expand,
     zscore,
 )
-from engine.refine.dcrf import resize_channels
-from engine.types import Item, RunContext, SourceVariant
+from engine.refine.svm import SVMSeedConfig
 from tests.conftest import split_items
 
 TINY = {"n_samples": 200}  # fewer samples per class than the default 500; the rest as configured
@@ -175,7 +176,7 @@ def _miou(label: np.ndarray, gt: np.ndarray, classes: tuple[int, ...]) -> float:
 def test_oracle_plugin_on_real_images_and_bad_files(tiny_voc: Path, tmp_path: Path):
     """GROUND TRUTH samples (the paper's upper bound): the SVM must nearly reproduce the mask."""
     plugin = registry.get("svm-oracle")
-    assert plugin.kind == "method" and "ground truth" in plugin.title
+    assert plugin.role is Role.ORACLE and "ground truth" in plugin.title
     items = split_items(tiny_voc, "train", 3)
     broken_jpg = tmp_path / "broken.jpg"
     data = items[0].image_path.read_bytes()
@@ -230,7 +231,7 @@ def seed_source(voc_root: Path, tmp_path: Path):
 def test_seed_plugin_expands_a_real_source(seed_source, with_scores: bool):
     items, truth, tmp_path = seed_source
     plugin = registry.get("svm")
-    assert plugin.kind == "refine" and plugin.title == "SVM (seed)"
+    assert plugin.role is Role.REFINEMENT and plugin.title == "SVM (seed)"
     source = SourceVariant(lambda i: tmp_path / "labels" / f"{i}.png",
                            (lambda i: tmp_path / "scores" / f"{i}.npz") if with_scores else (lambda i: None))
     broken = Item("broken", tmp_path / "nowhere.jpg", None, items[0].labels, items[0].height, items[0].width)

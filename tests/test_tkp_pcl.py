@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from engine import registry
+from engine.core import registry
+from engine.core.registry import Role
+from engine.core.types import Cancelled, Item, RunContext
 from engine.methods import tkp_pcl
 from engine.methods.tkp_pcl import (
     TKPPCLConfig,
@@ -23,11 +26,11 @@ from engine.methods.tkp_pcl import (
     load_vit,
     patch_contrastive_error,
     restrict_to_image_classes,
-    scores_to_label,
     top_k_pooling,
     upsample_scores,
 )
-from engine.types import Cancelled, Item, RunContext
+from engine.ops.checkpoints import checkpoint_path, final_path
+from engine.ops.scores import argmax_label
 from tests.conftest import Reports, split_items
 
 # 128 px squares -> 8 x 8 patches; 12 images at batch 4 -> 3 steps an epoch.
@@ -106,21 +109,21 @@ def test_pseudo_label_keeps_only_the_image_classes_by_hand():
     # cat 0.75, 0.75*0.75 + 0.25/6 = 0.6042, 0.25*0.75 + 0.75/6 = 0.3125, 1/6.
     up = upsample_scores(kept, (1, 4))
     np.testing.assert_allclose(up[1, 0], [0.75, 0.75 * 0.75 + 0.25 / 6, 0.25 * 0.75 + 0.75 / 6, 1 / 6], rtol=1e-5)
-    label = scores_to_label(up, (8,))
+    label = argmax_label(up, (0, 8))
     assert label.dtype == np.uint8 and label.tolist() == [[8, 8, 0, 0]]  # never dog, though dog led A
     # Labelled dog instead: A -> (1/7, 6/7), B -> (5/9, 4/9); dog upsampled 0.857, 0.754, 0.548,
     # 0.444 against background 0.143, 0.246, 0.452, 0.556.
     dog = upsample_scores(restrict_to_image_classes(z, (12,)), (1, 4))
-    assert scores_to_label(dog, (12,)).tolist() == [[12, 12, 12, 0]]
+    assert argmax_label(dog, (0, 12)).tolist() == [[12, 12, 12, 0]]
     with pytest.raises(ValueError, match="1-20"):
         restrict_to_image_classes(z, (0,))
     with pytest.raises(ValueError, match=r"\(2, H, W\)"):
-        scores_to_label(up[:1], (8,))
+        argmax_label(up[:1], (0, 8))
 
 
 def test_registered_with_config_and_paper_preset():
     plugin = registry.get("tkp-pcl")
-    assert plugin.kind == "method" and plugin.config is TKPPCLConfig and plugin.title == "TKP-PCL"
+    assert plugin.role is Role.METHOD and plugin.config is TKPPCLConfig and plugin.title == "TKP-PCL"
     default = TKPPCLConfig()
     assert (default.top_k, default.epsilon, default.alpha, default.batch_size) == (6, 0.85, 0.01, 16)
     assert (default.lr, default.lr_after) == (1e-3, 1e-4)
@@ -171,7 +174,7 @@ def test_run_end_to_end_with_the_efficientnet_default(tiny_voc, tmp_path):
     assert reports.stage("train") == [(1, 3), (2, 3), (3, 3)]
     _check_results(todo, results, TINY)
     model_dir = ctx.model_dir("tkp-pcl", tkp_pcl.training_params(TINY))
-    assert (model_dir / tkp_pcl.FINAL_NAME).is_file() and not (model_dir / tkp_pcl.CHECKPOINT_NAME).exists()
+    assert (model_dir / final_path(Path(), tkp_pcl.NAME).name).is_file() and not (model_dir / checkpoint_path(Path(), tkp_pcl.NAME).name).exists()
     features = np.load(ctx.model_dir("tkp-pcl-features", tkp_pcl.feature_params(TINY)) / tkp_pcl.FEATURES_NAME)
     assert features.shape == (12, 2, 8, 8, 320) and features.dtype == np.float16  # 128 / 16 = 8 patches a side
 
@@ -241,19 +244,19 @@ def test_killed_feature_extraction_and_training_resume(tiny_voc, tmp_path):
         list(tkp_pcl.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=second)))
     assert second.stage("features") == [(12, 12)]  # the first 8 images were not encoded again
     assert second.stage("train") == [(d, 6) for d in range(1, 6)]
-    assert (model_dir / tkp_pcl.CHECKPOINT_NAME).is_file() and not (model_dir / tkp_pcl.FINAL_NAME).exists()
+    assert (model_dir / checkpoint_path(Path(), tkp_pcl.NAME).name).is_file() and not (model_dir / final_path(Path(), tkp_pcl.NAME).name).exists()
 
     third = Reports()
     resumed = list(tkp_pcl.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=third)))
     assert third.stage("features") == [] and third.stage("train") == [(5, 6), (6, 6)]  # after the step-4 checkpoint
-    assert (model_dir / tkp_pcl.FINAL_NAME).is_file() and not (model_dir / tkp_pcl.CHECKPOINT_NAME).exists()
+    assert (model_dir / final_path(Path(), tkp_pcl.NAME).name).is_file() and not (model_dir / checkpoint_path(Path(), tkp_pcl.NAME).name).exists()
 
     # Same batches, views, dropout masks and optimiser state: equal to an uninterrupted run.
     straight = tmp_path / "straight"
     list(tkp_pcl.run(cfg, RunContext(items=items, todo=[], workdir=straight)))
     straight_dir = RunContext(items=items, todo=[], workdir=straight).model_dir("tkp-pcl", tkp_pcl.training_params(cfg))
-    a = torch.load(model_dir / tkp_pcl.FINAL_NAME, weights_only=True)["model"]
-    b = torch.load(straight_dir / tkp_pcl.FINAL_NAME, weights_only=True)["model"]
+    a = torch.load(model_dir / final_path(Path(), tkp_pcl.NAME).name, weights_only=True)["model"]
+    b = torch.load(straight_dir / final_path(Path(), tkp_pcl.NAME).name, weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
     # Once trained, a rerun (other inference settings) only loads: no features, no steps, same labels.

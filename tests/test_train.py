@@ -14,12 +14,13 @@ import torch
 from cache import queries
 from cache.db import connect
 from cache.labelmaps import read_label_map
-from engine.dataset import read_mask
-from engine.jobs import Step, chain_variants, dataset_id_for, submit_chain
-from engine.refine.deeplab import FAMILY, DeepLabConfig, label_from_probs, run, train
-from engine.training import submit_training, trainings
-from engine.types import Cancelled, RunContext, SourceVariant
-from engine.worker import WorkerConfig, serve
+from engine.core.chains import Step, chain_variants, dataset_id_for
+from engine.core.dataset import read_mask
+from engine.core.types import Cancelled, RunContext, SourceVariant
+from engine.final.deeplab import FAMILY, DeepLabConfig, label_from_probs, run, train
+from engine.runtime.jobs import submit_chain
+from engine.runtime.trainings import submit_training, trainings
+from engine.runtime.worker import WorkerConfig, serve
 from tests.conftest import Reports, job_row, kill_when, split_items, worker_process
 
 TINY = {"epochs": 1, "batch_size": 4, "crop_size": 128, "resize_long": [128, 192], "val_images": 2,
@@ -76,7 +77,7 @@ def test_predictions_are_label_maps_of_the_image_size_with_scores(voc_root, tmp_
 
 def test_training_from_the_ground_truth_through_the_worker(tiny_voc, tmp_path):
     cache_dir = tmp_path / "cache"
-    queued = submit_training(cache_dir, tiny_voc, "gt", TINY, dcrf=True)
+    queued = submit_training(cache_dir, tiny_voc, "gt", TINY, then=[Step("dcrf")])
     assert len(queued.job_ids) == 4  # scan, ground truth on train, DeepLabV3+ on val, dCRF on val
 
     stop = {"at": ("train", 2)}
@@ -85,12 +86,12 @@ def test_training_from_the_ground_truth_through_the_worker(tiny_voc, tmp_path):
         if (stage, done) == stop["at"]:
             stop["at"] = None
             with connect(cache_dir) as con:
-                queries.request_cancel(con, [job["id"]])
+                queries.request_cancel(con, [job.id])
 
     serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.05, processes=1, flush_seconds=0.0), cancel_once)
     dataset_id = dataset_id_for(tiny_voc)
     with connect(cache_dir, read_only=True) as con:
-        statuses = {j["id"]: j["status"] for j in queries.recent_jobs(con)}
+        statuses = {j.id: j.status for j in queries.recent_jobs(con)}
         labelled = queries.labelled_in_split(con, dataset_id, "val")
         curve = queries.train_log(con, queued.model_variant_id)
     assert [statuses[i] for i in queued.job_ids] == ["done", "done", "cancelled", "failed"]
@@ -100,12 +101,12 @@ def test_training_from_the_ground_truth_through_the_worker(tiny_voc, tmp_path):
     # The ground-truth variant is the masks themselves.
     with connect(cache_dir, read_only=True) as con:
         rows = queries.label_map_rows(con, queued.label_set_id)
-        items = {r["image_id"]: r for r in queries.usable_images(con, dataset_id, "train")}
+        items = {r.image_id: r for r in queries.usable_images(con, dataset_id, "train")}
     assert len(rows) == 12
     for image_id, (path, _) in list(rows.items())[:3]:
-        np.testing.assert_array_equal(read_label_map(cache_dir / path), read_mask(items[image_id]["mask_path"]))
+        np.testing.assert_array_equal(read_label_map(cache_dir / path), read_mask(items[image_id].mask_path))
 
-    again = submit_training(cache_dir, tiny_voc, "gt", TINY, dcrf=True)  # resumes from the checkpoint
+    again = submit_training(cache_dir, tiny_voc, "gt", TINY, then=[Step("dcrf")])  # resumes from the checkpoint
     assert again.model_variant_id == queued.model_variant_id and len(again.job_ids) == 2
     serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.05, processes=1))
     with connect(cache_dir, read_only=True) as con:
@@ -114,10 +115,10 @@ def test_training_from_the_ground_truth_through_the_worker(tiny_voc, tmp_path):
     assert [r["step"] for r in curve if r["name"] == "loss"] == [1, 2, 3]  # 12 images / batch 4
     assert [r["step"] for r in curve if r["name"] == "val_miou"] == [3]
     (training,) = found
-    assert training["label_set"] == "ground truth" and training["images"] == 4
-    assert training["miou"] is not None and training["miou_dcrf"] is not None
-    assert training["params"]["epochs"] == 1
-    assert submit_training(cache_dir, tiny_voc, "gt", TINY, dcrf=True).job_ids == []
+    assert training.label_set == "ground truth" and training.images == 4
+    assert training.miou is not None and training.refined[0].miou is not None
+    assert training.params["epochs"] == 1
+    assert submit_training(cache_dir, tiny_voc, "gt", TINY, then=[Step("dcrf")]).job_ids == []
 
     # Predicting the train split is the same variant on another split, with the same model:
     # no second training (the curve is unchanged) and no second model.
@@ -125,7 +126,7 @@ def test_training_from_the_ground_truth_through_the_worker(tiny_voc, tmp_path):
     submit_chain(cache_dir, tiny_voc, "train", [predict], queued.label_set_id)
     serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.05, processes=1))
     with connect(cache_dir, read_only=True) as con:
-        predicted = chain_variants(dataset_id, [predict], queries.get_variant(con, queued.label_set_id))[0]["id"]
+        predicted = chain_variants(dataset_id, [predict], queries.get_variant(con, queued.label_set_id))[0].id
         assert predicted == queued.model_variant_id
         assert queries.labelled_in_split(con, dataset_id, "train")[predicted] == 12
         assert queries.train_log(con, predicted) == curve
@@ -146,7 +147,7 @@ def test_unknown_label_sets_and_bad_settings_are_refused(baseline_cache, tiny_vo
 
 
 def test_other_encoders_load_a_local_weights_file_or_fail_clearly(tmp_path):
-    from engine.refine.deeplab import build_net
+    from engine.final.deeplab import build_net
 
     random_init = build_net(DeepLabConfig(encoder="resnet18", seed=1))
     assert not random_init.pretrained
@@ -167,16 +168,16 @@ def test_a_training_killed_with_its_worker_resumes_from_the_checkpoint(baseline_
     copy = tmp_path / "cache"
     shutil.copytree(cache_dir, copy)
     with connect(copy, read_only=True) as con:
-        cam = queries.variants(con, dataset_id_for(root))[0]["id"]
+        cam = queries.variants(con, dataset_id_for(root))[0].id
     slow = {**TINY, "batch_size": 2, "epochs": 3, "val_images": 1}  # 8 images: 4 steps an epoch, 12 in all
     queued = submit_training(copy, root, cam, slow)
     (job,) = queued.job_ids
     state = kill_when(worker_process(copy), copy, job, "train", 5)
     killed_at = time.time()
-    assert state["status"] == "running" and state["done"] < 12
+    assert state.status == "running" and state.done < 12
     restarted = worker_process(copy, "--until-idle")
     assert restarted.wait(timeout=300) == 0, restarted.stderr.read()
-    assert job_row(copy, job)["status"] == "done" and job_row(copy, job)["attempts"] == 2
+    assert job_row(copy, job).status == "done" and job_row(copy, job).attempts == 2
     with connect(copy, read_only=True) as con:
         curve = queries.train_log(con, queued.model_variant_id)
     loss = {r["step"]: r["created_at"] for r in curve if r["name"] == "loss"}
@@ -187,7 +188,7 @@ def test_a_training_killed_with_its_worker_resumes_from_the_checkpoint(baseline_
 
 
 def test_the_aspp_pooling_branch_uses_group_norm_by_default():
-    from engine.refine.deeplab import build_net
+    from engine.final.deeplab import build_net
 
     pooling = build_net(DeepLabConfig()).seg.decoder.aspp[0].convs[-1]
     assert isinstance(pooling[2], torch.nn.GroupNorm) and pooling[2].num_groups == 32

@@ -14,8 +14,8 @@ from streamlit.testing.v1 import AppTest
 
 from cache import queries
 from cache.db import connect
-from engine.jobs import dataset_id_for
-from engine.training import trainings
+from engine.core.chains import dataset_id_for
+from engine.runtime.trainings import trainings
 from tests.conftest import REPO
 
 MAIN = sys.modules["__main__"]  # pytest's, before any AppTest run replaced it
@@ -56,7 +56,7 @@ def _figure(at: AppTest, title: str):
 
 
 def test_launch_follow_compare_and_predict(train_env):
-    from engine.worker import WorkerConfig, serve
+    from engine.runtime.worker import WorkerConfig, serve
 
     cache_dir, root = train_env
     dataset_id = dataset_id_for(root)
@@ -77,27 +77,27 @@ def test_launch_follow_compare_and_predict(train_env):
     assert not at.exception and not at.error
     assert "Queued jobs" in at.toast[0].value
     jobs = _jobs(cache_dir)[: len(_jobs(cache_dir)) - before]
-    gt_job, model_job = sorted(jobs, key=lambda j: j["id"])
-    assert (gt_job["variant_name"], gt_job["split"], gt_job["status"]) == ("ground truth", "train", "queued")
-    assert model_job["variant_name"].startswith("ground truth → DeepLabV3+ (")
-    assert (model_job["split"], model_job["status"], model_job["depends_on"]) == ("val", "queued", gt_job["id"])
-    assert at.selectbox(key="follow").value == model_job["variant_id"]  # the new training is followed
+    gt_job, model_job = sorted(jobs, key=lambda j: j.id)
+    assert (gt_job.variant_name, gt_job.split, gt_job.status) == ("ground truth", "train", "queued")
+    assert model_job.variant_name.startswith("ground truth → DeepLabV3+ (")
+    assert (model_job.split, model_job.status, model_job.depends_on) == ("val", "queued", gt_job.id)
+    assert at.selectbox(key="follow").value == model_job.variant_id  # the new training is followed
     assert any("waiting" in p.proto.text for p in at.get("progress"))
 
     sys.modules["__main__"] = MAIN  # AppTest left the page as __main__
     serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.1, processes=1))
-    assert {j["status"] for j in _jobs(cache_dir)} == {"done"}
+    assert {j.status for j in _jobs(cache_dir)} == {"done"}
 
     at.run()
     assert not at.exception and not at.error
     with connect(cache_dir, read_only=True) as con:
         (row,) = trainings(con, dataset_id, "val")
-        log = queries.train_log(con, model_job["variant_id"])
-    assert row["variant_id"] == model_job["variant_id"] and row["images"] == 4
+        log = queries.train_log(con, model_job.variant_id)
+    assert row.variant_id == model_job.variant_id and row.images == 4
     # The comparison table: the training with its val mIoU and settings, as the engine reports them.
     table = next(f.value for f in at.dataframe if "val mIoU" in f.value.columns)
     assert list(table["label set"]) == ["ground truth"]
-    assert list(table["val mIoU"]) == [row["miou"]] and table["val mIoU + dCRF"].isna().all()
+    assert list(table["val mIoU"]) == [row.miou] and not any(c.startswith("val mIoU +") for c in table.columns)
     assert (table["epochs"][0], table["crop"][0], table["batch"][0]) == (1, 128, 4)
     # The curves: every logged loss step, and one validation point (one epoch).
     losses = [r for r in log if r["name"] == "loss"]
@@ -111,18 +111,18 @@ def test_launch_follow_compare_and_predict(train_env):
     # The bar chart and the heatmap hold the trained model only (not CAM, which has no val maps).
     figures = [plotly.io.from_json(chart.proto.spec) for chart in at.get("plotly_chart")]
     bars = next(f for f in figures if f.data and f.data[0].type == "bar")
-    assert list(bars.data[0].x) == pytest.approx([row["miou"]])
+    assert list(bars.data[0].x) == pytest.approx([row.miou])
     heat = next(f for f in figures if f.data and f.data[0].type == "heatmap")
-    assert [y.split(" · ")[0] for y in heat.data[0].y] == [row["name"]]
+    assert [y.split(" · ")[0] for y in heat.data[0].y] == [row.name]
 
     # Predict the train split with the same model: a label job of the same variant on train.
     assert at.selectbox(key="predict_split").value == "train"
     at.button(key="predict_submit").click().run()
     assert not at.exception and "Queued jobs" in at.toast[0].value
     newest = _jobs(cache_dir)[0]
-    assert (newest["variant_id"], newest["split"], newest["status"]) == (row["variant_id"], "train", "queued")
+    assert (newest.variant_id, newest.split, newest.status) == (row.variant_id, "train", "queued")
     at.button(key="predict_submit").click().run()  # a second click adds nothing
-    assert _jobs(cache_dir)[0]["id"] == newest["id"]
+    assert _jobs(cache_dir)[0].id == newest.id
 
 
 def test_bad_settings_and_label_sets_show_an_error(train_env, monkeypatch):

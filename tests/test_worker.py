@@ -15,8 +15,9 @@ from PIL import Image
 
 from cache import queries
 from cache.db import connect
-from engine.jobs import Step, dataset_id_for, submit_chain
-from engine.worker import WorkerConfig, serve, sweep_stale_jobs
+from engine.core.chains import Step, dataset_id_for
+from engine.runtime.jobs import submit_chain
+from engine.runtime.worker import WorkerConfig, serve, sweep_stale_jobs
 from tests.conftest import REPO, TINY_CAM, job_row, worker_process
 
 DCRF_5 = [Step("cam", TINY_CAM), Step("dcrf", {"iters": 5})]
@@ -46,24 +47,24 @@ def test_killed_worker_resumes_without_redoing_images_and_matches_an_uninterrupt
     # The same job in a worker process, killed with SIGKILL once some images are recorded.
     cache_dir = _copy(baseline_cache, tmp_path / "killed")
     (job_id,) = submit_chain(cache_dir, root, "train", DCRF_5)
-    variant_id = job_row(cache_dir, job_id)["variant_id"]
+    variant_id = job_row(cache_dir, job_id).variant_id
     worker = worker_process(cache_dir)
     deadline = time.monotonic() + 120
-    while job_row(cache_dir, job_id)["done"] < 2:
+    while job_row(cache_dir, job_id).done < 2:
         assert worker.poll() is None, worker.stderr.read()
         assert time.monotonic() < deadline
         time.sleep(0.05)
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     killed = job_row(cache_dir, job_id)
-    assert killed["status"] == "running" and 2 <= killed["done"] < 8
+    assert killed.status == "running" and 2 <= killed.done < 8
     with connect(cache_dir, read_only=True) as con:
         before = {i: (cache_dir / p).stat().st_mtime_ns for i, (p, _) in queries.label_map_rows(con, variant_id).items()}
 
     restarted = worker_process(cache_dir, "--until-idle")  # sees the dead PID, requeues, resumes
     assert restarted.wait(timeout=300) == 0, restarted.stderr.read()
     job = job_row(cache_dir, job_id)
-    assert job["status"] == "done" and job["attempts"] == 2 and job["done"] == 8
+    assert job.status == "done" and job.attempts == 2 and job.done == 8
     with connect(cache_dir, read_only=True) as con:
         after = queries.label_map_rows(con, variant_id)
     assert len(after) == 8
@@ -79,23 +80,23 @@ def test_cancel_stops_the_job_and_keeps_finished_images(baseline_cache, tmp_path
     cache_dir = _copy(baseline_cache, tmp_path / "cache")
     (job_id,) = submit_chain(cache_dir, root, "train", DCRF_5)
     worker = worker_process(cache_dir, "--until-idle")
-    while job_row(cache_dir, job_id)["done"] < 1:
+    while job_row(cache_dir, job_id).done < 1:
         assert worker.poll() is None, worker.stderr.read()
         time.sleep(0.05)
-    from engine.jobs import cancel
+    from engine.runtime.jobs import cancel
 
     cancel(cache_dir, [job_id])
     assert worker.wait(timeout=120) == 0
     job = job_row(cache_dir, job_id)
-    assert job["status"] == "cancelled"
+    assert job.status == "cancelled"
     with connect(cache_dir, read_only=True) as con:
-        kept = queries.label_map_rows(con, job["variant_id"])
+        kept = queries.label_map_rows(con, job.variant_id)
     assert 0 < len(kept) < 8 and all((cache_dir / p).is_file() for p, _ in kept.values())
     # Queuing the chain again resumes: only the missing images are labelled.
     (again,) = submit_chain(cache_dir, root, "train", DCRF_5)
     serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.1))
-    assert job_row(cache_dir, again)["status"] == "done"
-    assert len(_counts(cache_dir, job["variant_id"])) > 0
+    assert job_row(cache_dir, again).status == "done"
+    assert len(_counts(cache_dir, job.variant_id)) > 0
 
 
 def test_sweep_requeues_a_job_whose_worker_died_and_fails_it_after_max_attempts(baseline_cache, tmp_path):
@@ -107,13 +108,13 @@ def test_sweep_requeues_a_job_whose_worker_died_and_fails_it_after_max_attempts(
         con.execute("UPDATE jobs SET status = 'running', worker = ?, heartbeat_at = ?, attempts = 1 WHERE id = ?",
                     [dead_name, time.time(), job_id])
     assert sweep_stale_jobs(cache_dir, stale_seconds=3600) == [job_id]
-    assert job_row(cache_dir, job_id)["status"] == "queued"
+    assert job_row(cache_dir, job_id).status == "queued"
     with connect(cache_dir) as con:  # a remote worker silent for too long, out of attempts
         con.execute("UPDATE jobs SET status = 'running', worker = 'elsewhere:1', heartbeat_at = 0, attempts = 3 WHERE id = ?",
                     [job_id])
     assert sweep_stale_jobs(cache_dir, stale_seconds=60) == [job_id]
     job = job_row(cache_dir, job_id)
-    assert job["status"] == "failed" and "3 times" in job["error"]
+    assert job.status == "failed" and "3 times" in job.error
 
 
 def test_bad_inputs_are_reported_by_file_and_the_rest_is_processed(tiny_voc, tmp_path):
@@ -134,7 +135,7 @@ def test_bad_inputs_are_reported_by_file_and_the_rest_is_processed(tiny_voc, tmp
     scan_id, cam_id = submit_chain(cache_dir, tiny_voc, "train", [Step("cam", TINY_CAM)])
     serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.1))
     scan = job_row(cache_dir, scan_id)
-    assert scan["status"] == "done" and "val.txt" in scan["error"] and "no image ids" in scan["error"].lower()
+    assert scan.status == "done" and "val.txt" in scan.error and "no image ids" in scan.error.lower()
     with connect(cache_dir, read_only=True) as con:
         problems = {p["image_id"]: p["problem"] for p in queries.image_problems(con, dataset_id_for(tiny_voc))}
     assert set(problems) == set(ids[:5])
@@ -143,11 +144,11 @@ def test_bad_inputs_are_reported_by_file_and_the_rest_is_processed(tiny_voc, tmp
     assert "42" in problems[ids[2]]
     assert "missing" in problems[ids[3]] and "missing" in problems[ids[4]]
     cam = job_row(cache_dir, cam_id)
-    assert cam["status"] == "done" and cam["done"] == cam["total"] == 7
+    assert cam.status == "done" and cam.done == cam.total == 7
 
     # An image that breaks after the scan is skipped with its error; nothing cached is lost.
     with connect(cache_dir, read_only=True) as con:
-        variant_id = cam["variant_id"]
+        variant_id = cam.variant_id
         before = queries.label_map_rows(con, variant_id)
     (jpg / f"{ids[5]}.jpg").write_bytes(b"not a jpeg")
     with connect(cache_dir) as con:
@@ -155,7 +156,7 @@ def test_bad_inputs_are_reported_by_file_and_the_rest_is_processed(tiny_voc, tmp
     (again,) = submit_chain(cache_dir, tiny_voc, "train", [Step("cam", TINY_CAM)])
     serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.1))
     job = job_row(cache_dir, again)
-    assert job["status"] == "done" and job["n_errors"] == 1
+    assert job.status == "done" and job.n_errors == 1
     with connect(cache_dir, read_only=True) as con:
         errors = queries.image_errors(con, again)
         after = queries.label_map_rows(con, variant_id)
@@ -192,7 +193,7 @@ def test_a_killed_worker_leaves_no_dcrf_processes_behind(baseline_cache, tmp_pat
     worker = subprocess.Popen([sys.executable, "-m", "engine", "worker", "--processes", "2", "--flush-seconds", "0.1"],
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while job_row(cache_dir, job_id)["done"] < 1:
+        while job_row(cache_dir, job_id).done < 1:
             assert worker.poll() is None
             time.sleep(0.05)
         pool = [pid for pid in _children(worker.pid)

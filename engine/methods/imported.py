@@ -1,47 +1,25 @@
-"""Imported pseudo-labels: a folder of label maps or class scores made elsewhere, as a variant.
+"""Imported pseudo-labels (method ``import``): a folder of label maps or class scores made elsewhere.
 
-First stage of the pipeline, like a method (plugin ``"import"``): ISLE starts by *collecting* the
-pseudo-labels of its candidate methods (Ostrowski et al., ISLE, shared/papers/
-isle-class-wise-ensemble.md, Sec. 3 and Fig. 2, stage 1; Sec. 4 uses the CLIMS labels "as
-provided by the official GitHub"). An imported variant is stored, counted against the ground truth
-and refined (dCRF) like any other; its name is the one the user gives (``engine.jobs.Step.title``).
+ISLE starts by *collecting* the pseudo-labels of its candidate methods (Ostrowski & Shafique,
+ISLE, shared/papers/isle-class-wise-ensemble.md, Sec. 3 and Fig. 2, stage 1; Sec. 4 uses the CLIMS
+labels "as provided by the official GitHub"). An imported variant is stored, counted and refined
+like any other; its name is the one the user gives (``Step.title``).
 
-In: a folder with one file per image of the split, named ``<image id>.<format>``:
-- ``png``: a label map, VOC palette ("P") or 8-bit grey ("L"), ``(H, W)`` values 0-20 and
-  255 (ignore), the image's size. This is what IRN ``step/make_sem_seg_labels.py`` and PuzzleCAM
-  ``make_pseudo_labels.py`` write (``imageio.imsave`` of class ids) and what VOC-style tools write.
-- ``npy``: the pickled dict WSSS code writes with ``np.save(path, {"keys": ..., <score key>:
-  (K, H, W) scores})``: IRN ``step/make_cam.py`` (``keys`` = 0-based foreground indices, i.e. class
-  id - 1; ``high_res`` at the image size; ``cam`` at stride 4), PuzzleCAM
-  ``inference_classification.py`` (``keys`` = class ids with a leading 0 for the background;
-  ``hr_cam``; ``cam`` at stride 4) and ``inference_rw.py`` (``rw``, random-walk scores). Scores
-  are per-class maps in [0, 1] (IRN/PuzzleCAM max-normalise them). With one channel per key the
-  background is a constant channel at ``bg_threshold`` (IRN ``eval_cam.py``: ``np.pad(cams,
-  ((1, 0), ...), constant_values=cam_eval_thres)``); with one more channel than keys, channel 0
-  is taken as the background score as is. Pseudo-label = ``(0, *classes)[argmax]`` (ties go to
-  the background, as in ``cam.cams_to_label``).
+In: one file per image of the split, ``<image id>.<format>``:
+- ``png``: a label map, VOC palette ("P") or 8-bit grey ("L"), ``(H, W)`` values 0-20 and 255, the
+  image's size (IRN ``step/make_sem_seg_labels.py``, PuzzleCAM ``make_pseudo_labels.py``).
+- ``npy``: the pickled dict of IRN ``step/make_cam.py`` (``keys`` = class id - 1; ``high_res``,
+  ``cam``) or PuzzleCAM ``inference_classification.py`` / ``inference_rw.py`` (``keys`` = class ids
+  with a leading 0; ``hr_cam``, ``rw``): per-class scores in [0, 1]; with one channel per key the
+  background is a constant ``bg_threshold`` channel (IRN ``eval_cam.py``), with one more it is
+  channel 0. Pseudo-label = argmax, ties to the background.
+Out: label ``(H, W) uint8``; for npy also scores ``(K + 1, h, w) float16``. Every file is
+validated (missing, unreadable, wrong size, values outside 0-20 and 255, a class absent from the
+image's labels, keys that do not match the channels); a bad file is an error result naming it.
 
-Out: ``LabelResult`` per image: the label ``(H, W) uint8``; for npy also the scores
-``(K + 1, h, w) float16`` (background first, long side ``score_max_side``) so refinements get the
-soft scores. Every file is validated: missing, unreadable, not single-channel, wrong size,
-values that are not VOC classes, a class absent from the image's image-level labels (ISLE copies
-class slices between candidates, Sec. 3, and the workbench promises a pseudo-label never holds a
-class the image does not have), keys that do not match the score channels. A bad file gives
-``LabelResult(error="<file>: <problem>")`` and the others still import.
-
-``np.load(allow_pickle=True)`` runs the pickle in the file: acceptable here because the folder is
-a local path the user chose (the same trust as running the WSSS code that wrote it); the
-workbench is a local tool and never reads uploaded files. IRN pickles torch tensors (``keys``,
-``cam``), so unpickling imports torch, which the workbench has anyway.
-
-The variant is keyed by the folder path and the settings, not by the files' contents:
-re-importing the same folder queues nothing once every image is imported, and re-imports only
-the images that failed (after the files were fixed). Changed files need another folder path.
-
-Cost, measured through the real worker (reading, validating, writing the label map and scores,
-counting against the ground truth) on 40 bundled train images (~500x375) on 2 CPU cores shared
-with other jobs (load ~4.5), one process: png 26 ms/image, npy (2-3 classes) 35 ms/image, so
-about 50-65 s for the full train split (1,861 images). Nothing is trained.
+``np.load(allow_pickle=True)`` runs the pickle in the file: the folder is a local path the user
+chose (the trust of running the WSSS code that wrote it). The variant is keyed by the folder path
+and the settings, not the files' contents. Measurements: docs/methods/imported.md.
 """
 
 from __future__ import annotations
@@ -55,10 +33,11 @@ import numpy as np
 
 from cache.labelmaps import LabelMapError, read_label_map
 from cache.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
-from engine import registry
-from engine.jobs import Step
-from engine.methods.cam import downsample_scores
-from engine.types import Item, LabelResult, RunContext
+from engine.core import registry
+from engine.core.chains import Step
+from engine.core.registry import Offer, Role
+from engine.core.types import Item, LabelResult, RunContext
+from engine.ops.scores import argmax_label, downsample_scores
 
 FORMATS = ("png", "npy")
 # Score keys tried in this order when ``score_key`` is None. Full-resolution maps come before
@@ -227,14 +206,6 @@ def npy_scores(data: Mapping[str, Any], score_key: str | None, convention: str,
     return key, (0, *classes), scores
 
 
-def scores_to_label(scores: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """Argmax label: ``scores (K + 1, H, W)`` with channel k for class ``classes[k]`` (0 first)
-    -> ``(H, W) uint8``. Ties go to the lower channel, so to the background (IRN ``eval_cam``)."""
-    if scores.ndim != 3 or scores.shape[0] != len(classes):
-        raise ValueError(f"expected scores of shape ({len(classes)}, H, W) for classes {tuple(classes)}, got {scores.shape}")
-    return np.asarray(classes, dtype=np.uint8)[np.argmax(scores, axis=0)]
-
-
 # --------------------------------------------------------------------------------------------
 # Files
 
@@ -272,7 +243,7 @@ def import_npy(path: Path, item: Item, cfg: ImportConfig) -> LabelResult:
         check_classes(classes, item.labels)
     except ValueError as exc:
         raise ValueError(f"{exc} (keys read as keys={cfg.keys!r})") from None
-    label = scores_to_label(scores, classes)
+    label = argmax_label(scores, classes)
     return LabelResult(item.image_id, label=label, scores=downsample_scores(scores, cfg.score_max_side),
                        score_classes=classes)
 
@@ -298,7 +269,7 @@ def import_step(folder: str | Path, name: str = "", **params: Any) -> Step:
     return Step("import", params, title=name.strip() or path.name)
 
 
-@registry.register("import", kind="method", config=ImportConfig, title="Imported")
+@registry.register("import", role=Role.METHOD, config=ImportConfig, title="Imported", offers={Offer.IMPORT})
 def run(cfg: ImportConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """One result per ``ctx.todo`` image from ``<folder>/<image id>.<format>``.
 

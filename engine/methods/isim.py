@@ -1,77 +1,24 @@
-"""ISIM: an iterative self-improved DeepLabCAM (methods ``"isim-cam"`` and ``"isim-decoder"``).
+"""ISIM (methods ``isim-cam`` and ``isim-decoder``): an iterative self-improved DeepLabCAM.
 
-First stage of the pipeline, like the CAM baseline (``engine/methods/cam.py``): image-level labels
--> one ``LabelResult`` per image; refinements (``engine/refine/``) can start from either variant.
+Bircanoglu & Arica, "ISIM: Iterative Self-Improved Model for Weakly Supervised Segmentation"
+(shared/papers/isim-iterative-self-improved.md) and its code (github.com/cenkbircanoglu/isim):
+- Sec. 3.2, Fig. 2-3: an encoder-decoder segmentation network (here smp's ``DeepLabV3Plus``) with a
+  classification branch after the encoder (global average pooling + bias-free 1x1 conv: CAMs).
+- Algorithm 1: warm up the encoder + branch on image labels, then repeatedly generate
+  pseudo-ground-truths from the model's own CAMs and train the whole network on them.
+- Sec. 4.1: CAMs -> threshold 0.3 -> label dCRF restricted to the image's classes (the pseudo-
+  ground-truths); SGD with momentum 0.9, poly schedule, per-part learning rates.
+- Sec. 3.2, Eq. 2-3: the decoder's cross-entropy skips every image whose pseudo-label is all background.
 
-Paper: Bircanoglu & Arica, "ISIM: Iterative Self-Improved Model for Weakly Supervised Segmentation"
-(shared/papers/isim-iterative-self-improved.md) and its code (github.com/cenkbircanoglu/isim:
-``train.py``, ``losses.py``, ``misc/generate_label.py``, ``voc12/dataloader.py``).
-- Sec. 3.2, Fig. 2-3: an encoder-decoder segmentation network (DeepLabV3, here smp's
-  ``DeepLabV3Plus``) plus a classification branch after the encoder (global average pooling and a
-  bias-free 1x1 conv, as in CAM), which yields the CAMs. Here the branch starts with
-  EfficientNet's ImageNet head block, which timm's features_only encoder leaves out (``build_net``).
-- Algorithm 1: train the encoder + branch on image labels (warm-up), then repeatedly generate
-  pseudo-ground-truths from the model's own CAMs and train encoder, branch and decoder on them.
-- Sec. 4.1 "Generation of Pseudo-ground-truths": CAMs -> threshold 0.3 -> dCRF on the thresholded
-  map (a label unary, ``crf_inference_label`` in the isim code), restricted to the image's classes.
-- Sec. 3.2 Eq. 2-3: the decoder's loss is a cross-entropy that skips every image whose
-  pseudo-label is all background; Sec. 4.1 "Training Process": multi-label soft-margin loss for the
-  branch, SGD (momentum 0.9) with a poly schedule and per-group learning rates (encoder 0.1,
-  decoder 0.01, classifier 1), 50 epochs, 5 of warm-up, pseudo-labels regenerated every 10.
+One trained model serves both variants: ``isim-cam`` reads its CAMs (``engine.ops.cams.cam_result``);
+``isim-decoder`` its decoder's softmax over background + the image's classes. In: ``ctx.items``
+rgb ``(H, W, 3) uint8`` with image labels. Out per image: label ``(H, W) uint8``, scores
+``(K + 1, h, w) float16``. Pseudo-labels of a round are stored in chunks, so a killed round resumes.
 
-Data flow (one trained model serves both variants; ``ctx.model_dir("isim", training settings)``):
-    warm-up:         ``ctx.items`` rgb (H, W, 3) uint8 -> ``cam.augment`` -> ``(B, 3, c, c)``
-                     -> encoder + CAM branch -> ``(B, 20)`` logits, MultiLabelSoftMarginLoss.
-    pseudo-labels r: rgb -> ``multiscale_cams`` (pseudo_scales) -> ``normalise_cams`` -> resized so
-                     the long side is ``crf_max_side`` -> ``cams_to_label`` at ``pseudo_threshold``
-                     -> ``dcrf_refine_labels`` -> ``(h, w) uint8`` in {0, image classes}, stored in
-                     the model dir in files of ``PSEUDO_CHUNK`` images (a killed round resumes).
-    self-training:   rgb + pseudo-label -> ``cam.augment_with_label`` -> ``(B, 3, c, c)``,
-                     ``(B, c, c)`` int64 -> ``(B, 20)`` logits + ``(B, 21, c, c)`` decoder logits,
-                     loss = soft margin + ``modified_cross_entropy``.
-    "isim-cam":      as ``cam.label_image``: CAMs of the image's classes at ``scales`` (+ flips),
-                     label by the ``bg_threshold`` argmax; scores ``(K + 1, h, w) float16``,
-                     channel 0 the constant background score.
-    "isim-decoder":  decoder softmax over background + the image's classes, averaged over
-                     ``decoder_scales`` (+ flips) -> argmax label; scores = those probabilities.
-
-Decoder labels use the image-level labels: the softmax and argmax run over background and the
-image's classes only. The paper never reads labels off the decoder (its pseudo-labels and Tables 2
-and 7 come from the CAMs, which the isim code also restricts to the image's classes in
-``generate_label.py``); the decoder output is offered here as a second variant, and restricting
-it the same way keeps the workbench's rule that a pseudo-label holds only the image's classes.
-
-Defaults and measured costs. The 2 cores were shared with other jobs (load 3-6), under which
-two-thread torch timings swing 5x, so each operation was timed as the minimum single-thread CPU
-time and scaled by the CAM baseline timed the same way (cam.py: a 1.6 s step = 3.4-4.5 CPU-s,
-0.2 s/image inference = 0.28-0.34 CPU-s). Per unit, on 2 free cores:
-    warm-up step (batch 8, 224 crops, encoder + branch)          0.40 s
-    self-training step (batch 8, 224 crops, + decoder)           0.70 s  (256 crops: 0.91 s)
-    pseudo-labels: CAM at scale 1, no flip, in the main process  0.10 s/image
-                   + dCRF at long side 160 in worker processes   0.04-0.06 CPU-s/image (128: 0.03,
-                     200: 0.07, 256: 0.10; full size 0.3-0.8 s)  -> ~0.12 s/image wall
-    "isim-cam" inference (scales 1, 0.5, flips)                  0.21 s/image
-    "isim-decoder" inference (scale 1, no flip)                  0.16 s/image (flip: 0.31)
-A real run of both plugins on 32 train images with one torch thread (load ~2) agrees: warm-up
-1.1 s/step, self-training 1.8 s/step, pseudo-labels 0.34 s/image wall (0.13 CPU-s in the main
-process; the worker pool's start-up included), "isim-cam" 0.34 s/image, "isim-decoder" 0.21
-s/image; that is ~40 min for the split on one thread, and two threads run the CAM baseline ~2x
-faster than one.
-Extrapolated to the train split (1,861 images, 232 steps an epoch), defaults (1 warm-up epoch,
-one round of 2 self-training epochs):
-    warm-up 232 x 0.40 = 95 s; pseudo-labels 1,861 x 0.12 = 225 s; self-training 464 x 0.70 =
-    325 s; "isim-cam" 1,861 x 0.21 = 390 s; "isim-decoder" 1,861 x 0.16 = 300 s;
-    total ~1,335 s = 22 min. Each further round (``regenerate_every=1``: two rounds of one epoch)
-    adds a regeneration, ~4 min.
-Quality check (every 6th train image, 300 images, as the only training set: 37 steps an epoch;
-two rounds of one epoch, ``regenerate_every=1``, else the defaults; train mIoU against
-SegmentationClassAug, 255 ignored): "isim-cam" 22.7
-(23.5 at ``bg_threshold`` 0.2, 21.9 at 0.35), pseudo-labels of round 1 15.7 (3 of 300 all
-background), round 2 13.2 (11 of 300); the decoder after 74 steps only separated background and
-cat (7.6). With ``decoder_lr_mult`` 10 the decoder's gradients dragged the shared encoder:
-"isim-cam" 13.7, round-2 pseudo-labels 7.9 (40 all background), decoder 5.3; so the decoder keeps
-the encoder's rate. The CAM baseline, trained on the full split, scores 32.3 on the same images.
-These runs saw 1/6 of the data; the full split gives the decoder 464 steps instead of 74.
+Deviations, for 2 CPU cores: ImageNet EfficientNet-Lite0 encoder (ResNet-50 in the paper), its CAM
+branch on EfficientNet's ImageNet head block (``build_net``), 1 warm-up epoch + one round of 2
+epochs at crop 224 (paper: 5 + 45 epochs at 320), pseudo-label dCRF at a long side of 160.
+``PAPER_PARAMS`` is one flag away. Measurements: docs/methods/isim.md.
 """
 
 from __future__ import annotations
@@ -91,31 +38,33 @@ from PIL import Image
 from torch import nn
 
 from cache.voc import IGNORE_INDEX, NUM_CLASSES
-from engine.backbone import BACKBONES, BackboneWeightsError, freeze_batchnorm, load_imagenet_model, to_input
-from engine.checkpoints import chunked_labels, train_resumable
-from engine.dataset import label_each, read_image
-from engine.methods.cam import (
+from engine.core.dataset import label_each, read_image
+from engine.core.registry import Offer, Role, inference, register, training_key
+from engine.core.types import ImageError, Item, LabelResult, RunContext
+from engine.ops.augment import augment_with_label
+from engine.ops.backbone import (
+    BACKBONES,
+    freeze_batchnorm,
+    load_imagenet_encoder,
+    pad_to_multiple,
+    to_input,
+)
+from engine.ops.cams import (
     NUM_FOREGROUND,
-    augment_with_label,
-    cams_to_label,
-    downsample_scores,
-    label_image,
+    cam_result,
     multilabel_target,
     multiscale_cams,
     normalise_cams,
-    poly_lr,
 )
-from engine.pool import LazyPool
-from engine.refine.dcrf import IRN_LABEL_DCRF, DCRFConfig, dcrf_refine_labels, resize_channels, scaled_dcrf
-from engine.registry import config_to_params, register
-from engine.types import ImageError, Item, LabelResult, RunContext
+from engine.ops.checkpoints import chunked_labels
+from engine.ops.crf import IRN_LABEL_DCRF, DCRFConfig, refine_pseudo_label, scaled_dcrf
+from engine.ops.pool import LazyPool
+from engine.ops.scores import argmax_label, downsample_scores, resize_channels
+from engine.ops.training import ParamGroup, Training, poly_lr, sgd, train_resumable
 
 FAMILY = "isim"  # ctx.model_dir family shared by both variants
 PSEUDO_CHUNK = 64  # images per pseudo-label file: a killed regeneration loses at most this many
 _PSEUDO_FILE = re.compile(r"^pseudo_r(\d+)_(\d+)\.npz$")
-# The ImageNet weights timm's features_only encoder does not hold (it stops at the last block
-# stage): EfficientNet's head block (1x1 conv + BN), used by the CAM branch, and the classifier.
-_HEAD_PREFIXES = ("conv_head.", "bn2.", "classifier.")
 ISIM_DCRF = IRN_LABEL_DCRF  # isim's dCRF is IRN's (``misc/imutils.py: crf_inference_label``)
 
 
@@ -126,32 +75,31 @@ class ISIMConfig:
     Schedule: ``epochs`` passes over ``ctx.items``; the first ``warmup_epochs`` train only the
     classification branch (Algorithm 1, TrainEncoder); pseudo-labels are then regenerated at the
     start of every ``regenerate_every``-th later epoch (rounds 1, 2, ...), each round training the
-    whole network on its pseudo-labels. Defaults: 1 warm-up epoch + 1 round of 2 epochs, ~22 min
-    on 2 cores for the 1,861 train images including labelling them for both variants (costs and
-    the extrapolation: module docstring).
+    whole network on its pseudo-labels. Defaults: 1 warm-up epoch + 1 round of 2 epochs
+    (costs: docs/methods/isim.md).
 
     The paper-scale settings (Sec. 4.1) are ``PAPER_PARAMS``:
     ``registry.get("isim-cam").make_config(PAPER_PARAMS)``; on these cores that is days, not minutes.
     """
 
-    backbone: str = "efficientnet_lite0"  # engine.backbone.BACKBONES key (ImageNet weights)
+    backbone: str = "efficientnet_lite0"  # engine.ops.backbone.BACKBONES key (ImageNet weights)
     output_stride: int = 16  # DeepLab encoder stride; CAMs at 1/16 (isim Sec. 3.2.1 dilates too)
     # Stem + block stages 0-2 (to stride 8) keep their ImageNet weights and get no gradients, as in
-    # the CAM baseline (cam.py: freezing them costs nothing in 2 epochs and saves ~1/3 of a step).
+    # the CAM baseline (freezing them costs nothing in 2 epochs and saves ~1/3 of a step).
     # BN statistics of the encoder stay ImageNet's (IRN); the new decoder's BN layers train.
     frozen_stages: int = 4
     epochs: int = 3  # isim: 50
     warmup_epochs: int = 1  # classification only (isim: 5)
-    # Epochs per pseudo-label round (isim: 10). 2 with 3 epochs = one round: a second round would
-    # cost a regeneration (~4 min) and its labels were not better on the 300-image check.
+    # Epochs per pseudo-label round (isim: 10). 2 with 3 epochs = one round: a second round costs a
+    # regeneration and its labels were not better (docs/methods/isim.md).
     regenerate_every: int = 2
     batch_size: int = 8  # >= 2: the decoder's batch norm trains
     crop_size: int = 224  # isim: 320 (Sec. 4.1, Table 6); a multiple of output_stride
     resize_long: tuple[int, int] = (224, 448)  # random long side before the crop (isim: 320, 640)
-    lr: float = 0.02  # encoder (isim: 0.1 at batch 32 on a GPU; cam.py found 0.02 best here)
+    lr: float = 0.02  # encoder (isim: 0.1 at batch 32 on a GPU; 0.02 was CAM's best here)
     classifier_lr_mult: float = 10.0  # classification branch (isim: 1 = 10x the encoder)
     # Decoder: the isim code uses the encoder's rate (train.py), the paper text a tenth of it.
-    # The code's choice: the fresh decoder gets only 2 epochs; 10x hurt the CAMs (module docstring).
+    # The code's choice: the fresh decoder gets only 2 epochs; 10x hurt the CAMs (docs/methods/isim.md).
     decoder_lr_mult: float = 1.0
     momentum: float = 0.9  # isim Sec. 4.1
     weight_decay: float = 1e-4  # isim conf/train.yaml
@@ -164,13 +112,12 @@ class ISIMConfig:
     # dCRF runs on the image resized to this long side (None = full size): its cost grows with the
     # pixel count (0.3-0.8 s at 500x375); its spatial kernel widths shrink by the same factor.
     crf_max_side: int | None = 160
-    # Inference only (not part of the trained model's key):
-    scales: tuple[float, ...] = (1.0, 0.5)  # "isim-cam" CAM scales (isim: 1, 0.5, 1.5, 2)
-    flip: bool = True  # "isim-cam": add horizontally flipped copies at every scale
-    decoder_scales: tuple[float, ...] = (1.0,)  # "isim-decoder" input scales (probabilities averaged)
-    decoder_flip: bool = False  # "isim-decoder" flipped copies: doubles its ~0.08 s/image
-    bg_threshold: float = 0.3  # "isim-cam" constant background score (the training threshold)
-    score_max_side: int = 128  # stored scores are downsampled so max(h, w) <= this
+    scales: tuple[float, ...] = inference((1.0, 0.5))  # "isim-cam" CAM scales (isim: 1, 0.5, 1.5, 2)
+    flip: bool = inference(True)  # "isim-cam": add horizontally flipped copies at every scale
+    decoder_scales: tuple[float, ...] = inference((1.0,))  # "isim-decoder" input scales (probabilities averaged)
+    decoder_flip: bool = inference(False)  # "isim-decoder" flipped copies: doubles its cost
+    bg_threshold: float = inference(0.3)  # "isim-cam" constant background score (the training threshold)
+    score_max_side: int = inference(128)  # stored scores are downsampled so max(h, w) <= this
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -210,7 +157,6 @@ PAPER_PARAMS: dict[str, Any] = {
     "decoder_scales": (1.0, 0.5, 1.5, 2.0),
     "decoder_flip": True,
 }
-_INFERENCE_FIELDS = ("scales", "flip", "decoder_scales", "decoder_flip", "bg_threshold", "score_max_side")
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,31 +222,6 @@ def restricted_softmax(logits: torch.Tensor, classes: Sequence[int]) -> torch.Te
     return torch.softmax(logits[:, [0, *classes]], dim=1)
 
 
-def refine_pseudo_label(rgb: np.ndarray, cams: np.ndarray, classes: Sequence[int], threshold: float,
-                        cfg: DCRFConfig) -> np.ndarray:
-    """A pseudo-ground-truth (isim Sec. 4.1 steps ii-iii; ``voc12/dataloader.py: update_cam``).
-
-    rgb: ``(h, w, 3) uint8``; cams: ``(K, h, w) float32`` normalised CAMs of ``classes`` (1-20).
-    The CAMs are thresholded (``cams_to_label``: background unless a class exceeds ``threshold``)
-    and the hard map refined by dCRF with a label unary (``dcrf_refine_labels``).
-    Returns ``(h, w) uint8`` with values in ``{0, *classes}``.
-    """
-    seed = cams_to_label(cams, classes, threshold)
-    labels = (0, *classes)
-    q = dcrf_refine_labels(rgb, seed, labels, cfg)
-    return np.asarray(labels, dtype=np.uint8)[q.argmax(axis=0)]
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad ``(B, C, H, W)`` at the bottom/right to multiples of ``multiple``.
-
-    DeepLabV3+ concatenates stride-4 and upsampled stride-16 maps, so its input sides must divide
-    by the output stride; 0 is mid-grey after ``to_input`` (like cam.py's ``PAD_VALUE``).
-    """
-    height, width = x.shape[-2:]
-    return F.pad(x, (0, -width % multiple, 0, -height % multiple))
-
-
 # --------------------------------------------------------------------------------------------
 # Model
 
@@ -317,7 +238,7 @@ class DeepLabCAM(nn.Module):
         head features (CAM Sec. 2).
     class_maps: same input -> ``(B, 20, H / s, W / s)`` raw CAMs; ``classify`` is their mean.
     forward: input sides divisible by ``s`` -> ``(B, 20)`` logits and ``(B, 21, H, W)`` decoder logits.
-    ``class_maps`` and ``features.output_stride`` make it usable by ``cam.multiscale_cams``.
+    ``class_maps`` and ``features.output_stride`` make it usable by ``ops.cams.multiscale_cams``.
     The first ``frozen_stages`` encoder stages (stem, block stages) get no gradients.
     """
 
@@ -364,26 +285,6 @@ class DeepLabCAM(nn.Module):
         super().train(mode)
         freeze_batchnorm((*self.seg.encoder.modules(), *self.head.modules()))
         return self
-
-
-def load_imagenet_encoder(encoder: nn.Module, backbone: str, output_stride: int) -> nn.Sequential:
-    """Fill timm's features_only EfficientNet-Lite (smp's ``encoder.model``) with ImageNet weights;
-    returns the ImageNet head block the encoder lacks (``conv_head``, ``bn2`` incl. ReLU6).
-
-    The package weights are first loaded strictly into the full timm model (``engine.backbone``'s
-    key map: every weight used); every key of ``encoder`` must then exist there with the same
-    shape, and the only ones left over must be the head and the ImageNet classifier
-    (``_HEAD_PREFIXES``). Strict load. Raises ``BackboneWeightsError`` naming the keys otherwise.
-    """
-    full = load_imagenet_model(backbone, output_stride)
-    weights, target = full.state_dict(), encoder.state_dict()
-    missing = sorted(set(target) - set(weights))
-    extra = sorted(k for k in set(weights) - set(target) if not k.startswith(_HEAD_PREFIXES))
-    if missing or extra:
-        raise BackboneWeightsError(f"encoder keys without ImageNet weights {missing[:5]}, "
-                                   f"ImageNet weights the encoder lacks {extra[:5]}")
-    encoder.load_state_dict({k: weights[k] for k in target}, strict=True)
-    return nn.Sequential(full.conv_head, full.bn2)
 
 
 def build_net(cfg: ISIMConfig) -> DeepLabCAM:
@@ -434,8 +335,7 @@ def decoder_label_image(net: DeepLabCAM, rgb: np.ndarray, item: Item, cfg: ISIMC
     """One image's "isim-decoder" result: label ``(H, W) uint8``, scores ``(K + 1, h, w) float16``."""
     classes = (0, *item.labels)
     probs = decoder_probs(net, rgb, item.labels, cfg.decoder_scales, cfg.decoder_flip, device)
-    label = np.asarray(classes, dtype=np.uint8)[probs.argmax(axis=0)]
-    return LabelResult(item.image_id, label=label, scores=downsample_scores(probs, cfg.score_max_side),
+    return LabelResult(item.image_id, label=argmax_label(probs, classes), scores=downsample_scores(probs, cfg.score_max_side),
                        score_classes=classes)
 
 
@@ -511,11 +411,6 @@ def regenerate(net: DeepLabCAM, cfg: ISIMConfig, ctx: RunContext, model_dir: Pat
 # Training with checkpoints
 
 
-def training_params(cfg: ISIMConfig) -> dict[str, Any]:
-    """The settings that change the trained model (everything but ``_INFERENCE_FIELDS``)."""
-    return {k: v for k, v in config_to_params(cfg).items() if k not in _INFERENCE_FIELDS}
-
-
 def _batch(items: Sequence[Item], cfg: ISIMConfig, epoch: int, index: int,
            pseudo: dict[str, np.ndarray] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """Batch ``index`` of ``epoch``: crops ``(B, 3, c, c) float32``, targets ``(B, 20) float32``
@@ -546,16 +441,15 @@ def _batch(items: Sequence[Item], cfg: ISIMConfig, epoch: int, index: int,
     return torch.stack(images), torch.stack(targets), torch.stack(segs) if pseudo is not None else None
 
 
-def _optimizer(net: DeepLabCAM, cfg: ISIMConfig) -> torch.optim.SGD:
-    """SGD with one group per part (isim Sec. 4.1): encoder (+ ImageNet head block), decoder (+ its
+def _groups(net: DeepLabCAM, cfg: ISIMConfig) -> list[ParamGroup]:
+    """One group per part (isim Sec. 4.1): encoder (+ ImageNet head block), decoder (+ its
     segmentation head), classifier."""
-    groups = [
-        ([p for p in (*net.seg.encoder.parameters(), *net.head.parameters()) if p.requires_grad], cfg.lr),
-        ([*net.seg.decoder.parameters(), *net.seg.segmentation_head.parameters()], cfg.lr * cfg.decoder_lr_mult),
-        (list(net.classifier.parameters()), cfg.lr * cfg.classifier_lr_mult),
+    return [
+        ParamGroup([p for p in (*net.seg.encoder.parameters(), *net.head.parameters()) if p.requires_grad], cfg.lr),
+        ParamGroup([*net.seg.decoder.parameters(), *net.seg.segmentation_head.parameters()],
+                   cfg.lr * cfg.decoder_lr_mult),
+        ParamGroup(list(net.classifier.parameters()), cfg.lr * cfg.classifier_lr_mult),
     ]
-    return torch.optim.SGD([{"params": params, "lr": lr, "base_lr": lr} for params, lr in groups],
-                           momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def train(cfg: ISIMConfig, ctx: RunContext) -> DeepLabCAM:
@@ -563,47 +457,40 @@ def train(cfg: ISIMConfig, ctx: RunContext) -> DeepLabCAM:
 
     Algorithm 1 as an epoch schedule (``training_round``): warm-up epochs on image labels, then
     rounds that each regenerate the pseudo-labels (``regenerate``) from the current model and
-    train on them. The poly schedule runs over all epochs. A checkpoint (model, optimizer, step)
-    goes to ``isim_checkpoint.pt`` in ``ctx.model_dir("isim", training settings)`` every
-    ``cfg.checkpoint_every`` steps and at every epoch end, so a round always starts from a saved
-    model and a rerun regenerates (or reloads) exactly its pseudo-labels. Once done the model is
-    saved as ``isim_model.pt``, the pseudo-label files are deleted, and a rerun only loads it.
-    Reports ``("warm-up", step, warm-up steps)``, the regeneration stages and
-    ``("self-training", step, self-training steps)``; ``Cancelled`` from ``ctx.report`` propagates.
+    train on them. The poly schedule runs over all epochs. Checkpoints fall at every epoch end, so
+    a round always starts from a saved model and a rerun regenerates (or reloads) exactly its
+    pseudo-labels; once done the pseudo-label files are deleted. Model files live in
+    ``ctx.model_dir("isim", training key)``. Reports ``("warm-up", step, warm-up steps)``, the
+    regeneration stages and ``("self-training", step, self-training steps)``; ``Cancelled``
+    propagates. Raises ``ValueError`` without training images.
     """
     if not ctx.items:
         raise ValueError("ISIM needs training images: ctx.items is empty")
     net = build_net(cfg).to(ctx.device)
-    params = training_params(cfg)
-    model_dir = ctx.model_dir(FAMILY, params)
+    key = training_key(cfg)
+    model_dir = ctx.model_dir(FAMILY, key)
     steps_per_epoch = max(1, len(ctx.items) // cfg.batch_size)  # last partial batch dropped (IRN)
     total = cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_epochs * steps_per_epoch
     cls_loss = nn.MultiLabelSoftMarginLoss()
     pseudo: dict[str, Any] = {"round": 0, "labels": None}
 
-    def step(index: int, optimizer: torch.optim.Optimizer) -> None:
-        epoch, within = divmod(index, steps_per_epoch)
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        epoch, within = divmod(step, steps_per_epoch)
         round_ = training_round(epoch, cfg.warmup_epochs, cfg.regenerate_every)
         if round_ != pseudo["round"]:
             pseudo["labels"] = regenerate(net, cfg, ctx, model_dir, round_)
             _remove_pseudo_labels(model_dir, keep_round=round_)
             pseudo["round"] = round_
             net.train()
-        batch = _batch(ctx.items, cfg, epoch, within, pseudo["labels"])
-        if batch is None:
-            return
-        for group in optimizer.param_groups:
-            group["lr"] = poly_lr(group["base_lr"], index, total, cfg.poly_power)
+        return _batch(ctx.items, cfg, epoch, within, pseudo["labels"])
+
+    def loss(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
         x, target = batch[0].to(ctx.device), batch[1].to(ctx.device)
         if batch[2] is None:
-            loss = cls_loss(net.classify(x), target)
-        else:
-            logits, seg_logits = net(x)
-            loss = cls_loss(logits, target) + modified_cross_entropy(seg_logits, batch[2].to(ctx.device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+            return cls_loss(net.classify(x), target)
+        logits, seg_logits = net(x)
+        return cls_loss(logits, target) + modified_cross_entropy(seg_logits, batch[2].to(ctx.device))
 
     def report(done: int) -> None:
         if done <= warmup:
@@ -611,8 +498,11 @@ def train(cfg: ISIMConfig, ctx: RunContext) -> DeepLabCAM:
         else:
             ctx.report("self-training", done - warmup, total - warmup)
 
-    train_resumable(net, model_dir, FAMILY, params, make_optimizer=lambda: _optimizer(net, cfg), step=step,
-                    total=total, steps_per_epoch=steps_per_epoch, checkpoint_every=cfg.checkpoint_every, report=report)
+    train_resumable(net, model_dir, Training(
+        name=FAMILY, key=key, total=total, steps_per_epoch=steps_per_epoch, checkpoint_every=cfg.checkpoint_every,
+        groups=lambda: _groups(net, cfg), optimizer=sgd(cfg.momentum, cfg.weight_decay),
+        lr=lambda step, base: poly_lr(base, step, total, cfg.poly_power), batch=batch, loss=loss, report=report,
+        device=ctx.device))
     _remove_pseudo_labels(model_dir, keep_round=None)
     return net
 
@@ -626,14 +516,18 @@ def _label_all(cfg: ISIMConfig, ctx: RunContext, label_fn) -> Iterator[LabelResu
     yield from label_each(ctx.todo, lambda rgb, item: label_fn(net, rgb, item, cfg, ctx.device))
 
 
-@register("isim-cam", kind="method", config=ISIMConfig, title="ISIM CAM")
+def _cam_label_image(net: DeepLabCAM, rgb: np.ndarray, item: Item, cfg: ISIMConfig, device: str) -> LabelResult:
+    return cam_result(net, rgb, item, cfg.scales, cfg.flip, cfg.bg_threshold, cfg.score_max_side, device)
+
+
+@register("isim-cam", role=Role.METHOD, config=ISIMConfig, title="ISIM CAM", offers={Offer.QUEUE})
 def run_cam(cfg: ISIMConfig, ctx: RunContext) -> Iterator[LabelResult]:
-    """Train ISIM (or load it), then each ``ctx.todo`` image's CAM pseudo-label (``cam.label_image``:
+    """Train ISIM (or load it), then each ``ctx.todo`` image's CAM pseudo-label (``cam_result``:
     scales ``cfg.scales``, background at ``cfg.bg_threshold``) with the normalised CAMs as scores."""
-    yield from _label_all(cfg, ctx, label_image)
+    yield from _label_all(cfg, ctx, _cam_label_image)
 
 
-@register("isim-decoder", kind="method", config=ISIMConfig, title="ISIM decoder")
+@register("isim-decoder", role=Role.METHOD, config=ISIMConfig, title="ISIM decoder", offers={Offer.QUEUE})
 def run_decoder(cfg: ISIMConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Train ISIM (or load it), then each ``ctx.todo`` image's decoder prediction over background +
     its classes (``decoder_label_image``) with those softmax probabilities as scores."""

@@ -1,95 +1,26 @@
-"""TKP-PCL: top-K pooling over patch classifications with a patch contrastive error.
+"""TKP-PCL (method ``tkp-pcl``): top-K pooling over patch classifications with a patch contrastive error.
 
-First stage of the pipeline (method ``"tkp-pcl"``, a CAM-free alternative to ``cam.py``):
-image-level labels -> one ``LabelResult`` per image whose label is the per-patch argmax of a
-patch classifier; refinements (``engine/refine/``, e.g. dCRF, as the paper's Fig. 2) start from
-its scores.
-
-Paper: Wu, Dai, Huang, Ma & Xiao, "Top-K Pooling with Patch Contrastive Learning for Weakly-
-Supervised Semantic Segmentation" (shared/papers/tkp-pcl-topk-patch-contrastive.md):
+Wu, Dai, Huang, Ma & Xiao, "Top-K Pooling with Patch Contrastive Learning for Weakly-Supervised
+Semantic Segmentation" (shared/papers/tkp-pcl-topk-patch-contrastive.md):
 - Sec. 3.2: patch embeddings ``F_in (s, e)`` -> HV-BiLSTM -> ``F_out (s, e)``; eq. 1
-  ``Z = softmax(F_out W)`` over all classes C (VOC: 21 with background, Sec. 4.1); top-K pooling
-  ``y_c = 1/k sum of the k largest Z^c`` (k = 6, Sec. 4.1); eq. 2 the multi-label
-  classification error (MCE), the mean BCE over C.
-- Sec. 3.3: eq. 3-4 cosine similarity mapped to [0, 1]; eq. 5 the patch contrastive error
-  (PCE) of class c over high- (``Z^c > eps``) and low-confidence (``Z^c < 1 - eps``) patches,
-  eps = 0.85; eq. 6 ``L = L_MCE + alpha * sum_c L_PCE^c``, alpha = 0.01.
-- Sec. 4.1: Adam, batch 16, lr 1e-3 for two epochs then 1e-4, images resized to a square.
-What the paper leaves open follows the method it extends, ViT-PCM (Rossetti et al., ECCV 2022,
-code ``deepplants/ViT-PCM`` ``model.py``): the HV-BiLSTM is a bidirectional LSTM along every row
-and one along every column whose outputs are concatenated (hidden size e / 4, so F_out has e
-channels, "the same size as F_in"; timm's ``LSTM2d`` with ``union="cat"``, no FC); dropout 0.2 on
-F_in and on the classifier input; a bias-free classifier; background is a class of the softmax
-whose image-level target is always 1 (ViT-PCM derives its targets from the masks, where
-background is present; with image-level labels only, every image is assumed to contain
-background). The pseudo-label is the per-patch argmax restricted to background + the image's
-classes, bilinearly upsampled (the paper: "the predicted patch-level labels are used as the
-initial pseudo labels", Sec. 3.1; the CRF after it is ``engine/refine/dcrf.py``).
+  ``Z = softmax(F_out W)`` over the 21 classes with background; top-K pooling (k = 6) and eq. 2,
+  the multi-label classification error.
+- Sec. 3.3: eq. 3-5, the patch contrastive error over high- and low-confidence patches (eps =
+  0.85); eq. 6 ``L = L_MCE + alpha * sum_c L_PCE^c``, alpha = 0.01. Sec. 4.1: Adam, batch 16.
+What the paper leaves open follows ViT-PCM (Rossetti et al., ECCV 2022, ``model.py``): the HV-
+BiLSTM (timm ``LSTM2d``, hidden e / 4, union "cat"), dropout 0.2, a bias-free classifier, a
+background target always 1. The pseudo-label is the per-patch argmax over background + the
+image's classes, bilinearly upsampled (Sec. 3.1; the dCRF after it is the ``dcrf`` refinement).
 
-DEVIATION (for the README): the paper encodes patches with an ImageNet ViT-B/16 (ViT-PCM
-fine-tunes its last 5 blocks; TKP-PCL does not say). No pretrained ViT weights are available
-offline, so by default the "patch embeddings" are the cells of the frozen ImageNet
-EfficientNet-Lite0 feature map at output stride 16 (``engine.backbone.load_feature_extractor``;
-one cell per 16 x 16 input patch, though its receptive field is larger), taken after the last
-MBConv stage (320 channels, before the 1x1 ``conv_head``: the 1280-channel head output scored
-lower and trained 3-8x slower, see below). Given a local weights file (``vit_weights``), a timm ViT
-(``vit_name``, ``pretrained=False``, then the file loaded strictly: ``.pth``/``.bin``/
-``.safetensors``, a head in the file dropped, position embeddings resampled to the model's grid;
-input normalised with timm's default mean/std for ``vit_name``) replaces it, and its patch tokens
-after the final norm (class token dropped, as ViT-PCM) are the embeddings. Either encoder stays
-frozen, so features are computed once per image and only the HV-BiLSTM and W are trained;
-mirrored copies stand in for ViT-PCM's augmentations. The defaults train 6 epochs of the
-1,861-image split instead of 50 of trainaug, with the lr drop after 4 epochs (see
-``TKPPCLConfig.lr_drop_epoch``), at 256 x 256 (16 x 16 patches) instead of 384 x 384.
+In: ``ctx.items`` rgb ``(H, W, 3) uint8`` -> frozen encoder features ``(N, V, g, g, e) float16``,
+stored once in the model dir (resumable) -> ``PatchClassifier``. Out per image: label ``(H, W)
+uint8``, scores ``(K + 1, h, w) float16`` (the restricted softmax, channel 0 = background).
 
-Data flow:
-    features: ``ctx.items`` rgb ``(H, W, 3) uint8`` -> resized to ``(S, S)`` (S = input_size) ->
-              frozen encoder -> ``(g, g, e)`` per view (g = S / 16; view 1 = mirrored image),
-              float16 in ``ctx.model_dir("tkp-pcl-features", encoder settings)`` as
-              ``FEATURES_NAME`` ``(N, V, g, g, e)``: resumable, shared by every training variant
-              with the same encoder, kept for labelling (defaults: 1,861 x 2 x 16 x 16 x 320,
-              610 MB on disk).
-    train:    ``(B, g, g, e) float32`` -> ``PatchClassifier`` -> F_out ``(B, g, g, e)``, Z
-              ``(B, g, g, 21)``; loss eq. 6; checkpoints in ``ctx.model_dir("tkp-pcl",
-              training settings)``.
-    label:    Z of the unmirrored view ``(21, g, g)`` -> ``restrict_to_image_classes``
-              ``(K + 1, g, g)`` -> bilinear to ``(H, W)`` -> argmax -> ``(H, W) uint8`` in
-              ``{0, *classes}``; scores ``(K + 1, h, w) float16`` (restricted softmax, sums to 1),
-              channel 0 = background.
-
-Costs, measured on 32 train images on the 2 CPU cores shared with 3 other jobs (load 1-4), and
-extrapolated to the 1,861-image split (the full split was not run):
-    features   at 256 px, two torch threads: 0.045-0.075 s wall per view once warm (0.06-0.09
-               CPU-s; one thread 0.057-0.1 s), so 0.1-0.15 s an image with its mirror copy plus
-               ~3 s of warm-up: ~3-4 min (~25% less at 224 px); when the load spiked, two threads
-               took up to 0.5 s an image
-    train      0.30-0.33 s a step on one thread (16 x 16 patches; 0.25 s at 14 x 14); 6 epochs of
-               116 steps: ~230 s (measured: 700 steps on 800 images took 234 s)
-    label      0.016-0.021 s an image from the stored features: ~35 s
-    total      ~8 min with the cores free (the 32-image run: 20-24 s wall, mostly warm-up); under
-               the shared load of the measurements up to ~15 min, the feature extraction
-               suffering most.
-    ViT-B/16 (``vit_weights``): 0.55 CPU-s per view at 224, 1.6 at 384; a step on 768-channel
-    features 0.84 s (14 x 14) / 2.9 s (24 x 24): ~30 min at 224 with the default schedule; the
-    paper scale (384, 50 epochs) ~5 h of training after ~50 min of features.
-
-Train mIoU of the pseudo-labels (no dCRF) on 800 train images (every 2nd; 50 steps an epoch, so
-x epochs there ~ x / 2.3 epochs of the full split), IoU against SegmentationClassAug, 255 ignored:
-    224 px, 6 epochs, lr drop after 2 (the paper's schedule)          18.1
-    224 px, 6 epochs, 1e-3 throughout                                  23.1
-    224 px, 6 epochs, drop after 4                                     21.8
-    224 px, 12 epochs, drop after 8                                    23.3
-    224 px, 14 epochs, drop after 9 (~ the full split's 6 / 4)         23.6
-    224 px, 6 epochs at 1e-3, alpha = 0 (no PCE)                       23.2
-    224 px, 6 epochs at 1e-3, no mirrored view (another seed)          22.6
-    224 px, 6 epochs at 1e-3, no dropout                               21.2
-    256 px, 6 epochs at 1e-3                                           24.1
-    256 px, 14 epochs, drop after 9 (~ the defaults on the full split) 24.1
-    1280-channel conv_head features, 224 px, 6 epochs, drop after 2    14.3 (3-8x slower steps)
-The number of steps at lr 1e-3 is what mattered; the PCE at the paper's alpha = 0.01 changed
-nothing measurable here (the paper reports +1.7, Table 4). Best classes: cat ~52, sheep ~43,
-horse ~40, cow ~36; bird, boat and dining table stay at 0. For comparison, CAM (cam.py defaults)
-scores 32.3 on 300 train images.
+DEVIATION: the paper's patches come from an ImageNet ViT-B/16; no ViT weights are available
+offline, so by default they are the cells of the frozen ImageNet EfficientNet-Lite0 feature map
+at stride 16 (320 channels, after the last MBConv stage); a local ViT weights file
+(``vit_weights``) gives the paper's encoder. 6 epochs at 256 x 256 instead of 50 at 384.
+Measurements: docs/methods/tkp_pcl.md.
 """
 
 from __future__ import annotations
@@ -97,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,38 +42,43 @@ from timm.models.sequencer import LSTM2d
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from engine.backbone import INPUT_MEAN, INPUT_STD, load_feature_extractor
-from engine.checkpoints import load_checked, resume, save_atomic, save_training_state
-from engine.dataset import read_image
-from engine.methods.cam import downsample_scores, multilabel_target
-from engine.registry import config_to_params, register
-from engine.types import ImageError, Item, LabelResult, RunContext
+from cache.voc import NUM_CLASSES  # |C| of eq. 1: background (0) + the 20 VOC classes
+from engine.core.dataset import read_image
+from engine.core.registry import Offer, Role, inference, register, training_key
+from engine.core.types import ImageError, Item, LabelResult, RunContext
+from engine.ops.backbone import INPUT_MEAN, INPUT_STD, load_feature_extractor
+from engine.ops.cams import multilabel_target
+from engine.ops.scores import argmax_label, downsample_scores
+from engine.ops.training import (
+    ParamGroup,
+    Training,
+    adam,
+    torch_threads,
+    train_resumable,
+    trained_state,
+)
 
-NUM_CLASSES = 21  # |C| of eq. 1: background (0) + the 20 VOC classes
+FAMILY = "tkp-pcl"  # ctx.model_dir family of the trained classifier
+NAME = "tkp_pcl"  # its files: tkp_pcl_checkpoint.pt while training, tkp_pcl_model.pt when done
 FEATURES_NAME = "patch_features.npy"  # (N, V, g, g, e) float16, filled batch by batch
 FEATURES_INDEX = "patch_features.json"  # image ids, rows done, unreadable rows
-CHECKPOINT_NAME = "tkp_pcl_checkpoint.pt"  # training state, rewritten during training
-FINAL_NAME = "tkp_pcl_model.pt"  # the trained model; its presence means "training is done"
 ENCODE_BATCH = 8  # images per encoder forward pass (16 with their mirrored copies)
 LABEL_BATCH = 32  # images per classifier forward pass when labelling
-# The HV-BiLSTM is many small sequential matrix products: on the shared 2 cores one torch thread
-# ran a training step (14 x 14 patches) in 0.27 CPU-s / 0.8 s wall, two threads in 0.7-1.8 CPU-s
-# / 1.5-3.1 s wall; at load ~1 two threads still took 0.77 s.
+# The HV-BiLSTM is many small sequential matrix products: one torch thread runs them faster than
+# two (docs/methods/tkp_pcl.md).
 CLASSIFIER_THREADS = 1
 
 
 @dataclass(frozen=True)
 class TKPPCLConfig:
-    """Settings of TKP-PCL. Defaults fit the CPU budget of this workbench (module docstring):
-    ~8 min on the 1,861-image train split with 2 free cores (features ~3-4 min, 696 training
-    steps ~230 s, labelling ~35 s).
+    """Settings of TKP-PCL. Defaults fit the CPU budget of this workbench (docs/methods/tkp_pcl.md).
 
     The paper-scale settings are ``PAPER_PARAMS`` (``registry.get("tkp-pcl").make_config(
     {**PAPER_PARAMS, "vit_weights": "/path/to/vit_base_patch16_384.safetensors"})``): ViT-B/16
     at 384 x 384 (24 x 24 patches) for 50 epochs; the weights file must come from the user.
     """
 
-    backbone: str = "efficientnet_lite0"  # engine.backbone key; the encoder when vit_weights is ""
+    backbone: str = "efficientnet_lite0"  # engine.ops.backbone key; the encoder when vit_weights is ""
     vit_weights: str = ""  # local timm ViT state dict; non-empty = ViT encoder (the paper's)
     vit_name: str = "vit_base_patch16_224"  # timm architecture of vit_weights (paper: ViT-B/16)
     input_size: int = 256  # images resized to a square of this side: 16 x 16 patches (paper: 384, 24 x 24)
@@ -153,7 +88,7 @@ class TKPPCLConfig:
     lr: float = 1e-3  # Adam, first lr_drop_epoch epochs (paper Sec. 4.1)
     lr_after: float = 1e-4  # Adam, the remaining epochs (paper Sec. 4.1)
     # Paper: 2 epochs of trainaug (10,582 images, ~1,320 steps) at 1e-3; our epochs are 116 steps,
-    # so 4 of them (464 steps) at 1e-3 (module docstring: the step count at 1e-3 is what mattered).
+    # so 4 of them (464 steps) at 1e-3 (docs/methods/tkp_pcl.md: the step count at 1e-3 is what mattered).
     lr_drop_epoch: int = 4
     dropout: float = 0.2  # on F_in and on the classifier input (ViT-PCM DROPOUT)
     top_k: int = 6  # k of top-K pooling (paper Sec. 4.1)
@@ -161,7 +96,7 @@ class TKPPCLConfig:
     alpha: float = 0.01  # weight of the PCE, eq. 6 (paper Sec. 4.1)
     seed: int = 0  # initialisation, data order, views and dropout derive from it
     checkpoint_every: int = 20  # steps; also at every epoch end
-    score_max_side: int = 128  # stored scores are downsampled so max(h, w) <= this
+    score_max_side: int = inference(128)  # stored scores are downsampled so max(h, w) <= this
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -183,7 +118,6 @@ PAPER_PARAMS: dict[str, Any] = {
     "epochs": 50,
     "lr_drop_epoch": 2,
 }
-_INFERENCE_FIELDS = ("score_max_side",)
 _ENCODER_FIELDS = ("backbone", "vit_weights", "vit_name", "input_size", "flip")
 
 
@@ -273,19 +207,6 @@ def upsample_scores(scores: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray
         raise ValueError(f"expected scores of shape (K, h, w), got {scores.shape}")
     up = F.interpolate(torch.from_numpy(scores)[None], size=tuple(image_hw), mode="bilinear", align_corners=False)
     return up[0].numpy()
-
-
-def scores_to_label(scores: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """Pseudo-label: per-pixel argmax of ``(K + 1, H, W)`` scores (channel 0 = background).
-
-    Returns ``(H, W) uint8`` with values in ``{0, *classes}`` (ties go to the lower channel).
-    """
-    scores = np.asarray(scores)
-    if scores.ndim != 3 or scores.shape[0] != len(classes) + 1:
-        raise ValueError(f"expected scores of shape ({len(classes) + 1}, H, W) for classes "
-                         f"{tuple(classes)}, got {scores.shape}")
-    keys = np.array([0, *classes], dtype=np.uint8)
-    return keys[np.argmax(scores, axis=0)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,13 +354,10 @@ def tkp_pcl_loss(net: PatchClassifier, f_in: torch.Tensor, target: torch.Tensor,
 
 
 def training_params(cfg: TKPPCLConfig) -> dict[str, Any]:
-    """The settings that change the trained model.
-
-    Inference fields are left out, and so is the encoder field not in use (``vit_name`` without
-    ``vit_weights``, ``backbone`` with them), so variants differing only there share a model.
-    """
-    unused = ("backbone",) if cfg.vit_weights else ("vit_name",)
-    return {k: v for k, v in config_to_params(cfg).items() if k not in (*_INFERENCE_FIELDS, *unused)}
+    """The training key: the inference fields are left out (``registry.training_key``), and so is
+    the encoder field not in use (``vit_name`` without ``vit_weights``, ``backbone`` with them),
+    so variants differing only there share a model."""
+    return training_key(cfg, exclude=("backbone",) if cfg.vit_weights else ("vit_name",))
 
 
 def feature_params(cfg: TKPPCLConfig) -> dict[str, Any]:
@@ -537,25 +455,23 @@ def _step_batch(store: FeatureStore, items: Sequence[Item], valid: np.ndarray, c
 
 
 def train(cfg: TKPPCLConfig, ctx: RunContext) -> tuple[PatchClassifier, FeatureStore | None]:
-    """Extract the features and train (or resume training) on ``ctx.items``; net in eval mode.
+    """Extract the features and train (or resume, or load) on ``ctx.items``; net in eval mode.
 
-    Checkpoints go to ``CHECKPOINT_NAME`` in ``ctx.model_dir("tkp-pcl", training settings)``
-    every ``cfg.checkpoint_every`` steps and at every epoch end (atomic rename); a rerun continues
-    from the last one. Once trained, the model is ``FINAL_NAME`` and a rerun only loads it (with
-    the feature store if complete, else None). ``ctx.report("train", step, total)`` after every
-    step may raise ``Cancelled``, which propagates. Dropout is seeded per step, so a resumed run
-    equals an uninterrupted one.
+    Model files live in ``ctx.model_dir("tkp-pcl", training key)`` (``engine.ops.training``); once
+    trained, a rerun only loads the model (with the feature store if complete, else None).
+    Reports ``("features", ...)`` then ``("train", step, total)``; ``Cancelled`` propagates.
+    Dropout is seeded per step, so a resumed run equals an uninterrupted one. Raises
+    ``ValueError`` when no training image can be read.
     """
     if not ctx.items:
         raise ValueError("TKP-PCL needs training images: ctx.items is empty")
-    params = training_params(cfg)
-    model_dir = ctx.model_dir("tkp-pcl", params)
+    key = training_params(cfg)
+    model_dir = ctx.model_dir(FAMILY, key)
     feature_dir = ctx.model_dir("tkp-pcl-features", feature_params(cfg))
-    final, checkpoint = model_dir / FINAL_NAME, model_dir / CHECKPOINT_NAME
-    if final.is_file():
-        state = load_checked(final, params)
-        net = build_net(state["embed_dim"], cfg)
-        net.load_state_dict(state["model"], strict=True)
+    finished = trained_state(model_dir, NAME, key)
+    if finished is not None:
+        net = build_net(finished["embed_dim"], cfg)
+        net.load_state_dict(finished["model"], strict=True)
         return net.to(ctx.device).eval(), open_features(feature_dir, ctx.items)
     store = extract_features(ctx.items, cfg, feature_dir, ctx.device, ctx.report, load_encoder(cfg).to(ctx.device))
     valid = np.array([r for r in range(len(ctx.items)) if r not in store.bad], dtype=np.int64)
@@ -563,41 +479,18 @@ def train(cfg: TKPPCLConfig, ctx: RunContext) -> tuple[PatchClassifier, FeatureS
         raise ValueError("TKP-PCL needs training images: none of ctx.items could be read")
     embed_dim = store.features.shape[-1]
     net = build_net(embed_dim, cfg).to(ctx.device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    steps_per_epoch = max(1, len(valid) // cfg.batch_size)  # last partial batch dropped, as cam.py
+    steps_per_epoch = max(1, len(valid) // cfg.batch_size)  # last partial batch dropped, as CAM
     total = cfg.epochs * steps_per_epoch
-    start = resume(checkpoint, params, net, optimizer)
-    net.train()
-    with _torch_threads(CLASSIFIER_THREADS):
-        for step in range(start, total):
-            epoch, index = divmod(step, steps_per_epoch)
-            f_in, target = _step_batch(store, ctx.items, valid, cfg, epoch, index)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr if epoch < cfg.lr_drop_epoch else cfg.lr_after
-            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if ctx.device.startswith("cuda") else []):
-                torch.manual_seed(int(np.random.default_rng([cfg.seed, step, 2]).integers(2**62)))  # dropout
-                loss = tkp_pcl_loss(net, f_in.to(ctx.device), target.to(ctx.device), cfg)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            optimizer.step()
-            done = step + 1
-            if done % cfg.checkpoint_every == 0 or done % steps_per_epoch == 0:
-                save_training_state(checkpoint, params, net, optimizer, done, embed_dim=embed_dim)
-            ctx.report("train", done, total)
-    save_atomic({"model": net.state_dict(), "embed_dim": embed_dim, "step": total, "params": params}, final)
-    checkpoint.unlink(missing_ok=True)
-    return net.eval(), store
-
-
-@contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` torch intra-op threads, then restore the previous count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    train_resumable(net, model_dir, Training(
+        name=NAME, key=key, total=total, steps_per_epoch=steps_per_epoch, checkpoint_every=cfg.checkpoint_every,
+        groups=lambda: [ParamGroup(list(net.parameters()), cfg.lr)], optimizer=adam(),
+        lr=lambda step, base: base if step // steps_per_epoch < cfg.lr_drop_epoch else cfg.lr_after,
+        batch=lambda step: _step_batch(store, ctx.items, valid, cfg, *divmod(step, steps_per_epoch)),
+        loss=lambda batch: tkp_pcl_loss(net, batch[0].to(ctx.device), batch[1].to(ctx.device), cfg),
+        seed=lambda step: int(np.random.default_rng([cfg.seed, step, 2]).integers(2**62)),  # dropout
+        report=lambda done: ctx.report("train", done, total), extra={"embed_dim": embed_dim},
+        threads=CLASSIFIER_THREADS, device=ctx.device))
+    return net, store
 
 
 @torch.no_grad()
@@ -613,11 +506,11 @@ def label_from_scores(z: np.ndarray, item: Item, cfg: TKPPCLConfig) -> LabelResu
     ``(K + 1, h, w) float16`` (the restricted, renormalised Z, upsampled)."""
     classes = tuple(item.labels)
     scores = upsample_scores(restrict_to_image_classes(z, classes), (item.height, item.width))
-    return LabelResult(item.image_id, label=scores_to_label(scores, classes),
+    return LabelResult(item.image_id, label=argmax_label(scores, (0, *classes)),
                        scores=downsample_scores(scores, cfg.score_max_side), score_classes=(0, *classes))
 
 
-@register("tkp-pcl", kind="method", config=TKPPCLConfig, title="TKP-PCL")
+@register("tkp-pcl", role=Role.METHOD, config=TKPPCLConfig, title="TKP-PCL", offers={Offer.QUEUE})
 def run(cfg: TKPPCLConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Train on ``ctx.items`` (or load the trained model), then one result per ``ctx.todo`` image.
 
@@ -644,7 +537,7 @@ def run(cfg: TKPPCLConfig, ctx: RunContext) -> Iterator[LabelResult]:
             item = Item(item.image_id, item.image_path, item.mask_path, item.labels, *rgb.shape[:2])
             chunk.append((item, encode(encoder, [rgb], cfg.input_size, 1, ctx.device)[0, 0]))
         ready = [f for _, f in chunk if not isinstance(f, str)]
-        with _torch_threads(CLASSIFIER_THREADS):
+        with torch_threads(CLASSIFIER_THREADS):
             z = iter(patch_scores(net, np.stack(ready), ctx.device) if ready else ())
         for item, f in chunk:
             yield LabelResult(item.image_id, error=f) if isinstance(f, str) else label_from_scores(next(z), item, cfg)

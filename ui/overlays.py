@@ -14,7 +14,7 @@ from PIL import Image
 from plotly.colors import sample_colorscale, unlabel_rgb
 
 from cache.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, VOC_PALETTE
-from engine.metrics import confusion_counts, iou_from_counts
+from engine.ops.metrics import confusion_counts, iou_from_counts
 
 # Plotly's Jet sampled at 256 levels: the usual CAM colouring (blue = low, red = high).
 JET = np.array([unlabel_rgb(c) for c in sample_colorscale("Jet", np.linspace(0, 1, 256).tolist())], np.uint8)
@@ -72,7 +72,7 @@ def legend(gt: np.ndarray, labels: dict[str, np.ndarray]) -> list[dict]:
     """One row per class present in the ground truth or any of ``labels`` ({name: label map}),
     ``(H, W) uint8`` each of the ground truth's size: class id and name, its VOC colour as
     ``#rrggbb``, ground-truth pixels (255 excluded), and per label map its pixels and IoU in
-    this image (None where neither has the class). Counting follows ``engine.metrics``."""
+    this image (None where neither has the class). Counting follows ``engine.ops.metrics``."""
     counts = {name: confusion_counts(gt, label) for name, label in labels.items()}
     gt_pixels = np.bincount(gt[gt != IGNORE_INDEX].ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
     present = gt_pixels > 0

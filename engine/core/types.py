@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

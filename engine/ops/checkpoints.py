@@ -1,12 +1,11 @@
-"""Saving training state so a killed job resumes: atomic writes of torch checkpoints, the
-resumable training loop, and intermediate label maps stored in chunks.
+"""Files a killed job resumes from: atomic torch checkpoints and intermediate label maps in chunks.
 
-A method trains into ``RunContext.model_dir(family, training_params)``; a checkpoint file there
-is rewritten atomically (write a temporary file, then rename), so a kill mid-write leaves the
-previous checkpoint intact, and the stored ``params`` are checked on load so a file written with
-other settings is never silently reused. Label maps a training derives for itself (ISIM's
-pseudo-labels, AffinityNet's affinity labels) are written in chunks of images as they complete,
-so a killed job recomputes at most one chunk.
+A plugin trains into ``RunContext.model_dir(family, training key)`` (the loop is
+``engine.ops.training``); a checkpoint file there is rewritten atomically (write a temporary file,
+then rename), so a kill mid-write leaves the previous checkpoint intact, and the stored ``params``
+are checked on load so a file written with other settings is never silently reused. Label maps a
+training derives for itself (ISIM's pseudo-labels, AffinityNet's affinity labels) are written in
+chunks of images as they complete, so a killed job recomputes at most one chunk.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.types import Item, LabelResult
+from engine.core.types import Item, LabelResult
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -66,45 +65,13 @@ def save_training_state(checkpoint: Path, params: dict[str, Any], net: torch.nn.
 
 
 def final_path(model_dir: Path, name: str) -> Path:
-    """The finished model of ``train_resumable``; its presence means "training is done"."""
+    """The finished model of ``engine.ops.training.train_resumable``; its presence means "training is done"."""
     return model_dir / f"{name}_model.pt"
 
 
 def checkpoint_path(model_dir: Path, name: str) -> Path:
-    """The training state ``train_resumable`` rewrites while it runs."""
+    """The training state ``engine.ops.training.train_resumable`` rewrites while it runs."""
     return model_dir / f"{name}_checkpoint.pt"
-
-
-def train_resumable(net: torch.nn.Module, model_dir: Path, name: str, params: dict[str, Any], *,
-                    make_optimizer: Callable[[], torch.optim.Optimizer],
-                    step: Callable[[int, torch.optim.Optimizer], None], total: int, steps_per_epoch: int,
-                    checkpoint_every: int, report: Callable[[int], None]) -> None:
-    """Run ``step(i, optimizer)`` for every not yet finished step ``i < total``; leaves ``net`` in eval mode.
-
-    A finished training (``<name>_model.pt`` in ``model_dir``) is only loaded. Otherwise the loop
-    resumes from ``<name>_checkpoint.pt`` (``resume``), writes it every ``checkpoint_every`` steps
-    and at every epoch end, and calls ``report(done)`` after each step (which may raise
-    ``Cancelled``). At the end the model is saved as ``<name>_model.pt`` and the checkpoint removed. ``step`` sets the learning
-    rate and does one optimisation step; ``net`` is put in train mode before each call.
-    Raises ``ValueError`` when a stored file was written with other ``params``.
-    """
-    final, checkpoint = final_path(model_dir, name), checkpoint_path(model_dir, name)
-    if final.is_file():
-        net.load_state_dict(load_checked(final, params)["model"], strict=True)
-        net.eval()
-        return
-    optimizer = make_optimizer()
-    start = resume(checkpoint, params, net, optimizer)
-    for index in range(start, total):
-        net.train()
-        step(index, optimizer)
-        done = index + 1
-        if done % checkpoint_every == 0 or done % steps_per_epoch == 0:
-            save_training_state(checkpoint, params, net, optimizer, done)
-        report(done)
-    save_atomic({"model": net.state_dict(), "step": total, "params": params}, final)
-    checkpoint.unlink(missing_ok=True)
-    net.eval()
 
 
 def save_label_chunk(path: Path, labels: dict[str, np.ndarray]) -> None:

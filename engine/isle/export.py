@@ -9,7 +9,7 @@ Layout written under ``dest`` (what IRN, PuzzleCAM and mmsegmentation's VOC-aug 
                                         ``"none"``: left out)
     provenance.json                     the variant, its chain, and the caller's details (for ISLE:
                                         candidates, assignment, overlap rule, predicted and exact
-                                        per-class IoU, conflict counts; ``engine.assignments.summary``)
+                                        per-class IoU, conflict counts; ``assignments.summary``)
 
 The label PNGs are the cached files copied byte for byte, so importing ``SegmentationClassAug``
 back (``python -m engine import``) gives a variant with identical label maps and counts.
@@ -17,6 +17,7 @@ back (``python -m engine import``) gives a variant with identical label maps and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,6 +28,8 @@ from typing import Any
 
 from cache import queries
 from cache.db import connect
+
+from .assignments import Saved, merge_step, rebuild, step_variant_id, summary
 
 IMAGE_MODES = ("link", "copy", "none")
 LABEL_FOLDER = "SegmentationClassAug"
@@ -65,14 +68,14 @@ def export_variant(cache_dir: Path, variant_id: str, dest: Path, details: dict[s
         variant = queries.get_variant(con, variant_id)
         if variant is None:
             raise ExportError(f"no variant {variant_id!r} in the cache {cache_dir}")
-        dataset = queries.get_dataset(con, variant["dataset_id"])
+        dataset = queries.get_dataset(con, variant.dataset_id)
         rows = queries.label_map_rows(con, variant_id)
         split = queries.variant_split(con, variant_id)
-        usable = queries.usable_images(con, variant["dataset_id"], split)
+        usable = queries.usable_images(con, variant.dataset_id, split)
     if not rows or split is None:
-        raise ExportError(f"variant {variant['name']} ({variant_id}) has no label maps to export")
-    exported = [r for r in usable if r["image_id"] in rows]
-    missing = [r["image_id"] for r in usable if r["image_id"] not in rows]
+        raise ExportError(f"variant {variant.name} ({variant_id}) has no label maps to export")
+    exported = [r for r in usable if r.image_id in rows]
+    missing = [r.image_id for r in usable if r.image_id not in rows]
 
     staging = dest.with_name(f".{dest.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -81,17 +84,17 @@ def export_variant(cache_dir: Path, variant_id: str, dest: Path, details: dict[s
     if images != "none":
         (staging / "JPEGImages").mkdir()
     for r in exported:
-        image_id = r["image_id"]
+        image_id = r.image_id
         shutil.copyfile(cache_dir / rows[image_id][0], staging / LABEL_FOLDER / f"{image_id}.png")
         if images == "link":
-            os.symlink(Path(r["image_path"]).resolve(), staging / "JPEGImages" / Path(r["image_path"]).name)
+            os.symlink(Path(r.image_path).resolve(), staging / "JPEGImages" / Path(r.image_path).name)
         elif images == "copy":
-            shutil.copyfile(r["image_path"], staging / "JPEGImages" / Path(r["image_path"]).name)
-    (staging / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{r['image_id']}\n" for r in exported))
+            shutil.copyfile(r.image_path, staging / "JPEGImages" / Path(r.image_path).name)
+    (staging / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{r.image_id}\n" for r in exported))
     provenance = {
-        "variant": {k: variant[k] for k in ("id", "name", "method", "source_id", "code_version")}
-        | {"steps": json.loads(variant["steps"])},
-        "dataset": {"id": dataset["id"], "root": dataset["root"]}, "split": split,
+        "variant": {k: getattr(variant, k) for k in ("id", "name", "method", "source_id", "code_version")}
+        | {"steps": list(variant.steps)},
+        "dataset": {"id": dataset.id, "root": dataset.root}, "split": split,
         "images": len(exported), "missing_label_maps": missing, "exported_at": time.time(),
         "layout": {"labels": LABEL_FOLDER, "list": f"ImageSets/Segmentation/{split}.txt", "images": images},
         "details": details or {},
@@ -110,18 +113,16 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def export_assignment(cache_dir: Path, dataset_id: str, split: str, saved: Any, dest: Path,
+def export_assignment(cache_dir: Path, dataset_id: str, split: str, saved: Saved, dest: Path,
                       images: str = "link") -> Exported:
-    """Export the exact merge of a saved ISLE assignment (``engine.assignments.Saved``) with its
-    ``summary`` (candidates, assignment, rule, predicted and exact IoU, conflicts) as provenance.
+    """Export the exact merge of a saved ISLE assignment with its ``summary`` (candidates,
+    assignment, rule, predicted and exact IoU, conflicts) as provenance.
 
     Raises ``ExportError`` when that merge has not run on every image of the split yet.
     """
-    from engine import assignments
-
     with connect(cache_dir, read_only=True) as con:
-        plan = assignments.rebuild(con, dataset_id, split, saved)
-        variant_id = assignments.step_variant_id(dataset_id, assignments.merge_step(plan, saved.name))
+        plan = rebuild(con, dataset_id, split, saved)
+        variant_id = step_variant_id(dataset_id, merge_step(plan, saved.name))
         labelled = queries.labelled_in_split(con, dataset_id, split).get(variant_id, 0)
         total = len(queries.usable_images(con, dataset_id, split))
         if labelled < total:
@@ -129,5 +130,5 @@ def export_assignment(cache_dir: Path, dataset_id: str, split: str, saved: Any, 
                               f"label maps on {split}: run it first")
         details = {"assignment": {"id": saved.id, "name": saved.name, "note": saved.note,
                                   "saved_at": saved.created_at},
-                   **assignments.summary(con, plan, variant_id)}
+                   **dataclasses.asdict(summary(con, plan, variant_id))}
     return export_variant(cache_dir, variant_id, dest, details, images)

@@ -1,7 +1,7 @@
 """ISLE assignments over the cache: candidates, Algorithm 2 with user overrides, the predicted
 figures, saved versions, and the chain steps of the exact and naive merges.
 
-The numerics are ``engine.ensemble``; this module reads the per-class counts of the candidates
+The numerics are ``numerics``; this module reads the per-class counts of the candidates
 over the selection and report subsets (one SQL aggregation each, no label map decoded) and turns
 an assignment into what the page and the command line show and queue.
 """
@@ -11,34 +11,54 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from cache import queries, reports
 from cache.reports import IoUTable
+from cache.rows import Variant
 from cache.voc import NUM_CLASSES, VOC_CLASSES
-from engine import registry
-from engine.ensemble import (OVERLAP_RULES, AutoAssignment, Subset, auto_assignment, iou_of,
-                             precision_priority, predicted_counts)
-from engine.jobs import Step, chain_variants
+from engine.core import registry
+from engine.core.chains import Step, chain_variants
+from engine.core.registry import Role
 
-ENSEMBLE_METHODS = ("isle", "isle-naive")
+from .numerics import (
+    OVERLAP_RULES,
+    AutoAssignment,
+    Subset,
+    auto_assignment,
+    iou_of,
+    precision_priority,
+    predicted_counts,
+)
+
+MERGE, NAIVE = "isle", "isle-naive"  # the ensemble plugins of engine/isle/merge.py
 OBJECT_CLASSES = tuple(range(1, NUM_CLASSES))
+T = TypeVar("T")
 
 
-def complete_variants(con: queries.Con, dataset_id: str, split: str) -> list[dict[str, Any]]:
-    """Variants with a label map for every usable image of the split, each with ``default``:
-    True unless it reads the ground truth (an oracle) or is itself an ensemble."""
+@dataclass(frozen=True)
+class Complete:
+    """A variant with a label map for every usable image of a split. default: a default ISLE
+    candidate, i.e. no step of its chain reads the ground truth (oracle) and it is no ensemble."""
+
+    variant: Variant
+    default: bool
+
+
+def is_default_candidate(variant: Variant) -> bool:
+    """No step of the chain is an oracle and the chain does not start with an ensemble (by role)."""
+    roles = [registry.get(s["name"]).role for s in variant.steps]
+    return Role.ORACLE not in roles and roles[0] is not Role.ENSEMBLE
+
+
+def complete_variants(con: queries.Con, dataset_id: str, split: str) -> list[Complete]:
+    """Variants with a label map for every usable image of the split, in ``queries.variants`` order."""
     usable = len(queries.usable_images(con, dataset_id, split))
     labelled = queries.labelled_in_split(con, dataset_id, split)
-    out = []
-    for v in queries.variants(con, dataset_id):
-        if usable and labelled.get(v["id"], 0) >= usable:
-            first = json.loads(v["steps"])[0]["name"]
-            oracle = any(registry.get(s["name"]).oracle for s in json.loads(v["steps"]))
-            out.append({**v, "default": not oracle and first not in ENSEMBLE_METHODS})
-    return out
+    return [Complete(v, is_default_candidate(v)) for v in queries.variants(con, dataset_id)
+            if usable and labelled.get(v.id, 0) >= usable]
 
 
 def _rows(table: IoUTable, variant_ids: Sequence[str]) -> np.ndarray:
@@ -129,7 +149,7 @@ def build_plan(con: queries.Con, dataset_id: str, split: str, candidates: Sequen
         raise ValueError("ISLE needs at least one candidate variant")
     if rule not in OVERLAP_RULES:
         raise ValueError(f"overlap rule must be one of {OVERLAP_RULES}, got {rule!r}")
-    image_ids = [r["image_id"] for r in queries.usable_images(con, dataset_id, split)]
+    image_ids = [r.image_id for r in queries.usable_images(con, dataset_id, split)]
     selection_ids, report_ids = subset.split(image_ids)
     if not selection_ids:
         raise ValueError(f"the selection subset of {split} is empty (fraction {subset.fraction}, seed {subset.seed})")
@@ -158,11 +178,11 @@ def build_plan(con: queries.Con, dataset_id: str, split: str, candidates: Sequen
 
 
 def merge_step(plan: Plan, name: str = "auto") -> Step:
-    """The chain step of the exact merge (``engine/methods/isle.py``) of ``plan``'s assignment;
+    """The chain step of the exact merge (``engine/isle/merge.py``) of ``plan``'s assignment;
     its variant is named "ISLE (<name>)" (the name labels it; the assignment identifies it)."""
     params = {"variants": [plan.chosen(c) for c in OBJECT_CLASSES], "rule": plan.rule,
               "priority": list(plan.priority)}
-    return Step("isle", params, title=f"ISLE ({name})")
+    return Step(MERGE, params, title=f"ISLE ({name})")
 
 
 def naive_step(plan: Plan) -> Step:
@@ -173,12 +193,12 @@ def naive_step(plan: Plan) -> Step:
     ranking = sorted(OBJECT_CLASSES, key=lambda c: (-images[c], c))
     params = {"variants": [plan.candidates[plan.auto.choice[c]] for c in OBJECT_CLASSES],
               "ranking": ranking, "fallback": plan.candidates[plan.best_single()]}
-    return Step("isle-naive", params, title="naive ISLE")
+    return Step(NAIVE, params, title="naive ISLE")
 
 
 def step_variant_id(dataset_id: str, step: Step) -> str:
     """The id of the variant a merge step makes (its label maps exist once its job is done)."""
-    return chain_variants(dataset_id, [step])[0]["id"]
+    return chain_variants(dataset_id, [step])[0].id
 
 
 def save(con: queries.Con, plan: Plan, name: str, note: str | None = None) -> int:
@@ -239,13 +259,105 @@ def percent(value: float | None) -> float | None:
     return None if value is None or value != value else round(100 * float(value), 2)
 
 
+@dataclass(frozen=True)
+class BySubset(Generic[T]):
+    """One figure on the selection subset and on the report subset (None when every image selects)."""
+
+    selection: T
+    report: T | None = None
+
+
+@dataclass(frozen=True)
+class ClassSummary:
+    """One object class of an assignment. IoU in percent, None where no image holds the class
+    (or, for ``exact_iou``, until the merge has run on every image of the subset).
+
+    candidate_iou: ``{variant id: IoU}`` of every candidate on the selection subset. lost_pixels:
+    pixels the class lost in overlaps on the selection subset, of which ``tp_lost`` on its ground
+    truth and ``fp_lost`` elsewhere (None until the merge ran; the rest lie on ground-truth 255).
+    """
+
+    class_id: int
+    class_name: str
+    images: int
+    variant: str
+    variant_name: str
+    auto_variant: str
+    overridden: bool
+    tied: tuple[str, ...]
+    candidate_iou: dict[str, float | None]
+    lost_pixels: int
+    tp_lost: int | None
+    fp_lost: int | None
+    predicted_iou: BySubset[float | None]
+    exact_iou: BySubset[float | None]
+
+
+@dataclass(frozen=True)
+class MIoUSummary:
+    """mIoU (%) on one subset: the best single candidate, ISLE predicted and exact, naive ISLE,
+    and the background IoU (predicted is an estimate, see ``numerics.predicted_counts``)."""
+
+    best_single: float | None
+    best_single_variant: str
+    predicted: float | None
+    exact: float | None
+    naive: float | None
+    predicted_background_iou: float | None
+    exact_background_iou: float | None
+
+
+@dataclass(frozen=True)
+class SubsetSummary:
+    fraction: float
+    seed: int
+    exclude: tuple[str, ...]
+    selection_images: int
+    report_images: int
+
+
+@dataclass(frozen=True)
+class CandidateSummary:
+    id: str
+    name: str
+    miou_selection: float | None
+
+
+@dataclass(frozen=True)
+class ConflictSummary:
+    """Pixels of the selection subset ``winner`` took from ``loser`` (class names; winner
+    "(absent from labels)": dropped because the image does not hold the class)."""
+
+    winner: str
+    loser: str
+    pixels: int
+    images: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Everything known about an assignment; ``dataclasses.asdict`` of it is the export's
+    ``provenance.json`` details."""
+
+    dataset_id: str
+    split: str
+    rule: str
+    subset: SubsetSummary
+    candidates: tuple[CandidateSummary, ...]
+    priority: tuple[int, ...]
+    merge_variant: str | None
+    naive_variant: str | None
+    classes: tuple[ClassSummary, ...]
+    miou: BySubset[MIoUSummary]
+    conflicts: tuple[ConflictSummary, ...]
+
+
 def summary(con: queries.Con, plan: Plan, merge_variant_id: str | None = None,
-            naive_variant_id: str | None = None) -> dict[str, Any]:
-    """Everything known about ``plan`` as JSON-able data (IoU in percent): the candidates, the
-    assignment per class with predicted and (when the merge ran on every image) exact IoU on each
-    subset, the conflicts per class pair, and the mIoU of the best single candidate, the predicted
-    and exact ensemble and naive ISLE. It is ``provenance.json`` of an export and what the command
-    line prints."""
+            naive_variant_id: str | None = None) -> Summary:
+    """Everything known about ``plan`` (IoU in percent): the candidates, the assignment per class
+    with predicted and (when the merge ran on every image) exact IoU on each subset, the
+    conflicts per class pair, and the mIoU of the best single candidate, the predicted and exact
+    ensemble and naive ISLE. It is the export's provenance and what the command line prints."""
     subsets = {"selection": (plan.selection, plan.selection_ids)}
     if plan.report is not None:
         subsets["report"] = (plan.report, plan.report_ids)
@@ -257,49 +369,71 @@ def summary(con: queries.Con, plan: Plan, merge_variant_id: str | None = None,
                       if merge_variant_id and complete.get(merge_variant_id, 0) >= len(ids) else None)
         naive[key] = (table_figures(table, naive_variant_id)
                       if naive_variant_id and complete.get(naive_variant_id, 0) >= len(ids) else None)
+
+    def by_subset(value) -> BySubset:
+        return BySubset(*(value(key) for key in subsets))
+
     conflicts = queries.conflict_totals(con, merge_variant_id, plan.selection_ids) if merge_variant_id else []
     lost = lost_pixels(conflicts)
-    classes = []
     sel_rows = _rows(plan.selection, plan.candidates)
+    classes = []
     for c in OBJECT_CLASSES:
-        entry = {
-            "class_id": c, "class": VOC_CLASSES[c], "images": int(plan.selection.n_images[sel_rows, c].max()),
-            "variant": plan.chosen(c), "variant_name": plan.names[plan.choice[c]],
-            "auto_variant": plan.candidates[plan.auto.choice[c]], "overridden": c in plan.overridden,
-            "tied": [plan.candidates[r] for r in plan.auto.tied.get(c, ())],
-            "candidate_iou": {v: percent(plan.selection.iou[r, c]) for v, r in zip(plan.candidates, sel_rows)},
-            "lost_pixels_selection": int(lost[c]),
-        }
+        tp_lost = fp_lost = None
         if exact["selection"] is not None:
             # What the overlaps took: predicted minus exact TP and FP, at most lost_pixels (the
             # rest of the lost pixels lie on ground-truth 255, which no count includes).
             delta = plan.predicted["selection"].counts[c] - exact["selection"].counts[c]
-            entry["tp_lost_selection"], entry["fp_lost_selection"] = int(delta[0]), int(delta[1])
-        for key in subsets:
-            entry[f"predicted_iou_{key}"] = percent(plan.predicted[key].iou[c])
-            entry[f"exact_iou_{key}"] = percent(exact[key].iou[c]) if exact[key] else None
-        classes.append(entry)
+            tp_lost, fp_lost = int(delta[0]), int(delta[1])
+        classes.append(ClassSummary(
+            class_id=c, class_name=VOC_CLASSES[c], images=int(plan.selection.n_images[sel_rows, c].max()),
+            variant=plan.chosen(c), variant_name=plan.names[plan.choice[c]],
+            auto_variant=plan.candidates[plan.auto.choice[c]], overridden=c in plan.overridden,
+            tied=tuple(plan.candidates[r] for r in plan.auto.tied.get(c, ())),
+            candidate_iou={v: percent(plan.selection.iou[r, c]) for v, r in zip(plan.candidates, sel_rows)},
+            lost_pixels=int(lost[c]), tp_lost=tp_lost, fp_lost=fp_lost,
+            predicted_iou=by_subset(lambda key: percent(plan.predicted[key].iou[c])),
+            exact_iou=by_subset(lambda key: percent(exact[key].iou[c]) if exact[key] else None)))
     best = plan.best_single()
-    miou = {}
-    for key, (table, _) in subsets.items():
+
+    def miou(key: str) -> MIoUSummary:
+        table = subsets[key][0]
         rows = _rows(table, plan.candidates)
-        miou[key] = {
-            "best_single": percent(table.miou[rows][best]), "best_single_variant": plan.candidates[best],
-            "predicted": percent(plan.predicted[key].miou),
-            "exact": percent(exact[key].miou) if exact[key] else None,
-            "naive": percent(naive[key].miou) if naive[key] else None,
-            "predicted_background_iou": percent(plan.predicted[key].iou[0]),
-            "exact_background_iou": percent(exact[key].iou[0]) if exact[key] else None,
-        }
-    return {
-        "dataset_id": plan.dataset_id, "split": plan.split, "rule": plan.rule,
-        "subset": {**asdict(plan.subset), "selection_images": len(plan.selection_ids),
-                   "report_images": len(plan.report_ids)},
-        "candidates": [{"id": v, "name": n, "miou_selection": percent(plan.selection.miou[r])}
-                       for v, n, r in zip(plan.candidates, plan.names, sel_rows)],
-        "priority": list(plan.priority), "merge_variant": merge_variant_id, "naive_variant": naive_variant_id,
-        "classes": classes, "miou": miou,
-        "conflicts_selection": [{"winner": VOC_CLASSES[r["winner"]] if r["winner"] else "(absent from labels)",
-                                 "loser": VOC_CLASSES[r["loser"]], "pixels": int(r["pixels"]),
-                                 "images": int(r["n_images"])} for r in conflicts],
-    }
+        return MIoUSummary(
+            best_single=percent(table.miou[rows][best]), best_single_variant=plan.candidates[best],
+            predicted=percent(plan.predicted[key].miou), exact=percent(exact[key].miou) if exact[key] else None,
+            naive=percent(naive[key].miou) if naive[key] else None,
+            predicted_background_iou=percent(plan.predicted[key].iou[0]),
+            exact_background_iou=percent(exact[key].iou[0]) if exact[key] else None)
+
+    return Summary(
+        dataset_id=plan.dataset_id, split=plan.split, rule=plan.rule,
+        subset=SubsetSummary(plan.subset.fraction, plan.subset.seed, tuple(plan.subset.exclude),
+                             len(plan.selection_ids), len(plan.report_ids)),
+        candidates=tuple(CandidateSummary(v, n, percent(plan.selection.miou[r]))
+                         for v, n, r in zip(plan.candidates, plan.names, sel_rows)),
+        priority=tuple(plan.priority), merge_variant=merge_variant_id, naive_variant=naive_variant_id,
+        classes=tuple(classes), miou=by_subset(miou),
+        conflicts=tuple(ConflictSummary(VOC_CLASSES[r["winner"]] if r["winner"] else "(absent from labels)",
+                                        VOC_CLASSES[r["loser"]], int(r["pixels"]), int(r["n_images"]))
+                        for r in conflicts))
+
+
+@dataclass(frozen=True)
+class PlanView:
+    """What the ISLE page shows for one editor state: the plan, its summary, and the ids of the
+    variants its exact merge and naive ISLE make (their figures appear once they ran)."""
+
+    plan: Plan
+    summary: Summary
+    merge_id: str
+    naive_id: str
+
+
+def plan_view(con: queries.Con, dataset_id: str, split: str, candidates: tuple[str, ...], subset: Subset,
+              overrides: tuple[tuple[int, str], ...], rule: str, name: str) -> PlanView:
+    """``build_plan`` with ``overrides`` as ``((class id, variant id), ...)``, and its summary with
+    the merge named ``name``; the arguments are hashable so the page can cache the result."""
+    plan = build_plan(con, dataset_id, split, candidates, subset, dict(overrides), rule)
+    merge_id = step_variant_id(dataset_id, merge_step(plan, name))
+    naive_id = step_variant_id(dataset_id, naive_step(plan))
+    return PlanView(plan, summary(con, plan, merge_id, naive_id), merge_id, naive_id)

@@ -1,37 +1,18 @@
-"""Worker processes for per-image CPU work (dataset scan, dCRF, SVM expansion).
+"""Per-image CPU work of a plugin on worker processes (dCRF, SVM expansion, random walks, merges).
 
-Spawned, not forked: the worker process holds torch threads, which fork does not copy safely.
-Each child watches its parent and exits when it is gone, so a SIGKILLed worker leaves no orphan
-processes burning CPU on images nobody will record.
+Jobs stream through ``engine.core.processes.process_pool`` workers a few at a time, in order, so a
+cancelled or killed job leaves at most a window of images in flight.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
-from engine.types import LabelResult
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
-
-
-def process_pool(processes: int) -> ProcessPoolExecutor:
-    """A pool of ``processes`` spawned workers that end when this process dies."""
-    return ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_exit_with_parent, initargs=(os.getpid(),))
+from engine.core.processes import process_pool
+from engine.core.types import LabelResult
 
 
 class LazyPool:

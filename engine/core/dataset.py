@@ -30,8 +30,8 @@ import numpy as np
 from PIL import Image
 
 from cache.voc import IGNORE_INDEX, NUM_CLASSES
-from engine.pool import process_pool
-from engine.types import ImageError, Item, LabelResult
+from engine.core.processes import process_pool
+from engine.core.types import ImageError, Item, LabelResult
 
 ENV_VOC_ROOT = "ISLE_VOC_ROOT"
 MASK_FOLDERS = ("SegmentationClassAug", "SegmentationClass")  # first one present wins
@@ -68,7 +68,7 @@ def default_voc_root() -> Path:
     env = os.environ.get(ENV_VOC_ROOT)
     if env:
         return Path(env).expanduser()
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     return (repo.parent / "shared" / "data" / "voc2012-animals").resolve()
 
 

@@ -12,7 +12,6 @@ per batch (``cache.db.connect``), so the app can read in between.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -21,22 +20,36 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from cache import queries
 from cache.db import connect
 from cache.labelmaps import write_label_map, write_scores
+from cache.rows import Dataset, ImageRow, Job
 from cache.schema import JobStatus
-from engine import registry
-from engine.dataset import DatasetError, ImageRecord, list_splits, read_mask, scan_split, to_item
-from engine.metrics import confusion_counts
-from engine.types import Cancelled, ImageError, Item, LabelResult, RunContext, SourceVariant
+from engine.core import registry
+from engine.core.dataset import (
+    DatasetError,
+    ImageRecord,
+    list_splits,
+    read_mask,
+    scan_split,
+    to_item,
+)
+from engine.core.types import (
+    Cancelled,
+    ImageError,
+    Item,
+    LabelResult,
+    RunContext,
+    SourceVariant,
+)
+from engine.ops.metrics import confusion_counts
 
 log = logging.getLogger("isle.worker")
 
-ProgressFn = Callable[[dict[str, Any], str, int, int], None]
+ProgressFn = Callable[[Job, str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -70,10 +83,10 @@ def sweep_stale_jobs(cache_dir: Path, stale_seconds: float) -> list[int]:
     swept = []
     with connect(cache_dir) as con:
         for job in queries.running_jobs(con):
-            if job["worker"] != worker_name() and _worker_is_dead(job["worker"], job["heartbeat_at"], stale_seconds):
-                if queries.requeue_stale_job(con, job["id"], job["heartbeat_at"]):
-                    log.warning("job %s: worker %s is gone; requeued or failed", job["id"], job["worker"])
-                    swept.append(job["id"])
+            if job.worker != worker_name() and _worker_is_dead(job.worker, job.heartbeat_at, stale_seconds):
+                if queries.requeue_stale_job(con, job.id, job.heartbeat_at):
+                    log.warning("job %s: worker %s is gone; requeued or failed", job.id, job.worker)
+                    swept.append(job.id)
     return swept
 
 
@@ -83,19 +96,19 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _item(row: dict[str, Any]) -> Item:
+def _item(row: ImageRow) -> Item:
     """An ``images`` row as the ``Item`` plugins receive (through the dataset's own converter)."""
     return to_item(ImageRecord(
-        image_id=row["image_id"], split=row["split"], image_path=Path(row["image_path"]),
-        mask_path=Path(row["mask_path"]) if row["mask_path"] else None, height=int(row["height"]),
-        width=int(row["width"]), labels=tuple(int(c) for c in row["labels"]), problem=row["problem"],
+        image_id=row.image_id, split=row.split, image_path=Path(row.image_path),
+        mask_path=Path(row.mask_path) if row.mask_path else None, height=int(row.height),
+        width=int(row.width), labels=row.labels, problem=row.problem,
     ))
 
 
 class _JobRun:
     """One running job: progress reporting, cancel checks, and batched recording of results."""
 
-    def __init__(self, cfg: WorkerConfig, job: dict[str, Any], on_progress: ProgressFn | None):
+    def __init__(self, cfg: WorkerConfig, job: Job, on_progress: ProgressFn | None):
         self.cfg, self.job, self.on_progress = cfg, job, on_progress
         self.stage, self.done, self.total, self.n_errors = "start", 0, 0, 0
         self.pending = queries.ResultRows([], [], [])
@@ -115,19 +128,19 @@ class _JobRun:
 
     def flush(self) -> None:
         with connect(self.cfg.cache_dir) as con:
-            if self.job["kind"] == "label":
-                queries.record_results(con, self.job["id"], self.job["variant_id"], self.pending)
-            cancel = queries.set_progress(con, self.job["id"], self.stage, self.done, self.total, self.n_errors)
+            if self.job.kind == "label":
+                queries.record_results(con, self.job.id, self.job.variant_id, self.pending)
+            cancel = queries.set_progress(con, self.job.id, self.stage, self.done, self.total, self.n_errors)
         self.pending = queries.ResultRows([], [], [])
         self.last_flush = time.monotonic()
         if cancel:
-            raise Cancelled(f"job {self.job['id']} cancelled")
+            raise Cancelled(f"job {self.job.id} cancelled")
 
 
-def _run_scan(run: _JobRun, dataset: dict[str, Any]) -> str | None:
+def _run_scan(run: _JobRun, dataset: Dataset) -> str | None:
     """Record every split's images; a broken split list is reported (returned) and the other
     splits stay usable, so the job still ends done."""
-    root = Path(dataset["root"])
+    root = Path(dataset.root)
     splits = list_splits(root)  # raises DatasetError when there is none
     problems = []
     for index, split in enumerate(splits):
@@ -140,10 +153,10 @@ def _run_scan(run: _JobRun, dataset: dict[str, Any]) -> str | None:
         rows = [(r.image_id, str(r.image_path), str(r.mask_path) if r.mask_path else None,
                  r.height, r.width, list(r.labels), r.problem) for r in records]
         with connect(run.cfg.cache_dir) as con:
-            queries.replace_split_images(con, dataset["id"], split, rows)
+            queries.replace_split_images(con, dataset.id, split, rows)
         run.n_errors += sum(r.problem is not None for r in records)
     with connect(run.cfg.cache_dir) as con:
-        queries.mark_scanned(con, dataset["id"])
+        queries.mark_scanned(con, dataset.id)
     run.report("scanned", len(splits), len(splits))
     return "; ".join(problems) or None
 
@@ -177,7 +190,7 @@ def _record(run: _JobRun, result: LabelResult, item: Item, labels_dir: Path, var
     except (ImageError, ValueError) as exc:
         run.n_errors += 1
         run.pending.errors.append((item.image_id, str(exc)))
-        log.warning("job %s: %s", run.job["id"], exc)
+        log.warning("job %s: %s", run.job.id, exc)
 
 
 def _variant_reader(cache_dir: Path, variant_id: str, rows: dict[str, tuple[str, str | None]]) -> SourceVariant:
@@ -191,25 +204,25 @@ def _variant_reader(cache_dir: Path, variant_id: str, rows: dict[str, tuple[str,
     return SourceVariant(lambda i: file(i, 0), lambda i: file(i, 1), variant_id)
 
 
-def _run_label(run: _JobRun, dataset: dict[str, Any]) -> None:
+def _run_label(run: _JobRun, dataset: Dataset) -> None:
     cache_dir = run.cfg.cache_dir
     job = run.job
     with connect(cache_dir, read_only=True) as con:
-        variant = queries.get_variant(con, job["variant_id"])
-        rows = queries.usable_images(con, dataset["id"], job["split"])
-        finished = queries.label_map_rows(con, variant["id"])
-        source_rows = queries.label_map_rows(con, variant["source_id"]) if variant["source_id"] else None
-        source_split = queries.variant_split(con, variant["source_id"]) if variant["source_id"] else None
-        source_images = queries.usable_images(con, dataset["id"], source_split) if source_split else []
+        variant = queries.get_variant(con, job.variant_id)
+        rows = queries.usable_images(con, dataset.id, job.split)
+        finished = queries.label_map_rows(con, variant.id)
+        source_rows = queries.label_map_rows(con, variant.source_id) if variant.source_id else None
+        source_split = queries.variant_split(con, variant.source_id) if variant.source_id else None
+        source_images = queries.usable_images(con, dataset.id, source_split) if source_split else []
     if not rows:
-        raise DatasetError(f"split {job['split']!r} of {dataset['root']} has no usable images")
-    plugin = registry.get(variant["step"])
-    cfg = plugin.make_config(json.loads(variant["params"]))
+        raise DatasetError(f"split {job.split!r} of {dataset.root} has no usable images")
+    plugin = registry.get(variant.step)
+    cfg = plugin.make_config(variant.params)
     items = [_item(r) for r in rows]
     by_id = {it.image_id: it for it in items}
     todo = [it for it in items if it.image_id not in finished]
 
-    source = _variant_reader(cache_dir, variant["source_id"], source_rows) if source_rows is not None else None
+    source = _variant_reader(cache_dir, variant.source_id, source_rows) if source_rows is not None else None
 
     def open_variant(variant_id: str) -> SourceVariant:
         with connect(cache_dir, read_only=True) as con:
@@ -217,30 +230,30 @@ def _run_label(run: _JobRun, dataset: dict[str, Any]) -> None:
                 raise KeyError(f"no variant {variant_id!r} in the cache")
             return _variant_reader(cache_dir, variant_id, queries.label_map_rows(con, variant_id))
 
-    ctx = RunContext(items=items, todo=todo, workdir=cache_dir / "work" / variant["id"], device=_device(),
+    ctx = RunContext(items=items, todo=todo, workdir=cache_dir / "work" / variant.id, device=_device(),
                      report=run.report, source=source, processes=run.cfg.processes, models=cache_dir / "models",
                      variants=open_variant, log=run.log,
-                     source_items=[_item(r) for r in source_images if r["image_id"] in (source_rows or {})])
+                     source_items=[_item(r) for r in source_images if r.image_id in (source_rows or {})])
     ctx.workdir.mkdir(parents=True, exist_ok=True)
-    labels_dir = Path("labels") / variant["id"]
+    labels_dir = Path("labels") / variant.id
     done = len(items) - len(todo)
     run.report("label", done, len(items))
     if not todo:
         return
     for result in plugin.run(cfg, ctx):
-        _record(run, result, by_id[result.image_id], labels_dir, variant["id"])
+        _record(run, result, by_id[result.image_id], labels_dir, variant.id)
         done += 1
         run.report("label", done, len(items))
 
 
-def run_job(cfg: WorkerConfig, job: dict[str, Any], on_progress: ProgressFn | None = None) -> JobStatus:
+def run_job(cfg: WorkerConfig, job: Job, on_progress: ProgressFn | None = None) -> JobStatus:
     """Run a claimed job to its end state and record it."""
     run = _JobRun(cfg, job, on_progress)
     with connect(cfg.cache_dir, read_only=True) as con:
-        dataset = queries.get_dataset(con, job["dataset_id"])
+        dataset = queries.get_dataset(con, job.dataset_id)
     status, error = JobStatus.DONE, None
     try:
-        if job["kind"] == "scan":
+        if job.kind == "scan":
             error = _run_scan(run, dataset)
         else:
             _run_label(run, dataset)
@@ -249,14 +262,14 @@ def run_job(cfg: WorkerConfig, job: dict[str, Any], on_progress: ProgressFn | No
         status = JobStatus.CANCELLED
     except Exception as exc:  # the job fails, the worker goes on
         status, error = JobStatus.FAILED, f"{type(exc).__name__}: {exc}"
-        log.error("job %s failed:\n%s", job["id"], traceback.format_exc())
+        log.error("job %s failed:\n%s", job.id, traceback.format_exc())
     if status is not JobStatus.DONE:
         try:
             run.flush()  # keep every finished image
         except Cancelled:
             pass
     with connect(cfg.cache_dir) as con:
-        queries.finish_job(con, job["id"], status, error)
+        queries.finish_job(con, job.id, status, error)
     return status
 
 
@@ -264,18 +277,18 @@ def run_next(cfg: WorkerConfig, on_progress: ProgressFn | None = None) -> bool:
     """Claim and run the oldest runnable job; False when there was none."""
     with connect(cfg.cache_dir) as con:
         for job in queries.runnable_jobs(con):
-            if job["cancel_requested"]:
-                queries.cancel_queued_job(con, job["id"])
-            elif job["dependency_status"] in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
-                queries.fail_queued_job(con, job["id"], f"job {job['depends_on']} it depends on {job['dependency_status']}")
-            elif queries.claim_job(con, job["id"], worker_name()):
-                claimed = queries.get_job(con, job["id"])
+            if job.cancel_requested:
+                queries.cancel_queued_job(con, job.id)
+            elif job.dependency_status in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
+                queries.fail_queued_job(con, job.id, f"job {job.depends_on} it depends on {job.dependency_status}")
+            elif queries.claim_job(con, job.id, worker_name()):
+                claimed = queries.get_job(con, job.id)
                 break
         else:
             return False
-    log.info("job %s (%s) started", claimed["id"], claimed["kind"])
+    log.info("job %s (%s) started", claimed.id, claimed.kind)
     status = run_job(cfg, claimed, on_progress)
-    log.info("job %s %s", claimed["id"], status.value)
+    log.info("job %s %s", claimed.id, status.value)
     return True
 
 

@@ -1,4 +1,5 @@
-"""Plotly figures of the pages (presentation only; the numbers come from ``cache.reports``)."""
+"""Plotly figures of the pages (presentation only; the numbers come from ``cache.reports`` and
+``engine.runtime.trainings``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import plotly.graph_objects as go
 
 from cache.reports import GainTable, IoUTable, tree_order
 from cache.voc import VOC_CLASSES
+from engine.runtime.trainings import TrainingRow
 
 
 def row_labels(table: IoUTable) -> list[str]:
@@ -192,15 +194,16 @@ def validation_curve(log: list[dict]) -> go.Figure:
     return figure
 
 
-def miou_bars(rows: list[dict]) -> go.Figure:
-    """One horizontal bar per training (``engine.training.trainings`` rows, newest first), its
-    label set on the axis, val mIoU in %; a second bar with test-time dCRF where it ran."""
-    labels = [ellipsize(f"{r['label_set']} [{r['variant_id']}]", 50) for r in rows]
-    figure = go.Figure(go.Bar(y=labels, x=[r["miou"] for r in rows], orientation="h", name="DeepLabV3+",
-                              text=[None if r["miou"] is None else f"{r['miou']:.1f}" for r in rows]))
-    if any(r["miou_dcrf"] is not None for r in rows):
-        figure.add_bar(y=labels, x=[r["miou_dcrf"] for r in rows], orientation="h", name="+ dCRF",
-                       text=[None if r["miou_dcrf"] is None else f"{r['miou_dcrf']:.1f}" for r in rows])
+def miou_bars(rows: list[TrainingRow], title: str) -> go.Figure:
+    """One horizontal bar per training (newest first), its label set on the axis, val mIoU in %,
+    named ``title`` (the network's); one more bar per test-time refinement (e.g. "+ dCRF")."""
+    labels = [ellipsize(f"{r.label_set} [{r.variant_id}]", 50) for r in rows]
+    figure = go.Figure(go.Bar(y=labels, x=[r.miou for r in rows], orientation="h", name=title,
+                              text=[None if r.miou is None else f"{r.miou:.1f}" for r in rows]))
+    for title in dict.fromkeys(x.title for r in rows for x in r.refined):
+        values = [next((x.miou for x in r.refined if x.title == title), None) for r in rows]
+        figure.add_bar(y=labels, x=values, orientation="h", name=f"+ {title}",
+                       text=[None if v is None else f"{v:.1f}" for v in values])
     figure.update_layout(height=140 + 40 * len(rows), margin={"l": 10, "r": 10, "t": 30, "b": 10},
                          barmode="group", xaxis_title="val mIoU %", yaxis={"autorange": "reversed"},
                          legend={"orientation": "h", "y": -0.2})

@@ -1,0 +1,124 @@
+"""Class activation maps of any image-level classifier with a ``class_maps`` head (CAM, ISIM).
+
+CAM: Zhou et al., CVPR 2016, Sec. 2 (a class's map is the classifier weights applied at every
+feature position). Multi-scale flipped inference, ReLU, per-class max normalisation and the
+argmax against a constant background score follow IRN (Ahn et al., CVPR 2019; ``step/make_cam.py``,
+``step/eval_cam.py``) and isim Sec. 4.1 (scales 1, 0.5, 1.5, 2 with flips; threshold 0.3).
+
+A network used here has ``class_maps(x: (B, 3, H, W)) -> (B, 20, H / s, W / s)`` and
+``features.output_stride`` = s. Class ids are VOC's: 1-20, classifier row c - 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.core.types import Item, LabelResult
+from engine.ops.backbone import to_input
+from engine.ops.scores import argmax_label, downsample_scores, strided_to_image
+
+NUM_FOREGROUND = 20  # VOC classes 1-20; class id c is classifier row c - 1
+
+
+def _check_classes(classes: Sequence[int]) -> None:
+    if any(not 1 <= c <= NUM_FOREGROUND for c in classes):
+        raise ValueError(f"class ids must be 1-{NUM_FOREGROUND}, got {tuple(classes)}")
+
+
+def multilabel_target(labels: Sequence[int]) -> np.ndarray:
+    """Image-level labels (class ids 1-20) -> ``(20,) float32`` multi-hot target (PSA/IRN)."""
+    _check_classes(labels)
+    target = np.zeros(NUM_FOREGROUND, dtype=np.float32)
+    target[[c - 1 for c in labels]] = 1.0
+    return target
+
+
+def normalise_cams(cams: np.ndarray) -> np.ndarray:
+    """Per-class max normalisation (IRN ``make_cam``: ``cam / (max + 1e-5)``).
+
+    cams: ``(K, H, W) float32 >= 0`` (ReLU'd CAMs). Returns ``(K, H, W) float32`` in [0, 1); a class
+    whose map is all zero stays zero.
+    """
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.ndim != 3:
+        raise ValueError(f"expected cams of shape (K, H, W), got {cams.shape}")
+    if cams.shape[0] == 0:
+        return cams.copy()
+    peak = cams.reshape(cams.shape[0], -1).max(axis=1)
+    return cams / (peak[:, None, None] + np.float32(1e-5))
+
+
+def with_background(cams: np.ndarray, threshold: float) -> np.ndarray:
+    """``(K, H, W)`` class scores -> ``(K + 1, H, W) float32`` with a constant background channel
+    ``threshold`` first (IRN ``eval_cam``: ``np.pad(cams, ((1, 0), ...), constant_values=thres)``)."""
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.ndim != 3:
+        raise ValueError(f"expected cams of shape (K, H, W), got {cams.shape}")
+    return np.concatenate([np.full((1, *cams.shape[1:]), threshold, dtype=np.float32), cams])
+
+
+def cams_to_label(cams: np.ndarray, classes: Sequence[int], threshold: float) -> np.ndarray:
+    """Pseudo-label by argmax over ``[threshold, cams]`` (IRN ``eval_cam``; isim Sec. 4.1 step ii).
+
+    cams: ``(K, H, W) float32`` in [0, 1], channel k for class id ``classes[k]`` (1-20).
+    threshold: the constant background score; a pixel is background unless some class
+        exceeds it (ties go to background).
+    Returns ``(H, W) uint8`` with values in ``{0, *classes}``.
+    """
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.ndim != 3 or cams.shape[0] != len(classes):
+        raise ValueError(
+            f"expected cams of shape ({len(classes)}, H, W) for classes {tuple(classes)}, got {cams.shape}")
+    _check_classes(classes)
+    return argmax_label(with_background(cams, threshold), (0, *classes))
+
+
+def select_classes(class_maps: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """Keep only the image's classes: ``(B, 20, h, w)`` -> ``(B, K, h, w)``, channel k = ``classes[k]``."""
+    if class_maps.ndim != 4 or class_maps.shape[1] != NUM_FOREGROUND:
+        raise ValueError(f"expected class maps of shape (B, {NUM_FOREGROUND}, h, w), got {tuple(class_maps.shape)}")
+    _check_classes(classes)
+    return class_maps[:, [c - 1 for c in classes]]
+
+
+@torch.no_grad()
+def multiscale_cams(net: torch.nn.Module, rgb: np.ndarray, classes: Sequence[int], scales: Sequence[float],
+                    flip: bool, device: str = "cpu") -> np.ndarray:
+    """Multi-scale, flipped CAMs of one image for its classes (IRN ``make_cam``; isim Sec. 4.1).
+
+    rgb: ``(H, W, 3) uint8``; classes: the image's class ids (1-20).
+    At each scale the image (and its mirror image if ``flip``) is resized, the CAMs of ``classes``
+    computed, ReLU'd, un-flipped and added, upsampled to ``(H, W)`` and summed over scales.
+    Returns ``(K, H, W) float32 >= 0`` (not normalised), K = ``len(classes)``.
+    """
+    height, width = rgb.shape[:2]
+    total = torch.zeros((len(classes), height, width), dtype=torch.float32)
+    if not classes:
+        return total.numpy()
+    image = to_input(rgb)[None].to(device)
+    for scale in scales:
+        scaled_hw = (max(1, round(height * scale)), max(1, round(width * scale)))
+        x = image if scaled_hw == (height, width) else F.interpolate(
+            image, size=scaled_hw, mode="bilinear", align_corners=False, antialias=scale < 1)
+        if flip:
+            x = torch.cat([x, x.flip(-1)])
+        cams = F.relu(select_classes(net.class_maps(x), classes))
+        cam = cams[0] + cams[1].flip(-1) if flip else cams[0]
+        total += strided_to_image(cam.float().cpu(), net.features.output_stride, scaled_hw, (height, width))
+    return total.numpy()
+
+
+def cam_result(net: torch.nn.Module, rgb: np.ndarray, item: Item, scales: Sequence[float], flip: bool,
+               bg_threshold: float, score_max_side: int, device: str = "cpu") -> LabelResult:
+    """One image's CAM pseudo-label ``(H, W) uint8`` (``cams_to_label`` at ``bg_threshold``) and
+    its scores ``(K + 1, h, w) float16`` (channel 0 the constant background, long side
+    ``score_max_side``), for the image-level classes of ``item``."""
+    classes = tuple(item.labels)
+    cams = normalise_cams(multiscale_cams(net, rgb, classes, scales, flip, device))
+    label = cams_to_label(cams, classes, bg_threshold)
+    scores = downsample_scores(with_background(cams, bg_threshold), score_max_side)
+    return LabelResult(item.image_id, label=label, scores=scores, score_classes=(0, *classes))

@@ -1,0 +1,378 @@
+"""Command line: ``python -m engine {submit,run,import,worker,isle,export,train,flags,status,cancel}``.
+
+    python -m engine run cam dcrf            # queue CAM and CAM -> dCRF on train, work until done
+    python -m engine submit cam --param cam.epochs=3
+    python -m engine import ~/irn/result/sem_seg --name "IRN"          # a folder of <id>.png
+    python -m engine import ~/irn/result/cam --name "IRN CAM" --format npy --param import.bg_threshold=0.2
+    python -m engine worker                  # the background worker the app relies on
+    python -m engine status                  # jobs, and mIoU per variant
+    python -m engine isle --name auto --naive    # ISLE: Algorithm 2 on every complete variant,
+                                                 # exact merge + naive baseline, predicted vs exact
+    python -m engine isle --name mine --set cat=325fc03886c8 --fraction 0.5   # override, report subset
+    python -m engine export out/isle-auto --assignment auto   # VOCdevkit folder + provenance.json
+    python -m engine train isle:auto --then dcrf # DeepLabV3+ on a label set (variant id, gt,
+                                                 # isle:NAME), val mIoU with and without dCRF
+    python -m engine flags --kind wrong_gt > wrong_gt.txt   # images flagged on the QA page
+    python -m engine isle --name clean --exclude-flagged wrong_gt   # flagged images do not select
+
+Each subcommand is one ``_add_<name>`` function: its arguments and its handler side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cache import qa, queries
+from cache.db import connect, default_cache_dir
+from cache.rows import Job
+from cache.voc import VOC_CLASSES
+from engine.core.chains import Step, dataset_id_for
+from engine.core.dataset import default_voc_root
+from engine.isle import assignments
+from engine.isle.export import (
+    IMAGE_MODES,
+    ExportError,
+    export_assignment,
+    export_variant,
+)
+from engine.isle.numerics import OVERLAP_RULES, Subset
+from engine.methods.imported import FORMATS, import_step
+from engine.runtime.jobs import cancel, submit_chain
+from engine.runtime.trainings import final_plugin, submit_training, trainings
+from engine.runtime.worker import WorkerConfig, serve
+
+Handler = Callable[[argparse.Namespace], None]
+
+
+def _steps(names: list[str], params: list[str]) -> list[Step]:
+    """``names`` plus ``--param step.key=value`` overrides (values parsed as JSON when they can be)."""
+    overrides: dict[str, dict] = {name: {} for name in names}
+    for text in params:
+        key, sep, value = text.partition("=")
+        step, dot, field = key.partition(".")
+        if not sep or not dot or step not in overrides:
+            raise SystemExit(f"--param {text!r}: expected STEP.KEY=VALUE with STEP one of {names}")
+        try:
+            overrides[step][field] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[step][field] = value
+    return [Step(name, overrides[name]) for name in names]
+
+
+class _Bars:
+    """One tqdm bar per job stage, for ``run`` and ``worker --progress``."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.key: tuple | None = None
+
+    def __call__(self, job: Job, stage: str, done: int, total: int) -> None:
+        key = (job.id, stage)
+        if key != self.key:
+            if self.bar:
+                self.bar.close()
+            name = job.variant_name or job.kind
+            self.bar = tqdm(total=total, initial=done, desc=f"job {job.id} {name}: {stage}", unit="it")
+            self.key = key
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+
+def _cell(value: float | None) -> str:
+    return f"{'-':>9}" if value is None else f"{value:9.2f}"
+
+
+def _print_status(args: argparse.Namespace) -> None:
+    with connect(args.cache, read_only=True) as con:
+        for job in reversed(queries.recent_jobs(con, 20)):
+            print(f"job {job.id:>3} {job.kind:5} {job.variant_name or '':24} {job.status:9} "
+                  f"{job.stage or '':12} {job.done}/{job.total} errors={job.n_errors}"
+                  + (f"  {job.error}" if job.error else ""))
+        dataset_id = dataset_id_for(args.root)
+        names = {v.id: v.name for v in queries.variants(con, dataset_id)}
+        labelled = queries.labelled_in_split(con, dataset_id, args.split)
+        per_variant: dict[str, list] = {}
+        for row in queries.class_counts(con, dataset_id, args.split):
+            if row["iou"] is not None:
+                per_variant.setdefault(row["variant_id"], []).append((row["class_id"], row["iou"]))
+    for variant_id, ious in per_variant.items():
+        miou = 100 * sum(i for _, i in ious) / len(ious)
+        detail = " ".join(f"{VOC_CLASSES[c]}={100 * i:.1f}" for c, i in ious)
+        print(f"{names.get(variant_id, variant_id):24} {args.split} images={labelled.get(variant_id, 0)} "
+              f"mIoU={miou:.2f} over {len(ious)} classes | {detail}")
+
+
+def _queue_and_work(args: argparse.Namespace, steps: list[Step], source: str | None, work: bool,
+                    status: bool = True) -> None:
+    """Queue ``steps``; with ``work``, run the jobs here until none is left (``run``, ``import``),
+    then print the per-file errors of the queued jobs and the status."""
+    ids = submit_chain(args.cache, args.root, args.split, steps, source)
+    print(f"queued jobs {ids}" if ids else "nothing to do: every variant of the chain is complete")
+    if not work:
+        return
+    serve(WorkerConfig(args.cache, until_idle=True), _Bars())
+    with connect(args.cache, read_only=True) as con:
+        errors = [e for job_id in ids for e in queries.image_errors(con, job_id)]
+    for error in errors[:20]:
+        print(f"skipped {error['image_id']}: {error['message']}")
+    if len(errors) > 20:
+        print(f"... and {len(errors) - 20} more skipped image(s)")
+    if status:
+        _print_status(args)
+
+
+# --- subcommands: arguments and handler side by side ----------------------------------------
+
+
+def _add_submit_and_run(sub: argparse._SubParsersAction) -> None:
+    def handle(args: argparse.Namespace) -> None:
+        _queue_and_work(args, _steps(args.steps, args.param), args.from_variant, work=args.command == "run")
+
+    for name in ("submit", "run"):
+        p = sub.add_parser(name, help="queue a chain" + (" and work until idle" if name == "run" else ""))
+        p.add_argument("steps", nargs="+", help="a method then refinements, e.g. cam dcrf")
+        p.add_argument("--param", action="append", default=[], metavar="STEP.KEY=VALUE")
+        p.add_argument("--from-variant", default=None, help="refine this existing variant id")
+        p.set_defaults(func=handle)
+
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    def handle(args: argparse.Namespace) -> None:
+        params = _steps(["import"], args.param)[0].params
+        if args.format:
+            params["format"] = args.format
+        try:
+            step = import_step(args.folder, args.name, **params)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"import: {exc}") from None
+        _queue_and_work(args, [step], None, work=True)
+
+    p = sub.add_parser("import", help="import a folder of pseudo-labels as a variant and work until done")
+    p.add_argument("folder", type=Path, help="folder of <image id>.png label maps or <image id>.npy score dicts")
+    p.add_argument("--name", default="", help="the variant's name (default: the folder's name)")
+    p.add_argument("--format", choices=FORMATS, default=None, help="png (default) or npy")
+    p.add_argument("--param", action="append", default=[], metavar="import.KEY=VALUE",
+                   help="score_key, bg_threshold, keys (index|class_id): engine/methods/imported.py")
+    p.add_argument("--split", default=argparse.SUPPRESS, help="as --split before the command")
+    p.set_defaults(func=handle)
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    def handle(args: argparse.Namespace) -> None:
+        cfg = WorkerConfig(args.cache, until_idle=args.until_idle, stale_seconds=args.stale_seconds,
+                           processes=args.processes, flush_seconds=args.flush_seconds)
+        serve(cfg, _Bars() if args.progress else None)
+
+    p = sub.add_parser("worker", help="run the background worker")
+    p.add_argument("--until-idle", action="store_true", help="exit when no job is queued or running")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--stale-seconds", type=float, default=120.0)
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--flush-seconds", type=float, default=1.0, help="how often results are recorded")
+    p.set_defaults(func=handle)
+
+
+def _overrides(texts: list[str]) -> dict[int, str]:
+    """``--set CLASS=VARIANT`` (class name or id) as ``{class id: variant id}``."""
+    out = {}
+    for text in texts:
+        name, sep, variant = text.partition("=")
+        class_id = int(name) if name.isdigit() else VOC_CLASSES.index(name) if name in VOC_CLASSES else -1
+        if not sep or not 1 <= class_id < len(VOC_CLASSES):
+            raise SystemExit(f"--set {text!r}: expected CLASS=VARIANT_ID with CLASS an object class name or 1-20")
+        out[class_id] = variant
+    return out
+
+
+def _print_summary(s: assignments.Summary) -> None:
+    keys = ["selection"] + (["report"] if s.subset.report_images else [])
+    print(f"\nISLE on {s.split}: rule {s.rule}, selection {s.subset.selection_images} images, "
+          f"report {s.subset.report_images} images (IoU in %; * = overridden; lost px = pixels the "
+          f"class lost in overlaps, of which on its ground truth (TP) and elsewhere (FP))")
+    header = f"{'class':12} {'imgs':>5} {'chosen variant':40}" + "".join(
+        f" {'pred ' + k[:3]:>9} {'exact ' + k[:3]:>9}" for k in keys) + f" {'lost px':>8} {'of TP':>8} {'of FP':>8}"
+    print(header)
+    for c in s.classes:
+        mark = "*" if c.overridden else " "
+        cells = "".join(f" {_cell(getattr(c.predicted_iou, k))} {_cell(getattr(c.exact_iou, k))}" for k in keys)
+        explained = "".join(f" {'-' if v is None else v:>8}" for v in (c.tp_lost, c.fp_lost))
+        print(f"{c.class_name:12} {c.images:>5} {mark}{c.variant_name[:39]:39}{cells} {c.lost_pixels:>8}{explained}")
+    for k in keys:
+        m = getattr(s.miou, k)
+        print(f"{k:9} mIoU: best single {_cell(m.best_single)} | ISLE predicted {_cell(m.predicted)} "
+              f"exact {_cell(m.exact)} | naive {_cell(m.naive)} | background predicted "
+              f"{_cell(m.predicted_background_iou)} exact {_cell(m.exact_background_iou)}")
+    for row in s.conflicts[:10]:
+        print(f"conflict: {row.winner} won {row.pixels} px from {row.loser} in {row.images} images")
+
+
+def _add_isle(sub: argparse._SubParsersAction) -> None:
+    def handle(args: argparse.Namespace) -> None:
+        """Algorithm 2 (+ overrides), save the assignment, run the exact merge (and naive ISLE),
+        print predicted vs exact, export if asked."""
+        try:
+            _isle(args)
+        except (ExportError, KeyError, ValueError) as exc:
+            raise SystemExit(f"isle: {exc}") from None
+
+    p = sub.add_parser("isle", help="ISLE: assign each class its best variant, merge exactly, report")
+    p.add_argument("--candidates", nargs="+", default=None, metavar="VARIANT_ID",
+                   help="default: every variant complete on --split, oracles and ensembles excepted")
+    p.add_argument("--name", default="auto", help="save the assignment under this name (a new version)")
+    p.add_argument("--rule", choices=OVERLAP_RULES, default="score", help="overlap rule")
+    p.add_argument("--fraction", type=float, default=1.0, help="share of images that select (rest: report)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the selection/report split")
+    p.add_argument("--set", action="append", default=[], metavar="CLASS=VARIANT_ID", help="override a class")
+    p.add_argument("--exclude-flagged", nargs="*", choices=tuple(qa.FLAG_KINDS), default=None, metavar="KIND",
+                   help=f"keep images flagged on the QA page out of the selection subset (kinds: "
+                        f"{', '.join(qa.FLAG_KINDS)}; none given: every kind)")
+    p.add_argument("--naive", action="store_true", help="also run naive ISLE (the paper's baseline)")
+    p.add_argument("--export", type=Path, default=None, metavar="DIR", help="then export the ensemble here")
+    p.add_argument("--images", choices=IMAGE_MODES, default="link", help="JPEGImages in the export")
+    p.set_defaults(func=handle)
+
+
+def _isle(args: argparse.Namespace) -> None:
+    dataset_id, split = dataset_id_for(args.root), args.split
+    with connect(args.cache, read_only=True) as con:
+        exclude = () if args.exclude_flagged is None else qa.flagged_ids(con, dataset_id, args.exclude_flagged or None)
+        subset = Subset(fraction=args.fraction, seed=args.seed, exclude=tuple(exclude))
+        if exclude:
+            print(f"{len(exclude)} flagged image(s) kept out of the selection subset")
+        candidates = args.candidates or [c.variant.id for c in assignments.complete_variants(con, dataset_id, split)
+                                         if c.default]
+        plan = assignments.build_plan(con, dataset_id, split, candidates, subset, _overrides(args.set), args.rule)
+    with connect(args.cache) as con:
+        version = assignments.save(con, plan, args.name)
+    print(f"assignment {args.name!r} saved (version id {version}) over {len(candidates)} candidates")
+    steps = [assignments.merge_step(plan, args.name)] + ([assignments.naive_step(plan)] if args.naive else [])
+    for step in steps:
+        _queue_and_work(args, [step], None, work=True, status=False)
+    with connect(args.cache, read_only=True) as con:
+        saved = assignments.decode(queries.get_assignment(con, version))
+        plan = assignments.rebuild(con, dataset_id, split, saved)
+        ids = [assignments.step_variant_id(dataset_id, step) for step in steps]
+        _print_summary(assignments.summary(con, plan, *ids))
+    if args.export:
+        done = export_assignment(args.cache, dataset_id, split, saved, args.export, args.images)
+        print(f"exported {done.images} label maps to {done.dest}")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    def handle(args: argparse.Namespace) -> None:
+        try:
+            if args.variant:
+                done = export_variant(args.cache, args.variant, args.dest, images=args.images)
+            else:
+                dataset_id = dataset_id_for(args.root)
+                with connect(args.cache, read_only=True) as con:
+                    history = queries.assignment_history(con, dataset_id, args.split, args.assignment)
+                if not history:
+                    raise ExportError(f"no saved assignment {args.assignment!r} on {args.split}")
+                done = export_assignment(args.cache, dataset_id, args.split, assignments.decode(history[-1]),
+                                         args.dest, args.images)
+        except ExportError as exc:
+            raise SystemExit(f"export: {exc}") from None
+        print(f"exported {done.images} label maps to {done.dest}"
+              + (f"; {len(done.missing)} image(s) without a label map left out" if done.missing else ""))
+
+    p = sub.add_parser("export", help="write a variant or a saved ISLE assignment as a VOCdevkit folder")
+    p.add_argument("dest", type=Path)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--variant", help="variant id")
+    what.add_argument("--assignment", help="name of a saved assignment (its latest version)")
+    p.add_argument("--images", choices=IMAGE_MODES, default="link", help="JPEGImages: symlinks, copies or none")
+    p.set_defaults(func=handle)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    final = final_plugin().name
+
+    def handle(args: argparse.Namespace) -> None:
+        """Queue a training, work until done, print every training's mIoU on ``--on``."""
+        params = _steps([final], args.param)[0].params
+        try:
+            queued = submit_training(args.cache, args.root, args.label_set, params,
+                                     then=[Step(name) for name in args.then], split=args.on, train_split=args.split)
+        except (KeyError, ValueError) as exc:
+            raise SystemExit(f"train: {exc}") from None
+        print(f"queued jobs {queued.job_ids}" if queued.job_ids else "nothing to do: this training is complete")
+        serve(WorkerConfig(args.cache, until_idle=True), _Bars())
+        with connect(args.cache, read_only=True) as con:
+            rows = trainings(con, dataset_id_for(args.root), args.on)
+        print(f"\nTrainings, mIoU on {args.on} (%):")
+        for r in rows:
+            refined = "".join(f"  with {x.title} {_cell(x.miou).strip()}" for x in r.refined)
+            print(f"{r.label_set[:60]:60} mIoU {_cell(r.miou).strip():>6}{refined}  ({r.images} images, {r.variant_id})")
+
+    p = sub.add_parser("train", help="train the final network (DeepLabV3+) on a label set of --split, evaluate on --on")
+    p.add_argument("label_set", help="a variant id, 'gt' (the ground truth), or 'isle:NAME' (a saved assignment)")
+    p.add_argument("--param", action="append", default=[], metavar=f"{final}.KEY=VALUE",
+                   help="its config fields: epochs, crop_size, batch_size, lr, encoder, seed, ...")
+    p.add_argument("--then", nargs="+", default=[], metavar="REFINEMENT",
+                   help="refine the predictions too (e.g. dcrf: test-time dCRF), each scored on its own")
+    p.add_argument("--on", default="val", help="the split the model predicts and is scored on")
+    p.set_defaults(func=handle)
+
+
+def _add_flags(sub: argparse._SubParsersAction) -> None:
+    def handle(args: argparse.Namespace) -> None:
+        """The flagged images of the dataset: ids (sorted, once each), or one flag a line."""
+        with connect(args.cache, read_only=True) as con:
+            rows = qa.flags(con, dataset_id_for(args.root), args.kind)
+        if args.table:
+            for r in sorted(rows, key=lambda r: (r["image_id"], r["kind"])):
+                print("\t".join([r["image_id"], r["kind"], r["note"], r["variant_id"] or ""]))
+        else:
+            for image_id in sorted({r["image_id"] for r in rows}):
+                print(image_id)
+
+    p = sub.add_parser("flags", help="the images flagged on the QA page, one id per line (or with --table)")
+    p.add_argument("--kind", nargs="+", choices=tuple(qa.FLAG_KINDS), default=None, help="only these kinds")
+    p.add_argument("--table", action="store_true", help="also kind, note and variant, tab-separated")
+    p.set_defaults(func=handle)
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("status", help="jobs, and per-class IoU of every variant on --split").set_defaults(func=_print_status)
+
+
+def _add_cancel(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cancel", help="cancel jobs")
+    p.add_argument("job_ids", nargs="+", type=int)
+    p.set_defaults(func=lambda args: cancel(args.cache, args.job_ids))
+
+
+SUBCOMMANDS = (_add_submit_and_run, _add_import, _add_worker, _add_isle, _add_export, _add_train, _add_flags,
+               _add_status, _add_cancel)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser: common options, then one sub-parser per ``SUBCOMMANDS`` entry."""
+    p = argparse.ArgumentParser(prog="python -m engine", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", type=Path, default=None, help="cache directory (default $ISLE_CACHE_DIR or ./workbench-cache)")
+    p.add_argument("--root", type=Path, default=None,
+                   help="VOCdevkit root (default $ISLE_VOC_ROOT or the bundled voc2012-animals)")
+    p.add_argument("--split", default="train")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args.cache = (args.cache or default_cache_dir()).resolve()
+    args.root = (args.root or default_voc_root()).resolve()
+    args.func(args)

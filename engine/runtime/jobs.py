@@ -1,0 +1,65 @@
+"""Queueing work for the worker: the only engine entry point the app calls to start something.
+
+Each variant of a chain (``engine.core.chains``) gets a label job that waits for the job of the
+variant before it; the worker (``engine.runtime.worker``) runs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from cache import queries
+from cache.db import connect
+from engine.core.chains import Step, chain_variants, dataset_id_for
+from engine.core.dataset import check_root
+
+BASELINE = (Step("cam"), Step("dcrf"))  # what `make demo` and Home's baseline button queue
+
+
+def submit_chain(cache_dir: Path, root: Path, split: str, steps: Sequence[Step] = BASELINE,
+                 source_variant_id: str | None = None, after: int | None = None) -> list[int]:
+    """Queue what is missing to have every variant of the chain on ``split``; returns job ids.
+
+    A variant that already has label maps for all the split's usable images needs no job, and
+    a job already queued or running for the same variant and split is reused, so submitting the
+    same chain twice queues nothing new. The dataset is scanned first if it never was. ``after``
+    is a job the chain's first new job waits for (e.g. the job making ``source_variant_id``).
+    Raises ``DatasetError`` when ``root`` is not a VOCdevkit root, ``KeyError`` for an unknown
+    source variant or plugin, ``ValueError`` for a misplaced step or a bad parameter.
+    """
+    root = check_root(Path(root)).resolve()  # a wrong path fails here, not in the worker
+    dataset_id = dataset_id_for(root)
+    job_ids: list[int] = []
+    with connect(cache_dir) as con:
+        queries.upsert_dataset(con, dataset_id, root.name, str(root))
+        dataset = queries.get_dataset(con, dataset_id)
+        dependency = None
+        if dataset.scanned_at is None:
+            scan = queries.open_job(con, "scan", dataset_id, None, None)
+            dependency = scan.id if scan else queries.insert_job(con, "scan", dataset_id, None, None, None)
+            job_ids.append(dependency)
+        if after is not None:
+            dependency = after  # it waits for the scan itself, if one is queued
+        source = queries.get_variant(con, source_variant_id) if source_variant_id else None
+        if source_variant_id and source is None:
+            raise KeyError(f"no variant {source_variant_id!r} in the cache")
+        usable = len(queries.usable_images(con, dataset_id, split)) if dataset.scanned_at else None
+        labelled = queries.labelled_in_split(con, dataset_id, split)
+        for variant in chain_variants(dataset_id, steps, source):
+            queries.insert_variant(con, variant)
+            existing = queries.open_job(con, "label", dataset_id, variant.id, split)
+            if existing:
+                dependency = existing.id
+            elif usable is not None and dependency is None and usable and labelled.get(variant.id, 0) >= usable:
+                continue  # complete already, and so is everything it depends on
+            else:
+                dependency = queries.insert_job(con, "label", dataset_id, variant.id, split, dependency)
+            job_ids.append(dependency)
+    return job_ids
+
+
+def cancel(cache_dir: Path, job_ids: Sequence[int]) -> None:
+    """Ask the worker to stop these jobs; finished label maps stay in the cache."""
+    with connect(cache_dir) as con:
+        queries.request_cancel(con, job_ids)

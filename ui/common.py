@@ -1,0 +1,190 @@
+"""What every page shares: the cache location, the one cached read, the dataset/split pickers,
+the live jobs panel, and parameter widgets built from a plugin's config dataclass.
+
+``read(fn, *args)`` runs ``fn(con, *args)`` on a ``cache.db.connect(read_only=True)`` connection
+(short-lived, retried while the worker writes), cached with ``st.cache_data`` keyed on the
+function, its arguments and ``cache_state``, so a rerun re-reads only after the worker recorded
+something new.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import streamlit as st
+
+from cache import queries
+from cache.db import connect, db_path, default_cache_dir
+from cache.rows import Dataset
+from cache.schema import JobStatus
+from engine.core import registry
+from engine.core.chains import Step, dataset_id_for
+from engine.core.dataset import DatasetError, default_voc_root
+from engine.core.registry import Offer, Plugin, Role
+from engine.runtime.jobs import cancel, submit_chain
+
+T = TypeVar("T")
+
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+def cache_dir() -> Path:
+    return default_cache_dir()
+
+
+def cache_exists() -> bool:
+    return db_path(cache_dir()).exists()
+
+
+@st.cache_data(ttl=1, show_spinner=False)
+def _state(directory: Path) -> tuple:
+    """The cache fingerprint, re-read at most once a second."""
+    with connect(directory, read_only=True) as con:
+        return queries.cache_state(con)
+
+
+def refresh() -> None:
+    """Forget the fingerprint after this app wrote to the cache (queued or cancelled a job), so
+    the reads of this very run see the change instead of waiting out the one-second TTL."""
+    _state.clear()
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _read(directory: Path, state: tuple, name: str, _fn: Callable, *args):
+    with connect(directory, read_only=True) as con:
+        return _fn(con, *args)
+
+
+def read(fn: Callable[..., T], *args) -> T:
+    """``fn(con, *args)`` on a read-only connection to the cache (``fn`` any query of ``cache`` or
+    the engine that takes the connection first, e.g. ``queries.variants``, ``reports.iou_table``),
+    cached until the cache changes. Arguments must be hashable by ``st.cache_data``."""
+    directory = cache_dir()
+    return _read(directory, _state(directory), f"{fn.__module__}.{fn.__qualname__}", fn, *args)
+
+
+def pick_dataset() -> Dataset | None:
+    """A dataset select box (the bundled one first); None when nothing is registered yet."""
+    found = read(queries.datasets)
+    if not found:
+        return None
+    default_id = dataset_id_for(default_voc_root())
+    found = sorted(found, key=lambda d: d.id != default_id)
+    return st.selectbox("Dataset", found, format_func=lambda d: f"{d.name}  ({d.root})", key="dataset")
+
+
+def pick_split(dataset_id: str) -> str | None:
+    splits = read(queries.splits, dataset_id)
+    if not splits:
+        return None
+    return st.selectbox("Split (the subset the IoU is computed over)", splits,
+                        index=splits.index("train") if "train" in splits else 0, key="split")
+
+
+def pick_dataset_and_split(nothing: str) -> tuple[Dataset, str]:
+    """The dataset and split pickers; shows ``nothing`` and stops the page when there is no
+    scanned dataset yet."""
+    dataset = pick_dataset() if cache_exists() else None
+    split = pick_split(dataset.id) if dataset else None
+    if split is None:
+        st.info(nothing)
+        st.stop()
+    return dataset, split
+
+
+def has_active_jobs(dataset_id: str) -> bool:
+    """Whether a job of the dataset is queued or running (so its results are still arriving)."""
+    return cache_exists() and any(j.dataset_id == dataset_id and j.status in ACTIVE
+                                  for j in read(queries.recent_jobs, 30))
+
+
+@st.fragment(run_every=2)
+def jobs_panel() -> None:
+    """The recent jobs: a progress bar and a cancel button per active job, then the table."""
+    if not cache_exists():
+        st.info("No cache yet: queue a job to start.")
+        return
+    jobs = read(queries.recent_jobs, 30)
+    if not jobs:
+        st.info("No jobs yet.")
+        return
+    active = [j for j in jobs if j.status in ACTIVE]
+    for job in active:
+        name = job.variant_name or "scan dataset"
+        fraction = job.done / job.total if job.total else 0.0
+        beat = f", heartbeat {time.time() - job.heartbeat_at:.0f} s ago" if job.heartbeat_at else ""
+        left, right = st.columns([5, 1])
+        left.progress(min(fraction, 1.0), text=f"job {job.id} · {name} · {job.status} · "
+                      f"{job.stage or 'waiting'} {job.done}/{job.total}{beat}")
+        if right.button("Cancel", key=f"cancel_{job.id}", disabled=bool(job.cancel_requested)):
+            cancel(cache_dir(), [job.id])
+            refresh()
+    if any(j.status == JobStatus.QUEUED.value for j in active) and not any(
+            j.status == JobStatus.RUNNING.value for j in active):
+        st.caption("Jobs are queued but none is running: is `python -m engine worker` started?")
+    st.dataframe(
+        [{"job": j.id, "kind": j.kind, "variant": j.variant_name, "split": j.split, "status": j.status,
+          "stage": j.stage, "done": j.done, "total": j.total, "bad images": j.n_errors, "error": j.error}
+         for j in jobs],
+        hide_index=True,
+    )
+    for job in jobs:
+        if job.kind == "label" and job.n_errors:
+            with st.expander(f"job {job.id}: {job.n_errors} image(s) skipped for bad input"):
+                st.dataframe(read(queries.image_errors, job.id), hide_index=True)
+
+
+def queue_chain(root: Path, split: str, steps: list[Step], source_variant_id: str | None = None,
+                nothing: str = "every variant of the chain is complete") -> list[int] | None:
+    """Submit a chain (``engine.runtime.jobs.submit_chain``) and say what was queued, or why nothing was;
+    returns the job ids, or None after showing the error of a refused chain."""
+    try:
+        ids = submit_chain(cache_dir(), Path(root), split, steps, source_variant_id)
+    except (DatasetError, KeyError, ValueError) as exc:
+        st.error(str(exc))
+        return None
+    refresh()
+    st.toast(f"Queued jobs {ids}" if ids else f"Nothing to do: {nothing}.")
+    return ids
+
+
+def refinement_steps(key: str, label: str = "Refinements (in this order)") -> list[Step]:
+    """An ordered pick of the refinements the app offers (role ``REFINEMENT``, offer ``QUEUE``;
+    multiselect ``key``), each with a parameters expander (``param_widgets``); returns the chosen
+    ``Step``s with their non-default parameters."""
+    refinements = {p.name: p for p in registry.plugins(Role.REFINEMENT, offer=Offer.QUEUE)}
+    chain = st.multiselect(label, list(refinements), key=key, format_func=lambda name: refinements[name].title)
+    steps = []
+    for name in chain:
+        with st.expander(f"{refinements[name].title} parameters"):
+            steps.append(Step(name, param_widgets(refinements[name], key)))
+    return steps
+
+
+def param_widgets(plugin: Plugin, key: str) -> dict[str, Any]:
+    """One widget per field of the plugin's config dataclass, at its default; returns only the
+    parameters set to something else (the variant is named and hashed by those).
+
+    int/float: number input; bool: checkbox; str: text input. Other fields (tuples, optional
+    paths) keep their default here; ``--param`` on the command line sets them.
+    """
+    changed = {}
+    for field in dataclasses.fields(plugin.config):
+        default = field.default
+        widget_key = f"{key}.{plugin.name}.{field.name}"
+        if isinstance(default, bool):  # before int: a bool is an int
+            value = st.checkbox(field.name, value=default, key=widget_key)
+        elif isinstance(default, int | float):
+            value = st.number_input(field.name, value=default, key=widget_key,
+                                    format=None if isinstance(default, int) else "%g")
+        elif isinstance(default, str):
+            value = st.text_input(field.name, value=default, key=widget_key)
+        else:
+            continue
+        if value != default:
+            changed[field.name] = value
+    return changed

@@ -1,15 +1,22 @@
-"""ISLE Workbench: ``streamlit run app.py``. Routes only; each page is one user task."""
+"""ISLE Workbench: ``streamlit run app.py``. Routes only; each page is one user task.
+
+The pages live in ``app_pages/``, not ``pages/``: Streamlit serves a ``pages/`` folder next to the
+entrypoint in its legacy multipage mode, and a deep link as a fresh server's first request would
+then run that page file directly, bypassing this router (for every later session too).
+"""
 
 import streamlit as st
 
 st.set_page_config(page_title="ISLE Workbench", layout="wide")
-# url_path differs from the file names on purpose: a deep link equal to a file name in pages/ is
-# served by Streamlit's legacy multipage mode, which bypasses this router.
+HOME = "app_pages/home.py"
 navigation = st.navigation([
-    st.Page("pages/home.py", title="Home", icon=":material/home:", url_path="home", default=True),
-    st.Page("pages/per_class_iou.py", title="Per-class IoU", icon=":material/grid_on:", url_path="per-class-iou"),
-    st.Page("pages/ensemble.py", title="ISLE ensemble", icon=":material/join:", url_path="ensemble"),
-    st.Page("pages/qa.py", title="Pseudo-label QA", icon=":material/image_search:", url_path="pseudo-label-qa"),
-    st.Page("pages/train.py", title="Train", icon=":material/model_training:", url_path="train"),
+    st.Page(HOME, title="Home", icon=":material/home:", url_path="index", default=True),
+    st.Page("app_pages/per_class_iou.py", title="Per-class IoU", icon=":material/grid_on:", url_path="per-class-iou"),
+    st.Page("app_pages/ensemble.py", title="ISLE ensemble", icon=":material/join:", url_path="ensemble"),
+    st.Page("app_pages/qa.py", title="Pseudo-label QA", icon=":material/image_search:", url_path="pseudo-label-qa"),
+    st.Page("app_pages/train.py", title="Train", icon=":material/model_training:", url_path="train"),
+    # The default page is served at "/" (its url_path only reserves a name); /home, the path a user
+    # expects, is the same page kept out of the menu.
+    st.Page(HOME, title="Home", url_path="home", visibility="hidden"),
 ])
 navigation.run()

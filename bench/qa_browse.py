@@ -29,7 +29,7 @@ Counts come from ``engine.ops.metrics.confusion_counts`` and are recorded with
   warm. Copies share files, so that page holds fewer distinct files than images (printed); a
   cold run over 24 distinct real images is timed too. Then the single-image view at full size:
   JPEG, mask and two label maps decoded, both overlaid.
-- **the page**: ``pages/qa.py`` run by Streamlit's AppTest on the scratch cache as a user clicks
+- **the page**: ``app_pages/qa.py`` run by Streamlit's AppTest on the scratch cache as a user clicks
   through it (first load, sort by a variant's error pixels of a class, next page, open an image,
   back), each step once on an emptied thumbnail folder.
 - **baseline**: what ranking the split costs without the cached counts: decode the mask and the
@@ -324,7 +324,7 @@ def page_runs(cache_dir: Path) -> list[tuple[str, float]]:
 
     os.environ["ISLE_CACHE_DIR"] = str(cache_dir)
     shutil.rmtree(cache_dir / "thumbs", ignore_errors=True)
-    at = AppTest.from_file(str(REPO / "pages" / "qa.py"), default_timeout=300)
+    at = AppTest.from_file(str(REPO / "app_pages" / "qa.py"), default_timeout=300)
 
     def sort_errors() -> None:
         at.selectbox(key="qa_sort").set_value("errors")

@@ -44,7 +44,7 @@ def _typed_array(value) -> np.ndarray:
 
 
 def _page(name: str) -> AppTest:
-    return AppTest.from_file(str(REPO / "pages" / name), default_timeout=60)
+    return AppTest.from_file(str(REPO / "app_pages" / name), default_timeout=60)
 
 
 def test_home_lists_variants_and_finished_jobs(app_env):

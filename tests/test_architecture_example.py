@@ -27,7 +27,7 @@ plugin = registry.get("centre-prior")
 items = split_items(VOC_ROOT, "train", 2)
 results = list(plugin.run(plugin.make_config({"radius": 0.3}),
                           RunContext(items=items, todo=items, workdir=Path(sys.argv[1]))))
-home = AppTest.from_file("pages/home.py", default_timeout=60).run()
+home = AppTest.from_file("app_pages/home.py", default_timeout=60).run()
 print(json.dumps({
     "role": plugin.role.value, "title": plugin.title, "module": plugin.run.__module__,
     "labels": [sorted(int(v) for v in set(r.label.ravel().tolist())) for r in results],

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
@@ -32,9 +33,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def served_app(baseline_cache):
-    cache_dir, root = baseline_cache
+def _serve(cache_dir: Path, root: Path) -> tuple[subprocess.Popen, str]:
+    """A fresh ``streamlit run app.py`` on a free loopback port; ``(process, url)`` once healthy."""
     port = _free_port()
     env = {**os.environ, "ISLE_CACHE_DIR": str(cache_dir), "ISLE_VOC_ROOT": str(root)}
     server = subprocess.Popen(
@@ -50,6 +50,12 @@ def served_app(baseline_cache):
         except OSError:
             assert server.poll() is None and time.monotonic() < deadline, "streamlit did not start"
             time.sleep(0.3)
+    return server, url
+
+
+@pytest.fixture
+def served_app(baseline_cache):
+    server, url = _serve(*baseline_cache)
     yield url
     server.terminate()
     server.wait(timeout=20)
@@ -71,9 +77,17 @@ def browser():
     shutil.rmtree(profile, ignore_errors=True)
 
 
+def _sidebar_links(browser, url: str) -> list[str] | None:
+    """The sidebar's hrefs relative to ``url``; None while a rerun replaces them (stale elements)."""
+    try:
+        return [a.get_attribute("href").removeprefix(url)
+                for a in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebarNav"] a')]
+    except StaleElementReferenceException:
+        return None
+
+
 def _follow_sidebar(browser, url: str, page: str) -> WebDriverWait:
-    """Open the app and click the sidebar link to ``page``, as a user does (a deep link as the very
-    first session of a fresh server passes through Streamlit's legacy pages/ mode first)."""
+    """Open the app and click the sidebar link to ``page``, as a user does."""
     browser.get(url)
     wait = WebDriverWait(browser, 90)
     link = wait.until(EC.element_to_be_clickable((By.PARTIAL_LINK_TEXT, page)))
@@ -81,6 +95,30 @@ def _follow_sidebar(browser, url: str, page: str) -> WebDriverWait:
     wait.until(lambda d: any("ISLE Workbench" in h.text for h in d.find_elements(By.TAG_NAME, "h1")))
     link.click()
     return wait
+
+
+ROUTER_LINKS = ["/", "/per-class-iou", "/ensemble", "/pseudo-label-qa", "/train"]
+DEEP_LINKS = {"/": "ISLE Workbench", "/home": "ISLE Workbench", "/per-class-iou": "Per-class IoU",
+              "/ensemble": "ISLE ensemble", "/pseudo-label-qa": "Pseudo-label QA", "/train": "Train"}
+
+
+@pytest.mark.parametrize("path", DEEP_LINKS)
+def test_every_page_url_opens_cleanly_as_a_fresh_servers_first_request(path, baseline_cache, browser):
+    """A deep link as the very first request of a new server: the page itself, through app.py's
+    router (its sidebar), with no "Page not found" dialog and the URL kept."""
+    server, url = _serve(*baseline_cache)
+    try:
+        browser.get(url + path)
+        wait = WebDriverWait(browser, 90)
+        wait.until(lambda d: any(h.text == DEEP_LINKS[path] for h in d.find_elements(By.TAG_NAME, "h1")))
+        wait.until(lambda d: _sidebar_links(d, url) == ROUTER_LINKS)  # app.py's router
+        time.sleep(1)  # a "Page not found" dialog would come with the first script run's messages
+        body = browser.find_element(By.TAG_NAME, "body").text
+        assert "Page not found" not in body and "Traceback" not in body
+        assert browser.current_url.removeprefix(url) == path
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
 
 
 def test_heatmap_page_renders_in_chromium(served_app, browser, tmp_path):
@@ -93,9 +131,7 @@ def test_heatmap_page_renders_in_chromium(served_app, browser, tmp_path):
     page_text = browser.find_element(By.TAG_NAME, "body").text
     assert "Per-class IoU" in page_text and "Traceback" not in page_text and "Page not found" not in page_text
     assert browser.current_url.endswith("/per-class-iou")
-    links = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebarNav"] a')
-    hrefs = [a.get_attribute("href").removeprefix(served_app) for a in links]
-    assert hrefs == ["/", "/per-class-iou", "/ensemble", "/pseudo-label-qa", "/train"]  # app.py's router, not a listing of pages/
+    WebDriverWait(browser, 30).until(lambda d: _sidebar_links(d, served_app) == ROUTER_LINKS)  # app.py's router
     shot = tmp_path / "heatmap.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 20_000

@@ -44,7 +44,7 @@ def writable_env(app_env, tmp_path, monkeypatch):
 
 
 def _page() -> AppTest:
-    return AppTest.from_file(str(REPO / "pages" / "ensemble.py"), default_timeout=60)
+    return AppTest.from_file(str(REPO / "app_pages" / "ensemble.py"), default_timeout=60)
 
 
 def _direct_plan(cache_dir, root, overrides=None) -> assignments.Plan:

@@ -1,7 +1,7 @@
 """The layers of docs/architecture.md, checked on the source: which module may import which.
 
 cache -> engine.core -> engine.ops -> plugins (engine.methods, engine.refine, engine.isle,
-engine.final) -> engine.runtime -> ui -> pages -> app.py. A module imports only from layers below
+engine.final) -> engine.runtime -> ui -> app_pages -> app.py. A module imports only from layers below
 it (its own layer included); a plugin module never imports another plugin module, and a plugin
 package never imports another plugin package: what two plugins share lives in core or ops.
 Imports are read with ``ast`` (relative ones resolved), so a function-level import counts too.
@@ -10,6 +10,7 @@ Imports are read with ``ast`` (relative ones resolved), so a function-level impo
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def _module_name(path: Path) -> str:
 
 def _sources() -> dict[str, Path]:
     files = [REPO / "app.py", *sorted(REPO.glob("cache/*.py")), *sorted(REPO.glob("engine/**/*.py")),
-             *sorted(REPO.glob("ui/*.py")), *sorted(REPO.glob("pages/*.py"))]
+             *sorted(REPO.glob("ui/*.py")), *sorted(REPO.glob("app_pages/*.py"))]
     return {_module_name(p): p for p in files}
 
 
@@ -74,7 +75,7 @@ def _package_of(module: str) -> str | None:
 
 
 def _project(module: str) -> bool:
-    return _within(module, "cache", "engine", "ui", "pages", "app") or module == "streamlit" \
+    return _within(module, "cache", "engine", "ui", "app_pages", "app") or module == "streamlit" \
         or module.startswith("streamlit.")
 
 
@@ -122,22 +123,24 @@ def test_a_plugin_module_imports_core_ops_and_cache_never_another_plugin_module(
 
 
 def test_the_engine_never_imports_streamlit_the_ui_or_the_pages():
-    assert _violations(lambda m, i: not _within(m, "engine") or not _within(i, "streamlit", "ui", "pages")) == []
+    assert _violations(lambda m, i: not _within(m, "engine") or not _within(i, "streamlit", "ui", "app_pages")) == []
 
 
 def test_the_ui_imports_no_page_and_pages_import_no_page():
-    assert _violations(lambda m, i: not _within(m, "ui", "pages") or not _within(i, "pages")) == []
+    assert _violations(lambda m, i: not _within(m, "ui", "app_pages") or not _within(i, "app_pages")) == []
 
 
 def test_pages_hold_layout_and_calls_not_arrays():
-    numeric = [f"{path.relative_to(REPO)} imports {i}" for name, path in SOURCES.items() if _within(name, "pages")
+    numeric = [f"{path.relative_to(REPO)} imports {i}" for name, path in SOURCES.items() if _within(name, "app_pages")
                for i in _imports(name, path) if _within(i, "numpy", "pandas", "PIL", "torch", "duckdb")]
     assert numeric == []
 
 
-def test_pages_holds_only_the_pages_app_routes():
-    routed = {line.split('"')[1] for line in (REPO / "app.py").read_text().splitlines() if "st.Page(" in line}
-    assert routed == {f"pages/{p.name}" for p in (REPO / "pages").glob("*.py")}
+def test_app_pages_holds_only_the_pages_app_routes_and_there_is_no_legacy_pages_folder():
+    text = (REPO / "app.py").read_text()
+    routed = set(re.findall(r'"(app_pages/[a-z_]+\.py)"', text))
+    assert routed == {f"app_pages/{p.name}" for p in (REPO / "app_pages").glob("*.py")}
+    assert not (REPO / "pages").exists()  # Streamlit would serve it in its legacy multipage mode
 
 
 @pytest.mark.parametrize("plugin", registry.plugins(), ids=lambda p: p.name)

@@ -51,7 +51,7 @@ def qa_env(baseline_cache, tmp_path, monkeypatch):
 
 
 def _page(**params: str) -> AppTest:
-    at = AppTest.from_file(str(REPO / "pages" / "qa.py"), default_timeout=60)
+    at = AppTest.from_file(str(REPO / "app_pages" / "qa.py"), default_timeout=60)
     for key, value in params.items():
         at.query_params[key] = value
     return at
@@ -125,7 +125,7 @@ def test_a_heatmap_link_opens_the_cells_images_worst_first(qa_env):
     cache_dir, dataset_id, images, variants = qa_env
     cam_id, cam = variants["cam"]
     class_id = max(range(1, 21), key=lambda c: sum(c in r.labels for r in images.values()))
-    # What pages/per_class_iou.py sends on a click on the (CAM, class) cell.
+    # What app_pages/per_class_iou.py sends on a click on the (CAM, class) cell.
     at = _page(split="train", variant=cam_id, sort="errors", **{"class": VOC_CLASSES[class_id]}).run()
     assert not at.exception
     assert at.selectbox(key="qa_sort").value == "errors" and at.selectbox(key="qa_variant").value == cam_id
@@ -189,7 +189,7 @@ def test_open_an_image_flag_it_and_keep_it_out_of_the_isle_selection(qa_env):
     assert list(flag_table["image"]) == [image_id] and list(flag_table["kind"]) == ["wrong ground truth"]
 
     # The ISLE page keeps it out of the selection subset when asked.
-    ensemble = AppTest.from_file(str(REPO / "pages" / "ensemble.py"), default_timeout=60).run()
+    ensemble = AppTest.from_file(str(REPO / "app_pages" / "ensemble.py"), default_timeout=60).run()
     ensemble.multiselect(key="exclude_flagged").set_value(["wrong_gt"]).run()
     assert not ensemble.exception
     assert "1 flagged image(s) kept out of the selection subset." in [c.value for c in ensemble.caption]

@@ -36,7 +36,7 @@ def train_env(baseline_cache, tmp_path, monkeypatch):
 
 
 def _page() -> AppTest:
-    return AppTest.from_file(str(REPO / "pages" / "train.py"), default_timeout=60)
+    return AppTest.from_file(str(REPO / "app_pages" / "train.py"), default_timeout=60)
 
 
 def _set_params(at: AppTest, params: dict) -> None:

@@ -158,7 +158,7 @@ def gain_heatmap(table: IoUTable, gain: GainTable, class_images: dict[int, int])
                    zmin=-limit, zmax=limit, colorbar={"title": "IoU gain, points"})
 
 
-# --- final segmentation training (pages/train.py) ------------------------------------------
+# --- final segmentation training (app_pages/train.py) ------------------------------------------
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:

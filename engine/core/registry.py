@@ -15,6 +15,7 @@ in inference settings share one trained model (``RunContext.model_dir``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterator
@@ -97,7 +98,9 @@ def register(name: str, *, role: Role, config: type, title: str,
     return decorate
 
 
+@functools.cache
 def _load_all() -> None:
+    """Import every module of the plugin packages once per process (each registers itself)."""
     for package in PLUGIN_PACKAGES:
         module = importlib.import_module(package)
         for info in pkgutil.iter_modules(module.__path__):

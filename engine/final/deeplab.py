@@ -45,7 +45,15 @@ from engine.ops.backbone import (
 )
 from engine.ops.metrics import confusion_counts, iou_from_counts
 from engine.ops.scores import downsample_scores
-from engine.ops.training import ParamGroup, Training, poly_lr, sgd, train_resumable
+from engine.ops.training import (
+    ParamGroup,
+    Training,
+    batch_draw,
+    poly_lr,
+    readable,
+    sgd,
+    train_resumable,
+)
 
 FAMILY = "deeplab"
 PAPER_PARAMS = {"crop_size": 320, "epochs": 30, "batch_size": 16}  # isim Sec. 4.1 crop; a GPU budget
@@ -143,15 +151,13 @@ def _batch(items: Sequence[Item], source: SourceVariant, cfg: DeepLabConfig, epo
     """Batch ``index`` of ``epoch``: crops ``(B, 3, c, c)`` and labels ``(B, c, c) int64`` (255 =
     ignore), fixed by (seed, epoch, index) so a resumed run sees the same batches; unreadable
     images are skipped; None when fewer than 2 remain."""
-    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(items))
-    rng = np.random.default_rng([cfg.seed, epoch, index, 1])
+    indices, rng = batch_draw(len(items), cfg.batch_size, cfg.seed, epoch, index)
     images, labels = [], []
-    for j in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]:
+    for item, rgb in readable(items, indices):
         try:
-            rgb = read_image(items[j].image_path)
-            label = source.label(items[j].image_id)
-        except (ImageError, ValueError, OSError):
-            continue  # validated when recorded; a file broken since is left out of training
+            label = source.label(item.image_id)
+        except (ValueError, OSError):
+            continue  # validated when recorded; a label map broken since is left out of training
         image, crop = augment_with_label(rgb, label, rng, cfg.resize_long, cfg.crop_size)
         images.append(to_input(image))
         labels.append(torch.from_numpy(crop.astype(np.int64)))

@@ -27,13 +27,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from engine.core.dataset import label_each, read_image
+from engine.core.dataset import label_each
 from engine.core.registry import Offer, Role, inference, register, training_key
-from engine.core.types import ImageError, Item, LabelResult, RunContext
+from engine.core.types import Item, LabelResult, RunContext
 from engine.ops.augment import augment
 from engine.ops.backbone import (
     FeatureExtractor,
@@ -42,7 +41,15 @@ from engine.ops.backbone import (
     to_input,
 )
 from engine.ops.cams import NUM_FOREGROUND, cam_result, multilabel_target
-from engine.ops.training import ParamGroup, Training, poly_lr, sgd, train_resumable
+from engine.ops.training import (
+    ParamGroup,
+    Training,
+    batch_draw,
+    poly_lr,
+    readable,
+    sgd,
+    train_resumable,
+)
 
 FAMILY = "cam"  # ctx.model_dir family; the files are cam_checkpoint.pt (during training), cam_model.pt (done)
 
@@ -138,16 +145,11 @@ def _batch(items: Sequence[Item], cfg: CAMConfig, epoch: int, index: int) -> tup
     Order and augmentation depend only on (seed, epoch, index), so a resumed run sees the same
     batches. Unreadable images are skipped; None when the whole batch is unreadable.
     """
-    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(items))
-    rng = np.random.default_rng([cfg.seed, epoch, index, 1])
+    indices, rng = batch_draw(len(items), cfg.batch_size, cfg.seed, epoch, index)
     images, targets = [], []
-    for j in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]:
-        try:
-            rgb = read_image(items[j].image_path)
-        except ImageError:
-            continue  # ctx.items were validated; a file broken since is left out of training
+    for item, rgb in readable(items, indices):
         images.append(to_input(augment(rgb, rng, cfg.resize_long, cfg.crop_size)))
-        targets.append(torch.from_numpy(multilabel_target(items[j].labels)))
+        targets.append(torch.from_numpy(multilabel_target(item.labels)))
     if not images:
         return None
     return torch.stack(images), torch.stack(targets)

@@ -60,7 +60,15 @@ from engine.ops.checkpoints import chunked_labels
 from engine.ops.crf import IRN_LABEL_DCRF, DCRFConfig, refine_pseudo_label, scaled_dcrf
 from engine.ops.pool import LazyPool
 from engine.ops.scores import argmax_label, downsample_scores, resize_channels
-from engine.ops.training import ParamGroup, Training, poly_lr, sgd, train_resumable
+from engine.ops.training import (
+    ParamGroup,
+    Training,
+    batch_draw,
+    poly_lr,
+    readable,
+    sgd,
+    train_resumable,
+)
 
 FAMILY = "isim"  # ctx.model_dir family shared by both variants
 PSEUDO_CHUNK = 64  # images per pseudo-label file: a killed regeneration loses at most this many
@@ -421,19 +429,14 @@ def _batch(items: Sequence[Item], cfg: ISIMConfig, epoch: int, index: int,
     classification loss still counts); None when fewer than 2 images are left (the decoder's
     batch norm needs 2).
     """
-    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(items))
-    rng = np.random.default_rng([cfg.seed, epoch, index, 1])
+    indices, rng = batch_draw(len(items), cfg.batch_size, cfg.seed, epoch, index)
     unknown = np.full((1, 1), IGNORE_INDEX, dtype=np.uint8)
     images, targets, segs = [], [], []
-    for j in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]:
-        try:
-            rgb = read_image(items[j].image_path)
-        except ImageError:
-            continue  # ctx.items were validated; a file broken since is left out of training
-        label = None if pseudo is None else pseudo.get(items[j].image_id, unknown)
+    for item, rgb in readable(items, indices):
+        label = None if pseudo is None else pseudo.get(item.image_id, unknown)
         image, crop_label = augment_with_label(rgb, label, rng, cfg.resize_long, cfg.crop_size)
         images.append(to_input(image))
-        targets.append(torch.from_numpy(multilabel_target(items[j].labels)))
+        targets.append(torch.from_numpy(multilabel_target(item.labels)))
         if crop_label is not None:
             segs.append(torch.from_numpy(crop_label.astype(np.int64)))
     if len(images) < 2:

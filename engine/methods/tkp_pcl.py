@@ -53,6 +53,7 @@ from engine.ops.training import (
     ParamGroup,
     Training,
     adam,
+    batch_draw,
     torch_threads,
     train_resumable,
     trained_state,
@@ -446,9 +447,9 @@ def _step_batch(store: FeatureStore, items: Sequence[Item], valid: np.ndarray, c
 
     Order and views depend only on (seed, epoch, index), so a resumed run sees the same batches.
     """
-    order = valid[np.random.default_rng([cfg.seed, epoch]).permutation(len(valid))]
-    rows = np.sort(order[index * cfg.batch_size : (index + 1) * cfg.batch_size])
-    views = np.random.default_rng([cfg.seed, epoch, index, 1]).integers(store.features.shape[1], size=len(rows))
+    indices, rng = batch_draw(len(valid), cfg.batch_size, cfg.seed, epoch, index)
+    rows = np.sort(valid[indices])
+    views = rng.integers(store.features.shape[1], size=len(rows))
     f_in = torch.from_numpy(store.features[rows, views].astype(np.float32))
     target = torch.from_numpy(np.stack([image_target(items[r].labels) for r in rows]))
     return f_in, target

@@ -13,15 +13,18 @@ uninterrupted one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from engine.core.dataset import read_image
+from engine.core.types import ImageError, Item
 from engine.ops.checkpoints import (
     checkpoint_path,
     final_path,
@@ -30,6 +33,26 @@ from engine.ops.checkpoints import (
     save_atomic,
     save_training_state,
 )
+
+
+def batch_draw(n_items: int, batch_size: int, seed: int, epoch: int, index: int
+               ) -> tuple[np.ndarray, np.random.Generator]:
+    """Batch ``index`` of ``epoch``: its item indices ``(<= batch_size,) int64`` (a permutation of
+    the ``n_items`` seeded by (seed, epoch); the last partial batch is never drawn when the epoch
+    has ``n_items // batch_size`` steps) and its augmentation RNG, seeded by (seed, epoch, index),
+    so a resumed run sees the same batches."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_items)
+    return order[index * batch_size : (index + 1) * batch_size], np.random.default_rng([seed, epoch, index, 1])
+
+
+def readable(items: Sequence[Item], indices: Iterable[int]) -> Iterator[tuple[Item, np.ndarray]]:
+    """``(item, rgb (H, W, 3) uint8)`` for each ``items[j]`` whose image still decodes; the items
+    were validated when the dataset was scanned, so a file broken since is left out of training."""
+    for j in indices:
+        try:
+            yield items[j], read_image(items[j].image_path)
+        except ImageError:
+            continue
 
 
 def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:

@@ -57,7 +57,15 @@ from engine.ops.scores import (
     resize_channels,
     strided_to_image,
 )
-from engine.ops.training import ParamGroup, Training, poly_lr, sgd, train_resumable
+from engine.ops.training import (
+    ParamGroup,
+    Training,
+    batch_draw,
+    poly_lr,
+    readable,
+    sgd,
+    train_resumable,
+)
 
 FAMILY = "affinitynet"  # ctx.model_dir family of the trained AffinityNet and its affinity labels
 STRIDE = 8  # AffinityNet's output stride (PSA)
@@ -436,18 +444,10 @@ def _batch(items: Sequence[Item], labels: dict[str, np.ndarray], cfg: RandomWalk
     """Batch ``index`` of ``epoch``: crops ``(B, 3, c, c) float32`` and grid labels ``(B, c/8, c/8)
     int64``. Images without an affinity label are skipped; order and augmentation depend only on
     (seed, epoch, index), so a resumed run sees the same batches. None when the batch is empty."""
-    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(items))
-    rng = np.random.default_rng([cfg.seed, epoch, index, 1])
+    indices, rng = batch_draw(len(items), cfg.batch_size, cfg.seed, epoch, index)
     images, grids = [], []
-    for j in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]:
-        label = labels.get(items[j].image_id)
-        if label is None:
-            continue
-        try:
-            rgb = read_image(items[j].image_path)
-        except ImageError:
-            continue  # ctx.items were validated; a file broken since is left out of training
-        crop, crop_label = augment_with_label(rgb, label, rng, cfg.resize_long, cfg.crop_size)
+    for item, rgb in readable(items, [j for j in indices if items[j].image_id in labels]):
+        crop, crop_label = augment_with_label(rgb, labels[item.image_id], rng, cfg.resize_long, cfg.crop_size)
         images.append(to_input(crop))
         grids.append(torch.from_numpy(grid_label(crop_label).astype(np.int64)))
     if not images:

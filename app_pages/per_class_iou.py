@@ -65,7 +65,7 @@ def heatmap() -> None:
             link |= {"other": other, "descending": "0"}
         if column < len(VOC_CLASSES):  # the mIoU column sorts by the whole image
             link |= {"class": VOC_CLASSES[column]}
-        st.switch_page("pages/qa.py", query_params=link)
+        st.switch_page("app_pages/qa.py", query_params=link)
     with st.expander("The numbers"):
         columns = column_labels(class_images)
         st.dataframe(

@@ -27,15 +27,7 @@ from engine.isle import assignments
 from engine.isle.assignments import ClassSummary
 from engine.isle.export import IMAGE_MODES, ExportError, export_assignment
 from engine.isle.numerics import OVERLAP_RULES, Subset
-from ui.common import (
-    cache_dir,
-    has_active_jobs,
-    jobs_panel,
-    pick_dataset_and_split,
-    queue_chain,
-    read,
-    refresh,
-)
+from ui.common import cache_dir, has_active_jobs, jobs_panel, pick_dataset_and_split, queue_chain, read, refresh
 
 RULES = {"score": "score: the class whose variant is more confident at the pixel (precision where "
                   "a variant stored no scores)",

@@ -14,22 +14,9 @@ from engine.core import registry
 from engine.core.chains import Step
 from engine.core.dataset import default_voc_root
 from engine.core.registry import Offer
-from engine.methods.imported import (
-    DEFAULT_BG_THRESHOLDS,
-    FORMATS,
-    KEY_CONVENTIONS,
-    SCORE_KEYS,
-    import_step,
-)
+from engine.methods.imported import DEFAULT_BG_THRESHOLDS, FORMATS, KEY_CONVENTIONS, SCORE_KEYS, import_step
 from engine.runtime.jobs import BASELINE
-from ui.common import (
-    cache_exists,
-    jobs_panel,
-    pick_dataset,
-    queue_chain,
-    read,
-    refinement_steps,
-)
+from ui.common import cache_exists, jobs_panel, pick_dataset, queue_chain, read, refinement_steps
 
 st.title("ISLE Workbench")
 st.caption("Weakly supervised segmentation: compare pseudo-label methods class by class, "

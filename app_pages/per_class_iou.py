@@ -9,14 +9,7 @@ from cache import queries, reports
 from cache.reports import gain_table, tree_order
 from cache.voc import VOC_CLASSES
 from ui.charts import column_labels, gain_heatmap, iou_heatmap, row_labels
-from ui.common import (
-    has_active_jobs,
-    jobs_panel,
-    pick_dataset_and_split,
-    queue_chain,
-    read,
-    refinement_steps,
-)
+from ui.common import has_active_jobs, jobs_panel, pick_dataset_and_split, queue_chain, read, refinement_steps
 
 VIEWS = {"flat": "flat", "grouped": "grouped by source", "gain": "gain vs source"}
 

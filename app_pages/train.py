@@ -30,13 +30,7 @@ from engine.core.chains import Step
 from engine.core.dataset import DatasetError
 from engine.core.registry import Role
 from engine.isle import assignments
-from engine.runtime.trainings import (
-    GROUND_TRUTH,
-    ISLE_PREFIX,
-    final_plugin,
-    submit_training,
-    trainings,
-)
+from engine.runtime.trainings import GROUND_TRUTH, ISLE_PREFIX, final_plugin, submit_training, trainings
 from ui.charts import iou_heatmap, loss_curve, miou_bars, validation_curve
 from ui.common import (
     ACTIVE,

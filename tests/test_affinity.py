@@ -37,14 +37,7 @@ from engine.refine.random_walk import (
 )
 from engine.runtime.jobs import submit_chain
 from engine.runtime.worker import WorkerConfig, serve
-from tests.conftest import (
-    TINY_CAM,
-    Reports,
-    job_row,
-    kill_when,
-    split_items,
-    worker_process,
-)
+from tests.conftest import TINY_CAM, Reports, job_row, kill_when, split_items, worker_process
 
 # A training small enough for tests: 2 epochs at batch 2 on 128-pixel crops.
 TINY_RW = {"epochs": 2, "batch_size": 2, "crop_size": 128, "resize_long": [128, 192], "checkpoint_every": 1}

@@ -14,12 +14,7 @@ from engine.core.types import Cancelled, Item, RunContext
 from engine.methods import cam
 from engine.methods.cam import CAMConfig
 from engine.ops import augment
-from engine.ops.cams import (
-    cams_to_label,
-    multilabel_target,
-    normalise_cams,
-    select_classes,
-)
+from engine.ops.cams import cams_to_label, multilabel_target, normalise_cams, select_classes
 from engine.ops.checkpoints import checkpoint_path, final_path, load_checked
 from engine.ops.scores import downsample_scores
 from engine.ops.scores import strided_to_image as cam_to_image_size

@@ -19,13 +19,7 @@ from cache.labelmaps import read_label_map, read_scores, write_label_map
 from engine.core import registry
 from engine.core.chains import dataset_id_for
 from engine.core.dataset import image_labels, read_mask
-from engine.methods.imported import (
-    check_label,
-    class_ids,
-    import_step,
-    npy_scores,
-    with_background,
-)
+from engine.methods.imported import check_label, class_ids, import_step, npy_scores, with_background
 from engine.ops.cams import cams_to_label
 from engine.ops.metrics import confusion_counts
 from engine.ops.scores import argmax_label as scores_to_label

@@ -36,24 +36,10 @@ from engine.core.dataset import label_each, read_image, read_mask
 from engine.core.registry import Offer, Role, inference, register, training_key
 from engine.core.types import ImageError, Item, LabelResult, RunContext, SourceVariant
 from engine.ops.augment import augment_with_label
-from engine.ops.backbone import (
-    BACKBONES,
-    freeze_batchnorm,
-    load_imagenet_encoder,
-    pad_to_multiple,
-    to_input,
-)
+from engine.ops.backbone import BACKBONES, freeze_batchnorm, load_imagenet_encoder, pad_to_multiple, to_input
 from engine.ops.metrics import confusion_counts, iou_from_counts
 from engine.ops.scores import downsample_scores
-from engine.ops.training import (
-    ParamGroup,
-    Training,
-    batch_draw,
-    poly_lr,
-    readable,
-    sgd,
-    train_resumable,
-)
+from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable
 
 FAMILY = "deeplab"
 PAPER_PARAMS = {"crop_size": 320, "epochs": 30, "batch_size": 16}  # isim Sec. 4.1 crop; a GPU budget

@@ -34,22 +34,9 @@ from engine.core.dataset import label_each
 from engine.core.registry import Offer, Role, inference, register, training_key
 from engine.core.types import Item, LabelResult, RunContext
 from engine.ops.augment import augment
-from engine.ops.backbone import (
-    FeatureExtractor,
-    freeze_batchnorm,
-    load_feature_extractor,
-    to_input,
-)
+from engine.ops.backbone import FeatureExtractor, freeze_batchnorm, load_feature_extractor, to_input
 from engine.ops.cams import NUM_FOREGROUND, cam_result, multilabel_target
-from engine.ops.training import (
-    ParamGroup,
-    Training,
-    batch_draw,
-    poly_lr,
-    readable,
-    sgd,
-    train_resumable,
-)
+from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable
 
 FAMILY = "cam"  # ctx.model_dir family; the files are cam_checkpoint.pt (during training), cam_model.pt (done)
 

@@ -42,33 +42,13 @@ from engine.core.dataset import label_each, read_image
 from engine.core.registry import Offer, Role, inference, register, training_key
 from engine.core.types import ImageError, Item, LabelResult, RunContext
 from engine.ops.augment import augment_with_label
-from engine.ops.backbone import (
-    BACKBONES,
-    freeze_batchnorm,
-    load_imagenet_encoder,
-    pad_to_multiple,
-    to_input,
-)
-from engine.ops.cams import (
-    NUM_FOREGROUND,
-    cam_result,
-    multilabel_target,
-    multiscale_cams,
-    normalise_cams,
-)
+from engine.ops.backbone import BACKBONES, freeze_batchnorm, load_imagenet_encoder, pad_to_multiple, to_input
+from engine.ops.cams import NUM_FOREGROUND, cam_result, multilabel_target, multiscale_cams, normalise_cams
 from engine.ops.checkpoints import chunked_labels
 from engine.ops.crf import IRN_LABEL_DCRF, DCRFConfig, refine_pseudo_label, scaled_dcrf
 from engine.ops.pool import LazyPool
 from engine.ops.scores import argmax_label, downsample_scores, resize_channels
-from engine.ops.training import (
-    ParamGroup,
-    Training,
-    batch_draw,
-    poly_lr,
-    readable,
-    sgd,
-    train_resumable,
-)
+from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable
 
 FAMILY = "isim"  # ctx.model_dir family shared by both variants
 PSEUDO_CHUNK = 64  # images per pseudo-label file: a killed regeneration loses at most this many
@@ -343,8 +323,8 @@ def decoder_label_image(net: DeepLabCAM, rgb: np.ndarray, item: Item, cfg: ISIMC
     """One image's "isim-decoder" result: label ``(H, W) uint8``, scores ``(K + 1, h, w) float16``."""
     classes = (0, *item.labels)
     probs = decoder_probs(net, rgb, item.labels, cfg.decoder_scales, cfg.decoder_flip, device)
-    return LabelResult(item.image_id, label=argmax_label(probs, classes), scores=downsample_scores(probs, cfg.score_max_side),
-                       score_classes=classes)
+    return LabelResult(item.image_id, label=argmax_label(probs, classes),
+                       scores=downsample_scores(probs, cfg.score_max_side), score_classes=classes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,15 +49,7 @@ from engine.core.types import ImageError, Item, LabelResult, RunContext
 from engine.ops.backbone import INPUT_MEAN, INPUT_STD, load_feature_extractor
 from engine.ops.cams import multilabel_target
 from engine.ops.scores import argmax_label, downsample_scores
-from engine.ops.training import (
-    ParamGroup,
-    Training,
-    adam,
-    batch_draw,
-    torch_threads,
-    train_resumable,
-    trained_state,
-)
+from engine.ops.training import ParamGroup, Training, adam, batch_draw, torch_threads, train_resumable, trained_state
 
 FAMILY = "tkp-pcl"  # ctx.model_dir family of the trained classifier
 NAME = "tkp_pcl"  # its files: tkp_pcl_checkpoint.pt while training, tkp_pcl_model.pt when done

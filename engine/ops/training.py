@@ -25,14 +25,7 @@ from torch import nn
 
 from engine.core.dataset import read_image
 from engine.core.types import ImageError, Item
-from engine.ops.checkpoints import (
-    checkpoint_path,
-    final_path,
-    load_checked,
-    resume,
-    save_atomic,
-    save_training_state,
-)
+from engine.ops.checkpoints import checkpoint_path, final_path, load_checked, resume, save_atomic, save_training_state
 
 
 def batch_draw(n_items: int, batch_size: int, seed: int, epoch: int, index: int

@@ -41,31 +41,13 @@ from engine.core.dataset import label_image_file, read_image
 from engine.core.registry import Offer, Role, inference, register, training_key
 from engine.core.types import ImageError, Item, LabelResult, RunContext
 from engine.ops.augment import augment_with_label
-from engine.ops.backbone import (
-    FeatureExtractor,
-    freeze_batchnorm,
-    load_feature_extractor,
-    to_input,
-)
+from engine.ops.backbone import FeatureExtractor, freeze_batchnorm, load_feature_extractor, to_input
 from engine.ops.cams import cams_to_label, with_background
 from engine.ops.checkpoints import chunked_labels
 from engine.ops.crf import IRN_LABEL_DCRF, refine_pseudo_label, scaled_dcrf
 from engine.ops.pool import LazyPool, run_jobs
-from engine.ops.scores import (
-    argmax_label,
-    downsample_scores,
-    resize_channels,
-    strided_to_image,
-)
-from engine.ops.training import (
-    ParamGroup,
-    Training,
-    batch_draw,
-    poly_lr,
-    readable,
-    sgd,
-    train_resumable,
-)
+from engine.ops.scores import argmax_label, downsample_scores, resize_channels, strided_to_image
+from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable
 
 FAMILY = "affinitynet"  # ctx.model_dir family of the trained AffinityNet and its affinity labels
 STRIDE = 8  # AffinityNet's output stride (PSA)

@@ -35,12 +35,7 @@ from cache.voc import VOC_CLASSES
 from engine.core.chains import Step, dataset_id_for
 from engine.core.dataset import default_voc_root
 from engine.isle import assignments
-from engine.isle.export import (
-    IMAGE_MODES,
-    ExportError,
-    export_assignment,
-    export_variant,
-)
+from engine.isle.export import IMAGE_MODES, ExportError, export_assignment, export_variant
 from engine.isle.numerics import OVERLAP_RULES, Subset
 from engine.methods.imported import FORMATS, import_step
 from engine.runtime.jobs import cancel, submit_chain
@@ -310,7 +305,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         print(f"\nTrainings, mIoU on {args.on} (%):")
         for r in rows:
             refined = "".join(f"  with {x.title} {_cell(x.miou).strip()}" for x in r.refined)
-            print(f"{r.label_set[:60]:60} mIoU {_cell(r.miou).strip():>6}{refined}  ({r.images} images, {r.variant_id})")
+            print(f"{r.label_set[:60]:60} mIoU {_cell(r.miou).strip():>6}{refined}"
+                  f"  ({r.images} images, {r.variant_id})")
 
     p = sub.add_parser("train", help="train the final network (DeepLabV3+) on a label set of --split, evaluate on --on")
     p.add_argument("label_set", help="a variant id, 'gt' (the ground truth), or 'isle:NAME' (a saved assignment)")
@@ -341,7 +337,8 @@ def _add_flags(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("status", help="jobs, and per-class IoU of every variant on --split").set_defaults(func=_print_status)
+    p = sub.add_parser("status", help="jobs, and per-class IoU of every variant on --split")
+    p.set_defaults(func=_print_status)
 
 
 def _add_cancel(sub: argparse._SubParsersAction) -> None:
@@ -358,7 +355,8 @@ def parser() -> argparse.ArgumentParser:
     """The argument parser: common options, then one sub-parser per ``SUBCOMMANDS`` entry."""
     p = argparse.ArgumentParser(prog="python -m engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", type=Path, default=None, help="cache directory (default $ISLE_CACHE_DIR or ./workbench-cache)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="cache directory (default $ISLE_CACHE_DIR or ./workbench-cache)")
     p.add_argument("--root", type=Path, default=None,
                    help="VOCdevkit root (default $ISLE_VOC_ROOT or the bundled voc2012-animals)")
     p.add_argument("--split", default="train")

@@ -29,22 +29,8 @@ from cache.labelmaps import write_label_map, write_scores
 from cache.rows import Dataset, ImageRow, Job
 from cache.schema import JobStatus
 from engine.core import registry
-from engine.core.dataset import (
-    DatasetError,
-    ImageRecord,
-    list_splits,
-    read_mask,
-    scan_split,
-    to_item,
-)
-from engine.core.types import (
-    Cancelled,
-    ImageError,
-    Item,
-    LabelResult,
-    RunContext,
-    SourceVariant,
-)
+from engine.core.dataset import DatasetError, ImageRecord, list_splits, read_mask, scan_split, to_item
+from engine.core.types import Cancelled, ImageError, Item, LabelResult, RunContext, SourceVariant
 from engine.ops.metrics import confusion_counts
 
 log = logging.getLogger("isle.worker")

@@ -14,6 +14,7 @@ from typing import Any
 
 import duckdb
 
+from cache.classes import ClassSet
 from cache.rows import Dataset, ImageRow, Job, Variant
 from cache.schema import FINISHED, JobStatus
 
@@ -41,10 +42,12 @@ def _insert(con: Con, table: str, types: Sequence[str], rows: Sequence[tuple], r
     con.execute(f"INSERT {'OR REPLACE ' if replace else ''}INTO {table} SELECT {select}", columns)
 
 
-def upsert_dataset(con: Con, dataset_id: str, name: str, root: str) -> None:
+def upsert_dataset(con: Con, dataset_id: str, name: str, root: str, classes: ClassSet, layout: str) -> None:
+    """Add a dataset, or update its class set and layout (a re-registration may change them)."""
     con.execute(
-        "INSERT INTO datasets (id, name, root) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING",
-        [dataset_id, name, root],
+        """INSERT INTO datasets (id, name, root, classes, layout) VALUES (?, ?, ?, ?, ?)
+           ON CONFLICT (id) DO UPDATE SET classes = excluded.classes, layout = excluded.layout""",
+        [dataset_id, name, root, classes.to_json(), layout],
     )
 
 
@@ -218,13 +221,16 @@ def class_counts(con: Con, dataset_id: str, split: str, image_ids: Sequence[str]
     ))
 
 
-def labelled_in_split(con: Con, dataset_id: str, split: str, image_ids: Sequence[str] | None = None) -> dict[str, int]:
-    """``{variant_id: number of the split's usable images (in image_ids) with a label map}``."""
+def labelled_in_split(con: Con, dataset_id: str, split: str, image_ids: Sequence[str] | None = None,
+                      with_truth: bool = False) -> dict[str, int]:
+    """``{variant_id: number of the split's usable images (in image_ids) with a label map}``;
+    with_truth: count only the images that have a ground-truth mask."""
     where, args = _subset(image_ids)
+    truth = "AND i.mask_path IS NOT NULL" if with_truth else ""
     rows = con.execute(
         f"""SELECT m.variant_id, count(*) FROM label_maps m
            JOIN images i ON i.image_id = m.image_id AND i.dataset_id = ? AND i.split = ?
-                        AND i.problem IS NULL
+                        AND i.problem IS NULL {truth}
            WHERE {where}
            GROUP BY m.variant_id""",
         [dataset_id, split, *args],

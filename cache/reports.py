@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cache import queries
-from cache.voc import NUM_CLASSES
+from cache.classes import ClassSet
 
 Con = queries.Con
 
@@ -18,17 +18,21 @@ Con = queries.Con
 class IoUTable:
     """Per-class IoU of several variants over the usable images of one split.
 
-    iou: ``(V, 21) float64`` in [0, 1], NaN where the split has no image of the class.
-    tp, fp, fn: ``(V, 21) int64`` pixel counts; n_images: ``(V, 21) int64`` images whose ground
-    truth holds the class (among those the variant labelled); labelled: ``(V,)`` label maps.
+    classes: the dataset's class set; C = ``classes.num_classes`` columns, column = label value.
+    iou: ``(V, C) float64`` in [0, 1], NaN where the split has no image of the class.
+    tp, fp, fn: ``(V, C) int64`` pixel counts; n_images: ``(V, C) int64`` images whose ground
+    truth holds the class (among those the variant labelled); labelled: ``(V,)`` label maps;
+    with_truth: ``(V,)`` of those, the images with ground truth (the figures' sample size).
     miou: ``(V,)`` mean over the classes with at least one image, NaN for a variant with none.
     source_ids: the variant each row refines (``variants.source_id``), None for a method.
     """
 
+    classes: ClassSet
     variant_ids: list[str]
     names: list[str]
     source_ids: list[str | None]
     labelled: np.ndarray
+    with_truth: np.ndarray
     iou: np.ndarray
     tp: np.ndarray
     fp: np.ndarray
@@ -40,10 +44,12 @@ class IoUTable:
 def iou_table(con: Con, dataset_id: str, split: str, image_ids: Sequence[str] | None = None) -> IoUTable:
     """Every variant of ``dataset_id`` with at least one label map on ``split``; counts summed
     over ``image_ids`` only when given (a selection or report subset)."""
+    classes = queries.get_dataset(con, dataset_id).classes
     labelled = queries.labelled_in_split(con, dataset_id, split, image_ids)
+    with_truth = queries.labelled_in_split(con, dataset_id, split, image_ids, with_truth=True)
     variants = [v for v in queries.variants(con, dataset_id) if labelled.get(v.id, 0) > 0]
     index = {v.id: row for row, v in enumerate(variants)}
-    shape = (len(variants), NUM_CLASSES)
+    shape = (len(variants), classes.num_classes)
     tp, fp, fn, n_images = (np.zeros(shape, np.int64) for _ in range(4))
     for r in queries.class_counts(con, dataset_id, split, image_ids):
         if r["variant_id"] in index:
@@ -54,10 +60,12 @@ def iou_table(con: Con, dataset_id: str, split: str, image_ids: Sequence[str] | 
     has_class = n_images > 0
     miou = np.array([row[mask].mean() if mask.any() else np.nan for row, mask in zip(iou, has_class)])
     return IoUTable(
+        classes=classes,
         variant_ids=[v.id for v in variants],
         names=[v.name for v in variants],
         source_ids=[v.source_id for v in variants],
         labelled=np.array([labelled[v.id] for v in variants], np.int64),
+        with_truth=np.array([with_truth.get(v.id, 0) for v in variants], np.int64),
         iou=iou, tp=tp, fp=fp, fn=fn, n_images=n_images, miou=miou,
     )
 
@@ -69,7 +77,8 @@ def select_rows(table: IoUTable, variant_ids: list[str]) -> IoUTable:
     return dataclasses.replace(
         table, variant_ids=[table.variant_ids[r] for r in rows], names=[table.names[r] for r in rows],
         source_ids=[table.source_ids[r] for r in rows],
-        **{name: getattr(table, name)[rows] for name in ("labelled", "iou", "tp", "fp", "fn", "n_images", "miou")})
+        **{name: getattr(table, name)[rows]
+           for name in ("labelled", "with_truth", "iou", "tp", "fp", "fn", "n_images", "miou")})
 
 
 def tree_order(table: IoUTable) -> tuple[list[int], list[int]]:
@@ -102,7 +111,7 @@ class GainTable:
     ``IoUTable`` whose source is also in it.
 
     rows, sources: ``(R,) int64`` row indices into the table (refined, source), in tree order.
-    gain: ``(R, 21) float64`` in [-1, 1], NaN where the class has no image; miou_gain: ``(R,)``.
+    gain: ``(R, C) float64`` in [-1, 1], NaN where the class has no image; miou_gain: ``(R,)``.
     """
 
     rows: np.ndarray

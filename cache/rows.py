@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from cache.classes import VOC, ClassSet
 
 def _fields(cls: type, row: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
@@ -20,16 +21,24 @@ def _fields(cls: type, row: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A registered dataset root; id = hash of its resolved path (``engine.core.chains``)."""
+    """A registered dataset root; id = hash of its resolved path (``engine.core.chains``).
+
+    classes: its class set (a cache made before class sets were stored holds VOC datasets only);
+    layout: ``"vocdevkit"``, ``"coco2014"`` or the path of its description file.
+    """
 
     id: str
     name: str
     root: str
     scanned_at: float | None = None
+    classes: ClassSet = VOC
+    layout: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Dataset:
-        return cls(**_fields(cls, row))
+        values = _fields(cls, row)
+        text = values.pop("classes", None)
+        return cls(**values, classes=ClassSet.from_json(text) if text else VOC)
 
 
 @dataclass(frozen=True)

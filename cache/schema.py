@@ -10,15 +10,21 @@ from enum import Enum
 
 import duckdb
 
-SCHEMA_VERSION = 4  # 2: conflicts, assignments; 3: train_log; 4: flags
+SCHEMA_VERSION = 5  # 2: conflicts, assignments; 3: train_log; 4: flags; 5: datasets.classes, layout
 
 STATEMENTS = (
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
-    # A VOCdevkit root; id = hash of its resolved path.
+    # A dataset root; id = hash of its resolved path. classes: the class set as JSON
+    # (cache.classes.ClassSet.to_json); layout: how it was read ("vocdevkit", "coco2014" or the
+    # description file's path).
     """CREATE TABLE IF NOT EXISTS datasets (
         id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, root VARCHAR NOT NULL,
-        scanned_at DOUBLE)""",
-    # One row per (split, image); labels = image-level foreground classes (1-20) from the mask;
+        scanned_at DOUBLE, classes VARCHAR, layout VARCHAR)""",
+    # Caches made before schema 5 read as VOC datasets (the only kind they could hold).
+    "ALTER TABLE datasets ADD COLUMN IF NOT EXISTS classes VARCHAR",
+    "ALTER TABLE datasets ADD COLUMN IF NOT EXISTS layout VARCHAR",
+    # One row per (split, image); labels = image-level object classes (from the masks or the
+    # dataset's label file); mask_path NULL = no ground truth;
     # problem names the bad file and what is wrong, NULL for a usable image.
     """CREATE TABLE IF NOT EXISTS images (
         dataset_id VARCHAR NOT NULL, split VARCHAR NOT NULL, image_id VARCHAR NOT NULL,

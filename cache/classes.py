@@ -6,7 +6,7 @@ takes it from the dataset. Label maps are ``(H, W) uint8``: label value = index 
 255 = ignore (object borders in the ground truth, undecided pixels in a pseudo-label).
 
 Sources: the PASCAL VOC 2012 classes (VOCdevkit ``VOCcode/VOClabelcolormap.m``; Everingham et
-al., IJCV 2010), a ``classes.txt`` (one name a line, line index = label value; the format of
+al., IJCV 2010), the MS COCO 2014 classes as ToCo and MCTformer number them, a ``classes.txt`` (one name a line, line index = label value; the format of
 ToCo's and MCTformer's COCO class lists) or CVAT's ``labelmap.txt`` (``name:r,g,b:parts:actions``).
 Colours default to the VOC bit pattern, which covers all 256 label values.
 
@@ -167,10 +167,35 @@ VOC = ClassSet((
 ))
 
 
+# MS COCO 2014 as WSSS repositories number it (ToCo, MCTformer): background + the 80 thing classes
+# in the official category order, label value = position (COCO's category ids have gaps).
+COCO = ClassSet((
+    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train",
+    "truck", "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird",
+    "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
+    "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis",
+    "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
+    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana",
+    "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut",
+    "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv",
+    "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster",
+    "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier",
+    "toothbrush",
+))
+
+
 def _background_of(names: Sequence[str], background: int | None | str) -> int | None:
     if background == "auto":
         return 0 if names and names[0].strip().lower() in BACKGROUND_NAMES else None
     return background  # type: ignore[return-value]
+
+
+def from_names(names: Sequence[str], background: int | None | str = "auto",
+               colours: Sequence[tuple[int, int, int]] = ()) -> ClassSet:
+    """A class set from names in label-value order; background ``"auto"`` (label 0 is background
+    when named like it: ``BACKGROUND_NAMES``), 0 or None. Raises ``ClassSetError``."""
+    names = tuple(str(n).strip() for n in names)
+    return ClassSet(names, _background_of(names, background), tuple(tuple(c) for c in colours))
 
 
 def read_classes_txt(path: Path, background: int | None | str = "auto") -> ClassSet:
@@ -186,9 +211,8 @@ def read_classes_txt(path: Path, background: int | None | str = "auto") -> Class
         raise ClassSetError(f"{path}: cannot read the class list ({exc})") from exc
     while lines and not lines[-1].strip():
         lines.pop()
-    names = tuple(line.strip() for line in lines)
     try:
-        return ClassSet(names, _background_of(names, background))
+        return from_names(lines, background)
     except ClassSetError as exc:
         raise ClassSetError(f"{path}: {exc}") from None
 
@@ -219,7 +243,7 @@ def read_cvat_labelmap(path: Path, background: int | None | str = "auto") -> Cla
         names.append(fields[0].strip())
         colours.append(rgb)  # type: ignore[arg-type]
     try:
-        return ClassSet(tuple(names), _background_of(names, background), tuple(colours))
+        return from_names(names, background, colours)
     except ClassSetError as exc:
         raise ClassSetError(f"{path}: {exc}") from None
 

@@ -1,6 +1,7 @@
 """Label maps and class scores on disk.
 
-Label maps are VOC palette ("P" mode) PNGs, ``(H, W) uint8`` with values 0-20 and 255 (ignore);
+Label maps are palette ("P" mode) PNGs, ``(H, W) uint8`` label values and 255 (ignore), coloured
+with the dataset's palette (``cache.classes``);
 class scores are ``.npz`` files holding ``classes: (K,) int16`` and ``scores: (K, h, w) float16``.
 Files are written to a temporary name and renamed, so a killed process never leaves half a file
 under the final name. Their paths are recorded only in DuckDB (``cache/queries.py``).
@@ -15,7 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cache.voc import IGNORE_INDEX, NUM_CLASSES, VOC_PALETTE
+from cache.classes import ClassSet, bit_palette
+
+_BIT_PALETTE = bit_palette().flatten().tolist()
 
 
 class LabelMapError(ValueError):
@@ -29,16 +32,22 @@ def atomic_target(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
 
 
-def write_label_map(path: Path, label: np.ndarray) -> None:
-    """Write ``label: (H, W) uint8`` (0-20, 255) as a VOC palette PNG at ``path``."""
+def write_label_map(path: Path, label: np.ndarray, classes: ClassSet | None = None) -> None:
+    """Write ``label: (H, W) uint8`` as a palette PNG at ``path``.
+
+    classes: the class set its values must belong to, whose palette colours the file; None
+    (a map already checked, e.g. a thumbnail) skips the check and uses the VOC bit pattern.
+    Raises ``LabelMapError`` naming the file for a wrong shape, dtype or label value.
+    """
     label = np.asarray(label)
     if label.ndim != 2 or label.dtype != np.uint8:
         raise LabelMapError(f"{path}: expected a (H, W) uint8 label map, got {label.shape} {label.dtype}")
-    bad = np.setdiff1d(np.unique(label), [*range(NUM_CLASSES), IGNORE_INDEX])
-    if bad.size:
-        raise LabelMapError(f"{path}: label values {bad.tolist()} are not VOC classes 0-20 or 255")
+    if classes is not None:
+        bad = classes.unknown_values(label)
+        if bad:
+            raise LabelMapError(f"{path}: label values {bad} are not classes ({classes.valid_range()})")
     image = Image.fromarray(label, mode="P")
-    image.putpalette(VOC_PALETTE.flatten().tolist())
+    image.putpalette(_BIT_PALETTE if classes is None else classes.palette.flatten().tolist())
     tmp = atomic_target(path)
     image.save(tmp, format="PNG")
     os.replace(tmp, path)

@@ -72,7 +72,7 @@ def image_thumbnail(cache_dir: Path, source: Path, size: int = THUMB_SIZE) -> np
 
 
 def label_thumbnail(cache_dir: Path, source: Path, size: int = THUMB_SIZE) -> np.ndarray:
-    """``(h, w) uint8`` (0-20, 255), longer side ``size``, of the label map or mask ``source``.
+    """``(h, w) uint8`` (label values, 255), longer side ``size``, of the label map or mask ``source``.
 
     Raises ``ThumbnailError`` naming a missing or unreadable file.
     """

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cache.classes import VOC, ClassSet
+from cache.classes import COCO, VOC, ClassSet, read_classes_txt
 from engine.core.image_labels import decode_voc_int_id, labels_from_vector, read_image_labels
 from engine.core.layouts import DatasetError, LabelSource, detect_layout, read_description, read_split_ids
 from tests.conftest import REPO, VOC_ROOT, make_voc_copy
@@ -83,11 +83,12 @@ def test_mctformer_lists_give_split_train_and_onehot_labels(tmp_path):
     assert layout.image_path(train, first).is_file() and layout.mask_path(train, first) is None
 
 
-def test_coco2014_without_classes_txt_names_the_missing_file(tmp_path):
+def test_coco2014_without_classes_txt_gets_the_coco_class_set(tmp_path):
     root = _coco_without_masks(tmp_path)
     (root / "classes.txt").unlink()
-    with pytest.raises(DatasetError, match="classes.txt: class list is missing"):
-        detect_layout(root)
+    shutil.copy(COCO_ROOT / "lists" / "cls_labels_onehot.npy", root / "lists")
+    layout = detect_layout(root)
+    assert layout.classes == COCO == read_classes_txt(COCO_ROOT / "classes.txt")
 
 
 def test_detection_errors_name_the_path(tmp_path):

@@ -17,7 +17,7 @@ and masks. Three layouts are known:
 
       name = "streets"                      # optional; default: the root folder's name
       root = "."                            # optional; relative to this file's folder
-      classes = "classes.txt"               # classes.txt / labelmap.txt path, a list of names, or "voc"
+      classes = "classes.txt"               # classes.txt / labelmap.txt path, a list of names, "voc" or "coco"
       background = "auto"                   # "auto" | 0 | "none"
       images = "images/{split}/{id}.jpg"    # templates relative to root; {split} and {id}
       masks = "masks/{split}/{id}.png"      # optional: omit for no ground truth
@@ -55,6 +55,7 @@ COCO_SPLIT_LISTS = (  # split name -> list files, first present wins (ToCo, then
     ("val", ("val.txt", "val_id.txt")),
     ("val_part", ("val_part.txt",)),
 )
+BUILT_IN = {"voc": class_lists.VOC, "coco": class_lists.COCO}  # class sets a description may name
 _TOP_KEYS = ("name", "root", "classes", "background", "images", "masks", "labels", "splits")
 _LABEL_KEYS = ("from", "path")
 _SPLIT_KEYS = ("list", "images", "masks")
@@ -214,9 +215,7 @@ def _coco2014(root: Path) -> Layout:
     if not splits:
         expected = ", ".join(f for _, files in COCO_SPLIT_LISTS for f in files)
         raise DatasetError(f"{list_folder}: no split lists (expected one of {expected})")
-    classes = _folder_classes(root)
-    if classes is None:  # no built-in COCO class set yet: the 81 names must come with the data
-        raise DatasetError(f"{root / 'classes.txt'}: class list is missing (COCO 2014 needs classes.txt)")
+    classes = _folder_classes(root) or class_lists.COCO
     onehot = list_folder / "cls_labels_onehot.npy"
     if (root / "SegmentationClass").is_dir():
         labels = LabelSource("masks", None)
@@ -304,13 +303,12 @@ def _background(fields: _Fields, value: Any) -> int | None | str:
 
 def _classes(fields: _Fields, root: Path, value: Any, background: int | None | str) -> ClassSet:
     try:
-        if value == "voc" or isinstance(value, list):
-            names = class_lists.VOC.names if value == "voc" else tuple(value)
+        built_in = isinstance(value, str) and value in BUILT_IN
+        if built_in or isinstance(value, list):
+            names = BUILT_IN[value].names if built_in else tuple(value)
             if not all(isinstance(n, str) for n in names):
                 raise fields.error("classes", "a class list holds names (strings) only")
-            if background == "auto":  # the rule of cache.classes: label 0 named like background
-                background = 0 if names and names[0].strip().lower() in class_lists.BACKGROUND_NAMES else None
-            return ClassSet(tuple(n.strip() for n in names), background)
+            return class_lists.from_names(names, background)
         path = fields.file(root, value, "classes")
         read = class_lists.read_cvat_labelmap if path.name == "labelmap.txt" else class_lists.read_classes_txt
         return read(path, background)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from cache.classes import ClassSet
 from engine.core.types import LabelResult, RunContext
 
 RunFn = Callable[[Any, RunContext], Iterator[LabelResult]]
@@ -62,6 +63,16 @@ class Plugin:
     run: RunFn
     title: str  # how the heatmap names it, e.g. "CAM", "dCRF"
     offers: frozenset[Offer] = frozenset()
+    # True when it makes background from a score threshold or trains on a background label, so
+    # a class set without background (label 0 a real class) cannot serve it.
+    needs_background: bool = False
+
+    def refusal(self, classes: ClassSet) -> str | None:
+        """Why this plugin cannot run on a dataset with ``classes``; None when it can."""
+        if self.needs_background and not classes.has_background:
+            return (f"{self.title} needs a background class (label 0), but this dataset's class set "
+                    f"has none ({classes.names[0]!r} is label 0); use a method that does not, e.g. an import")
+        return None
 
     def make_config(self, params: dict[str, Any] | None = None) -> Any:
         """Build the config from a JSON-able dict (lists become tuples).
@@ -84,7 +95,8 @@ _REGISTRY: dict[str, Plugin] = {}
 
 
 def register(name: str, *, role: Role, config: type, title: str,
-             offers: frozenset[Offer] | set[Offer] = frozenset()) -> Callable[[RunFn], RunFn]:
+             offers: frozenset[Offer] | set[Offer] = frozenset(),
+             needs_background: bool = False) -> Callable[[RunFn], RunFn]:
     """Decorator adding ``run`` as plugin ``name``; ``ValueError`` when the name is taken."""
 
     def decorate(run: RunFn) -> RunFn:
@@ -92,7 +104,7 @@ def register(name: str, *, role: Role, config: type, title: str,
             raise ValueError(f"plugin {name!r} registered twice")
         if not dataclasses.is_dataclass(config):
             raise ValueError(f"plugin {name!r}: config {config!r} is not a dataclass")
-        _REGISTRY[name] = Plugin(name, Role(role), config, run, title, frozenset(offers))
+        _REGISTRY[name] = Plugin(name, Role(role), config, run, title, frozenset(offers), needs_background)
         return run
 
     return decorate

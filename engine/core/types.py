@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from cache.classes import ClassSet
+
 
 class Cancelled(Exception):
     """Raised by ``RunContext.report`` when the user cancelled the job."""
@@ -29,9 +31,10 @@ class ImageError(Exception):
 class Item:
     """One image of a dataset split, as registered in the cache.
 
-    ``labels`` are the image-level foreground class ids (1-20), derived from the ground-truth
-    mask. ``mask_path`` is the ground truth: WSSS methods must only use ``labels``; it is here for
-    evaluation and for modes explicitly marked as oracle.
+    ``labels`` are the image-level object class ids (label values of the dataset's class set),
+    from the mask or the dataset's label file. ``mask_path`` is the ground truth (None: the image
+    has none): WSSS methods must only use ``labels``; it is here for evaluation and for modes
+    explicitly marked as oracle.
     """
 
     image_id: str
@@ -46,13 +49,14 @@ class Item:
 class LabelResult:
     """A pseudo-label for one image, or the reason there is none.
 
-    label: ``(H, W) uint8``, values 0-20 or 255 (ignore), H and W the image size.
+    label: ``(H, W) uint8``, label values of the class set or 255 (ignore), H and W the image size.
     scores: ``(K, h, w) float16/float32 in [0, 1]``, the per-class scores the label was derived
         from (any resolution; stored as float16). Channel k belongs to class ``score_classes[k]``;
-        class 0 is the background score.
+        class 0 is the background score (for a class set with background).
     error: set instead of ``label`` when the image could not be processed (bad input).
-    conflicts: ``(21, 21) int64`` for a merge (ISLE): pixels class w won from class l at
-        ``[w, l]``; row 0 counts pixels of classes absent from the image's labels (dropped).
+    conflicts: ``(C, C) int64`` for a merge (ISLE), C = the number of classes: pixels class w
+        won from class l at ``[w, l]``; row 0 counts pixels of classes absent from the image's
+        labels (dropped).
     """
 
     image_id: str
@@ -121,6 +125,7 @@ class SourceVariant:
 class RunContext:
     """Everything a plugin may use.
 
+    classes: the dataset's class set (names, background, the width of a segmentation head).
     items: every valid image of the split (a method trains on these).
     todo: the images that still need a label map; a resumed job gets only the unfinished ones.
     workdir: a directory private to this variant that survives restarts.
@@ -138,6 +143,7 @@ class RunContext:
         the variant, written with the next batch of results.
     """
 
+    classes: ClassSet = field(kw_only=True)
     items: Sequence[Item]
     todo: Sequence[Item]
     workdir: Path

@@ -9,13 +9,13 @@ pseudo-labels, an ISLE merge, or the ground truth, the upper bound): the network
 source's label maps of the source's own split (``ctx.source_items``) and predicts the images of
 the split the job runs on, so on val the variant's counts are the model's per-class IoU there.
 
-Model: segmentation-models-pytorch ``DeepLabV3Plus`` (output stride 16, 21 classes), encoder an
+Model: segmentation-models-pytorch ``DeepLabV3Plus`` (output stride 16, one output per class of the dataset), encoder an
 ImageNet EfficientNet-Lite (default Lite0) or any smp encoder with a local state dict; pretrained
 encoder batch norm keeps its statistics. Loss: cross-entropy, 255 ignored. Trains resumably
 (``engine.ops.training``), keyed by the settings, the source variant and its images, so predicting
 another split reuses the model; curves: the loss every step, the mIoU on the first ``val_images``
 images of the job's split at each epoch end (``ctx.log``).
-Out per image: label ``(H, W) uint8`` = argmax over the 21 classes (no image-level labels at test
+Out per image: label ``(H, W) uint8`` = argmax over every class (no image-level labels at test
 time); scores = softmax of background and every class reaching ``keep_prob``, ``(K, h, w) float16``.
 Deviation: GroupNorm in the ASPP image-pooling branch (``pool_norm``). Costs: docs/methods/deeplab.md.
 """
@@ -31,7 +31,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from cache.voc import IGNORE_INDEX, NUM_CLASSES
+from cache.classes import IGNORE_INDEX, ClassSet
 from engine.core.dataset import label_each, read_image, read_mask
 from engine.core.registry import Offer, Role, inference, register, training_key
 from engine.core.types import ImageError, Item, LabelResult, RunContext, SourceVariant
@@ -109,16 +109,17 @@ class SegNet(nn.Module):
         return self
 
 
-def build_net(cfg: DeepLabConfig) -> SegNet:
-    """The network with its encoder weights (package ImageNet weights, a local file, or none);
-    decoder initialised from ``cfg.seed``. Raises ``ValueError`` for an unknown encoder."""
+def build_net(cfg: DeepLabConfig, num_classes: int) -> SegNet:
+    """The network over ``num_classes`` (background included) with its encoder weights (package
+    ImageNet weights, a local file, or none); decoder initialised from ``cfg.seed``. Raises
+    ``ValueError`` for an unknown encoder."""
     lite = cfg.encoder in BACKBONES
     name = f"tu-{BACKBONES[cfg.encoder].timm_name}" if lite else cfg.encoder
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         try:
             seg = smp.DeepLabV3Plus(encoder_name=name, encoder_weights=None,
-                                    encoder_output_stride=cfg.output_stride, classes=NUM_CLASSES)
+                                    encoder_output_stride=cfg.output_stride, classes=num_classes)
         except (KeyError, ValueError, RuntimeError) as exc:
             raise ValueError(f"deeplab: unknown encoder {cfg.encoder!r} ({exc})") from None
     if cfg.pool_norm == "group":
@@ -154,7 +155,7 @@ def _batch(items: Sequence[Item], source: SourceVariant, cfg: DeepLabConfig, epo
 
 @torch.no_grad()
 def predict_probs(net: SegNet, rgb: np.ndarray, output_stride: int, flip: bool, device: str = "cpu") -> np.ndarray:
-    """Softmax class probabilities of one image: ``rgb (H, W, 3) uint8`` -> ``(21, H, W) float32``."""
+    """Softmax class probabilities of one image: ``rgb (H, W, 3) uint8`` -> ``(C, H, W) float32``."""
     height, width = rgb.shape[:2]
     x = pad_to_multiple(to_input(rgb)[None].to(device), output_stride)
     logits = net(x)[..., :height, :width]
@@ -163,18 +164,20 @@ def predict_probs(net: SegNet, rgb: np.ndarray, output_stride: int, flip: bool, 
     return torch.softmax(logits, dim=1)[0].float().cpu().numpy()
 
 
-def label_from_probs(probs: np.ndarray, image_id: str, keep_prob: float, max_side: int) -> LabelResult:
-    """Argmax label ``(H, W) uint8`` and the stored scores of background + the classes whose
-    probability reaches ``keep_prob`` somewhere."""
+def label_from_probs(probs: np.ndarray, image_id: str, keep_prob: float, max_side: int,
+                     classes: ClassSet) -> LabelResult:
+    """Argmax label ``(H, W) uint8`` and the stored scores of background (if the class set has
+    one) + the classes whose probability reaches ``keep_prob`` somewhere."""
     label = probs.argmax(axis=0).astype(np.uint8)
-    keep = [0] + [c for c in range(1, NUM_CLASSES) if probs[c].max() >= keep_prob]
+    peaks = probs.reshape(len(probs), -1).max(axis=1)
+    keep = [c for c in range(classes.num_classes) if c == classes.background or peaks[c] >= keep_prob]
     return LabelResult(image_id, label=label, scores=downsample_scores(probs[keep], max_side), score_classes=tuple(keep))
 
 
-def evaluate(net: SegNet, items: Sequence[Item], cfg: DeepLabConfig, device: str) -> float:
+def evaluate(net: SegNet, items: Sequence[Item], cfg: DeepLabConfig, device: str, num_classes: int) -> float:
     """mIoU (in [0, 1]) of the network on ``items`` against their ground truth, over the classes
-    present in those images; NaN when none can be read."""
-    total = np.zeros((NUM_CLASSES, 3), np.int64)
+    present in those images; NaN when none can be read (or none has ground truth)."""
+    total = np.zeros((num_classes, 3), np.int64)
     net.eval()
     for item in items:
         if item.mask_path is None:
@@ -184,7 +187,7 @@ def evaluate(net: SegNet, items: Sequence[Item], cfg: DeepLabConfig, device: str
         except ImageError:
             continue
         label = predict_probs(net, rgb, cfg.output_stride, False, device).argmax(axis=0).astype(np.uint8)
-        total += confusion_counts(gt, label)
+        total += confusion_counts(gt, label, num_classes)
     present = total[:, 0] + total[:, 2] > 0
     return float(np.nanmean(iou_from_counts(total)[present])) if present.any() else float("nan")
 
@@ -197,12 +200,12 @@ def train(cfg: DeepLabConfig, ctx: RunContext) -> SegNet:
     if ctx.source is None or not ctx.source_items:
         raise ValueError("deeplab trains on a label set: the run needs a source variant with label maps")
     items = list(ctx.source_items)
-    net = build_net(cfg).to(ctx.device)
-    key = training_key(cfg, source=ctx.source.variant_id)
+    net = build_net(cfg, ctx.classes.num_classes).to(ctx.device)
+    key = training_key(cfg, source=ctx.source.variant_id, classes=list(ctx.classes.names))
     model_dir = ctx.model_dir(FAMILY, key, images=items)
     steps_per_epoch = max(1, len(items) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    val_items = list(ctx.items)[: cfg.val_images]
+    val_items = [item for item in ctx.items if item.mask_path is not None][: cfg.val_images]
     loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
 
     def after_step(done: int, loss: float | None) -> None:
@@ -210,7 +213,7 @@ def train(cfg: DeepLabConfig, ctx: RunContext) -> SegNet:
             ctx.log("loss", done, loss)
         if done % steps_per_epoch == 0 and val_items:
             ctx.report("validate", done, total)
-            ctx.log("val_miou", done, evaluate(net, val_items, cfg, ctx.device))
+            ctx.log("val_miou", done, evaluate(net, val_items, cfg, ctx.device, ctx.classes.num_classes))
 
     train_resumable(net, model_dir, Training(
         name=FAMILY, key=key, total=total, steps_per_epoch=steps_per_epoch, checkpoint_every=cfg.checkpoint_every,
@@ -234,4 +237,4 @@ def run(cfg: DeepLabConfig, ctx: RunContext) -> Iterator[LabelResult]:
     net = train(cfg, ctx)
     yield from label_each(ctx.todo, lambda rgb, item: label_from_probs(
         predict_probs(net, rgb, cfg.output_stride, cfg.test_flip, ctx.device), item.image_id, cfg.keep_prob,
-        cfg.score_max_side))
+        cfg.score_max_side, ctx.classes))

@@ -6,7 +6,7 @@ compare against. As a variant, the ground truth is trained on, exported and insp
 pseudo-label set; the Train page offers it as a label set. It reads the ground truth, so it is an
 oracle: never a default ISLE candidate.
 
-Out: per image the mask ``(H, W) uint8`` as is (0-20, 255 = ignore kept).
+Out: per image the mask ``(H, W) uint8`` as is (label values, 255 = ignore kept).
 """
 
 from __future__ import annotations

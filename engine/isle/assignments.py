@@ -17,8 +17,8 @@ import numpy as np
 
 from cache import queries, reports
 from cache.reports import IoUTable
+from cache.classes import ClassSet
 from cache.rows import Variant
-from cache.voc import NUM_CLASSES, VOC_CLASSES
 from engine.core import registry
 from engine.core.chains import Step, chain_variants
 from engine.core.registry import Role
@@ -27,6 +27,7 @@ from .numerics import (
     OVERLAP_RULES,
     AutoAssignment,
     Subset,
+    absent_index,
     auto_assignment,
     iou_of,
     precision_priority,
@@ -34,7 +35,6 @@ from .numerics import (
 )
 
 MERGE, NAIVE = "isle", "isle-naive"  # the ensemble plugins of engine/isle/merge.py
-OBJECT_CLASSES = tuple(range(1, NUM_CLASSES))
 T = TypeVar("T")
 
 
@@ -71,8 +71,8 @@ def _rows(table: IoUTable, variant_ids: Sequence[str]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Figures:
-    """Per-class IoU of one label set over one subset: ``iou (21,)`` in [0, 1] (NaN: no image),
-    ``miou``, and ``counts (21, 3)`` TP, FP, FN."""
+    """Per-class IoU of one label set over one subset: ``iou (C,)`` in [0, 1] (NaN: no image),
+    ``miou``, and ``counts (C, 3)`` TP, FP, FN."""
 
     counts: np.ndarray
     iou: np.ndarray
@@ -99,8 +99,8 @@ class Plan:
 
     candidates / names: the V candidate variant ids and names. selection / report: their
     ``IoUTable`` over the selection and report image subsets (report None when every image
-    selects). auto: Algorithm 2 on the selection subset. choice: ``(21,)`` candidate row per class
-    after the overrides (``choice[0] = -1``). overridden: class ids whose choice differs from auto.
+    selects). auto: Algorithm 2 on the selection subset. choice: ``(C,)`` candidate row per class
+    after the overrides (-1 for the background). overridden: class ids whose choice differs from auto.
     priority: class ids by the chosen variants' precision (overlap rule "precision" and ties).
     predicted: the ensemble's predicted figures per subset ("selection", "report").
     """
@@ -121,6 +121,11 @@ class Plan:
     priority: tuple[int, ...]
     predicted: dict[str, Figures]
 
+    @property
+    def classes(self) -> ClassSet:
+        """The dataset's class set."""
+        return self.selection.classes
+
     def chosen(self, class_id: int) -> str:
         """The variant id chosen for an object class."""
         return self.candidates[self.choice[class_id]]
@@ -134,7 +139,7 @@ class Plan:
     def choice_dict(self, choice: np.ndarray | None = None) -> dict[str, str]:
         """``{"<class id>": variant id}`` of ``choice`` (default: the current one), for JSON."""
         choice = self.choice if choice is None else choice
-        return {str(c): self.candidates[choice[c]] for c in OBJECT_CLASSES}
+        return {str(c): self.candidates[choice[c]] for c in self.classes.foreground}
 
 
 def build_plan(con: queries.Con, dataset_id: str, split: str, candidates: Sequence[str],
@@ -149,38 +154,43 @@ def build_plan(con: queries.Con, dataset_id: str, split: str, candidates: Sequen
         raise ValueError("ISLE needs at least one candidate variant")
     if rule not in OVERLAP_RULES:
         raise ValueError(f"overlap rule must be one of {OVERLAP_RULES}, got {rule!r}")
-    image_ids = [r.image_id for r in queries.usable_images(con, dataset_id, split)]
+    image_ids = queries.usable_image_ids(con, dataset_id, split)
     selection_ids, report_ids = subset.split(image_ids)
     if not selection_ids:
         raise ValueError(f"the selection subset of {split} is empty (fraction {subset.fraction}, seed {subset.seed})")
-    selection = reports.iou_table(con, dataset_id, split, selection_ids)
+    # Every usable image selects: the split's count totals give the same table as its rows.
+    whole = len(selection_ids) == len(image_ids)
+    selection = reports.iou_table(con, dataset_id, split, None if whole else selection_ids)
     report = reports.iou_table(con, dataset_id, split, report_ids) if report_ids else None
     rows = _rows(selection, candidates)
-    auto = auto_assignment(selection.iou[rows], selection.miou[rows], candidates)
+    classes = selection.classes
+    auto = auto_assignment(selection.iou[rows], selection.miou[rows], candidates, classes)
     choice = auto.choice.copy()
     for class_id, variant_id in (overrides or {}).items():
         if variant_id not in candidates:
-            raise ValueError(f"override for {VOC_CLASSES[int(class_id)]}: {variant_id!r} is not a candidate")
+            raise ValueError(f"override for {classes.name(int(class_id))}: {variant_id!r} is not a candidate")
+        if int(class_id) not in classes.foreground:
+            raise ValueError(f"override for {classes.name(int(class_id))}: only object classes are assigned")
         choice[int(class_id)] = candidates.index(variant_id)
-    priority = precision_priority(selection.tp[rows], selection.fp[rows], choice)
+    priority = precision_priority(selection.tp[rows], selection.fp[rows], choice, classes)
     predicted = {}
     for name, table in (("selection", selection), ("report", report)):
         if table is not None:
             r = _rows(table, candidates)
-            counts = predicted_counts(table.tp[r], table.fp[r], table.fn[r], choice)
+            counts = predicted_counts(table.tp[r], table.fp[r], table.fn[r], choice, classes)
             predicted[name] = _figures(counts, table.n_images[r].max(axis=0) > 0)
     names = [selection.names[r] for r in rows]
     return Plan(dataset_id=dataset_id, split=split, candidates=candidates, names=names, subset=subset,
                 rule=rule, selection_ids=selection_ids, report_ids=report_ids, selection=selection,
                 report=report, auto=auto, choice=choice,
-                overridden=tuple(int(c) for c in OBJECT_CLASSES if choice[c] != auto.choice[c]),
+                overridden=tuple(int(c) for c in classes.foreground if choice[c] != auto.choice[c]),
                 priority=priority, predicted=predicted)
 
 
 def merge_step(plan: Plan, name: str = "auto") -> Step:
     """The chain step of the exact merge (``engine/isle/merge.py``) of ``plan``'s assignment;
     its variant is named "ISLE (<name>)" (the name labels it; the assignment identifies it)."""
-    params = {"variants": [plan.chosen(c) for c in OBJECT_CLASSES], "rule": plan.rule,
+    params = {"variants": [plan.chosen(c) for c in plan.classes.foreground], "rule": plan.rule,
               "priority": list(plan.priority)}
     return Step(MERGE, params, title=f"ISLE ({name})")
 
@@ -190,8 +200,8 @@ def naive_step(plan: Plan) -> Step:
     selection images hold them, fallback the best single candidate."""
     rows = _rows(plan.selection, plan.candidates)
     images = plan.selection.n_images[rows].max(axis=0)
-    ranking = sorted(OBJECT_CLASSES, key=lambda c: (-images[c], c))
-    params = {"variants": [plan.candidates[plan.auto.choice[c]] for c in OBJECT_CLASSES],
+    ranking = sorted(plan.classes.foreground, key=lambda c: (-images[c], c))
+    params = {"variants": [plan.candidates[plan.auto.choice[c]] for c in plan.classes.foreground],
               "ranking": ranking, "fallback": plan.candidates[plan.best_single()]}
     return Step(NAIVE, params, title="naive ISLE")
 
@@ -245,10 +255,10 @@ def rebuild(con: queries.Con, dataset_id: str, split: str, saved: Saved) -> Plan
     return build_plan(con, dataset_id, split, saved.candidates, saved.subset, saved.choice, saved.rule)
 
 
-def lost_pixels(conflicts: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    """``(21,) int64`` pixels each class lost, from ``queries.conflict_totals`` rows (winner 0 =
-    dropped as absent from the image's labels)."""
-    lost = np.zeros(NUM_CLASSES, np.int64)
+def lost_pixels(conflicts: Sequence[Mapping[str, Any]], classes: ClassSet) -> np.ndarray:
+    """``(C,) int64`` pixels each class lost, from ``queries.conflict_totals`` rows (winner
+    ``numerics.absent_index`` = dropped as absent from the image's labels)."""
+    lost = np.zeros(classes.num_classes, np.int64)
     for r in conflicts:
         lost[r["loser"]] += r["pixels"]
     return lost
@@ -374,10 +384,11 @@ def summary(con: queries.Con, plan: Plan, merge_variant_id: str | None = None,
         return BySubset(*(value(key) for key in subsets))
 
     conflicts = queries.conflict_totals(con, merge_variant_id, plan.selection_ids) if merge_variant_id else []
-    lost = lost_pixels(conflicts)
+    class_set = plan.classes
+    lost = lost_pixels(conflicts, class_set)
     sel_rows = _rows(plan.selection, plan.candidates)
     classes = []
-    for c in OBJECT_CLASSES:
+    for c in class_set.foreground:
         tp_lost = fp_lost = None
         if exact["selection"] is not None:
             # What the overlaps took: predicted minus exact TP and FP, at most lost_pixels (the
@@ -385,7 +396,7 @@ def summary(con: queries.Con, plan: Plan, merge_variant_id: str | None = None,
             delta = plan.predicted["selection"].counts[c] - exact["selection"].counts[c]
             tp_lost, fp_lost = int(delta[0]), int(delta[1])
         classes.append(ClassSummary(
-            class_id=c, class_name=VOC_CLASSES[c], images=int(plan.selection.n_images[sel_rows, c].max()),
+            class_id=c, class_name=class_set.name(c), images=int(plan.selection.n_images[sel_rows, c].max()),
             variant=plan.chosen(c), variant_name=plan.names[plan.choice[c]],
             auto_variant=plan.candidates[plan.auto.choice[c]], overridden=c in plan.overridden,
             tied=tuple(plan.candidates[r] for r in plan.auto.tied.get(c, ())),
@@ -402,8 +413,8 @@ def summary(con: queries.Con, plan: Plan, merge_variant_id: str | None = None,
             best_single=percent(table.miou[rows][best]), best_single_variant=plan.candidates[best],
             predicted=percent(plan.predicted[key].miou), exact=percent(exact[key].miou) if exact[key] else None,
             naive=percent(naive[key].miou) if naive[key] else None,
-            predicted_background_iou=percent(plan.predicted[key].iou[0]),
-            exact_background_iou=percent(exact[key].iou[0]) if exact[key] else None)
+            predicted_background_iou=percent(plan.predicted[key].iou[0]) if class_set.has_background else None,
+            exact_background_iou=percent(exact[key].iou[0]) if exact[key] and class_set.has_background else None)
 
     return Summary(
         dataset_id=plan.dataset_id, split=plan.split, rule=plan.rule,
@@ -413,8 +424,9 @@ def summary(con: queries.Con, plan: Plan, merge_variant_id: str | None = None,
                          for v, n, r in zip(plan.candidates, plan.names, sel_rows)),
         priority=tuple(plan.priority), merge_variant=merge_variant_id, naive_variant=naive_variant_id,
         classes=tuple(classes), miou=by_subset(miou),
-        conflicts=tuple(ConflictSummary(VOC_CLASSES[r["winner"]] if r["winner"] else "(absent from labels)",
-                                        VOC_CLASSES[r["loser"]], int(r["pixels"]), int(r["n_images"]))
+        conflicts=tuple(ConflictSummary("(absent from labels)" if r["winner"] == absent_index(class_set)
+                                        else class_set.name(r["winner"]),
+                                        class_set.name(r["loser"]), int(r["pixels"]), int(r["n_images"]))
                         for r in conflicts))
 
 

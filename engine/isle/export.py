@@ -3,7 +3,8 @@ trainer, with a ``provenance.json`` saying where every label came from.
 
 Layout written under ``dest`` (what IRN, PuzzleCAM and mmsegmentation's VOC-aug configs read)::
 
-    SegmentationClassAug/<id>.png       the pseudo-labels: VOC palette PNGs, (H, W) 0-20 and 255
+    SegmentationClassAug/<id>.png       the pseudo-labels: palette PNGs, (H, W) label values and 255
+    classes.txt                         the dataset's class names, line index = label value
     ImageSets/Segmentation/<split>.txt  the exported image ids, one per line
     JPEGImages/<id>.jpg                 symlinks to the dataset's images (``images="copy"``: copies;
                                         ``"none"``: left out)
@@ -91,10 +92,14 @@ def export_variant(cache_dir: Path, variant_id: str, dest: Path, details: dict[s
         elif images == "copy":
             shutil.copyfile(r.image_path, staging / "JPEGImages" / Path(r.image_path).name)
     (staging / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{r.image_id}\n" for r in exported))
+    # The class list travels with the labels, so registering the export reads it with its names.
+    (staging / "classes.txt").write_text("".join(f"{name}\n" for name in dataset.classes.names))
     provenance = {
         "variant": {k: getattr(variant, k) for k in ("id", "name", "method", "source_id", "code_version")}
         | {"steps": list(variant.steps)},
-        "dataset": {"id": dataset.id, "root": dataset.root}, "split": split,
+        "dataset": {"id": dataset.id, "root": dataset.root, "layout": dataset.layout,
+                    "classes": list(dataset.classes.names), "background": dataset.classes.background},
+        "split": split,
         "images": len(exported), "missing_label_maps": missing, "exported_at": time.time(),
         "layout": {"labels": LABEL_FOLDER, "list": f"ImageSets/Segmentation/{split}.txt", "images": images},
         "details": details or {},

@@ -28,27 +28,35 @@ import numpy as np
 from PIL import Image
 
 from cache.labelmaps import LabelMapError, read_label_map, read_scores
-from cache.voc import NUM_CLASSES
+from cache.classes import ClassSet
 from engine.core.registry import Offer, Role, register
 from engine.core.types import ImageError, LabelResult, RunContext, SourceVariant
 from engine.ops.pool import run_jobs
 
-from .numerics import OVERLAP_RULES, drop_absent, merge_slices, naive_choice
-
-N_OBJECT_CLASSES = NUM_CLASSES - 1
+from .numerics import OVERLAP_RULES, absent_index, conflict_shape, drop_absent, merge_slices, naive_choice, unclaimed
 
 
-def _check_variants(variants: tuple[str, ...]) -> None:
-    if len(variants) != N_OBJECT_CLASSES or not all(isinstance(v, str) and v for v in variants):
-        raise ValueError(f"isle: variants must list one variant id for each of the {N_OBJECT_CLASSES} "
-                         f"object classes (aeroplane ... tvmonitor), got {list(variants)}")
+def _check_variants(variants: tuple[str, ...], order: tuple[int, ...], what: str) -> None:
+    """Shape checks that need no class set: one non-empty id per class, ``order`` a permutation."""
+    if not variants or not all(isinstance(v, str) and v for v in variants):
+        raise ValueError(f"isle: variants must list one variant id per object class, got {list(variants)}")
+    if len(order) != len(variants) or len(set(order)) != len(order):
+        raise ValueError(f"isle: {what} must order the {len(variants)} object class ids once each, got {list(order)}")
+
+
+def check_classes(variants: tuple[str, ...], order: tuple[int, ...], what: str, classes: ClassSet) -> None:
+    """Raise ``ValueError`` unless there is one variant per object class of ``classes`` and
+    ``order`` holds each object class id once (checked when the job runs on its dataset)."""
+    if len(variants) != len(classes.foreground) or sorted(order) != list(classes.foreground):
+        raise ValueError(f"isle: the dataset has {len(classes.foreground)} object classes; the assignment lists "
+                         f"{len(variants)} variants and {what} {list(order)}")
 
 
 @dataclass(frozen=True)
 class IsleConfig:
     """An assignment (Algorithm 2's output, possibly overridden) and the overlap rule.
 
-    variants: 20 variant ids, the one chosen for class 1 (aeroplane) ... 20 (tvmonitor).
+    variants: one variant id per object class, in ``ClassSet.foreground`` order.
     rule: ``numerics.OVERLAP_RULES``. priority: object class ids in precedence order for
     the "precision" rule and for ties (highest precision of the chosen variant first).
     Nothing is trained: the cost is reading the chosen label maps (and, for overlap pixels, their
@@ -60,11 +68,9 @@ class IsleConfig:
     priority: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_variants(self.variants)
+        _check_variants(self.variants, self.priority, "priority")
         if self.rule not in OVERLAP_RULES:
             raise ValueError(f"isle: rule must be one of {OVERLAP_RULES}, got {self.rule!r}")
-        if sorted(self.priority) != list(range(1, NUM_CLASSES)):
-            raise ValueError(f"isle: priority must order the class ids 1-20 once each, got {list(self.priority)}")
 
 
 @dataclass(frozen=True)
@@ -77,9 +83,7 @@ class NaiveIsleConfig:
     fallback: str = ""
 
     def __post_init__(self) -> None:
-        _check_variants(self.variants)
-        if sorted(self.ranking) != list(range(1, NUM_CLASSES)):
-            raise ValueError(f"isle-naive: ranking must order the class ids 1-20 once each, got {list(self.ranking)}")
+        _check_variants(self.variants, self.ranking, "ranking")
         if not self.fallback:
             raise ValueError("isle-naive: fallback variant id is empty")
 
@@ -114,7 +118,7 @@ def _class_score(path: Path | None, class_id: int, size: tuple[int, int]) -> np.
     return np.asarray(Image.fromarray(channel, mode="F").resize(size[::-1], Image.BILINEAR))
 
 
-def _merge(job: _MergeJob, rule: str, priority: tuple[int, ...]) -> LabelResult:
+def _merge(job: _MergeJob, rule: str, priority: tuple[int, ...], classes: ClassSet) -> LabelResult:
     """One image's merged label and conflicts; a bad file is an error result naming it."""
     try:
         maps: dict[Path, np.ndarray] = {}
@@ -124,11 +128,11 @@ def _merge(job: _MergeJob, rule: str, priority: tuple[int, ...]) -> LabelResult:
                 maps[label_path] = _read_label(label_path, job.size, job.image_id)
             claims[class_id] = maps[label_path] == class_id
             score_files[class_id] = scores_path
-        if not claims:  # no object class in the image: all background
-            return LabelResult(job.image_id, label=np.zeros(job.size, np.uint8),
-                               conflicts=np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64))
+        if not claims:  # no object class in the image: all background (undecided without one)
+            return LabelResult(job.image_id, label=np.full(job.size, unclaimed(classes), np.uint8),
+                               conflicts=np.zeros(conflict_shape(classes), np.int64))
         label, conflicts = merge_slices(claims, job.labels, priority, rule,
-                                        lambda c: _class_score(score_files[c], c, job.size))
+                                        lambda c: _class_score(score_files[c], c, job.size), classes=classes)
     except (LabelMapError, ImageError, OSError, ValueError, KeyError) as exc:
         return LabelResult(job.image_id, error=str(exc))
     return LabelResult(job.image_id, label=label, conflicts=conflicts)
@@ -149,11 +153,13 @@ def _files(variant: SourceVariant, image_id: str) -> tuple[Path, Path | None] | 
 
 def merge_jobs(cfg: IsleConfig, ctx: RunContext) -> Iterator[_MergeJob | LabelResult]:
     """The per-image jobs of ``ctx.todo``: only the image's own classes are read (no-absent rule)."""
+    check_classes(cfg.variants, cfg.priority, "priority", ctx.classes)
+    chosen = dict(zip(ctx.classes.foreground, cfg.variants))
     readers = _open(ctx, set(cfg.variants))
     for item in ctx.todo:
         files = []
         for class_id in item.labels:
-            found = _files(readers[cfg.variants[class_id - 1]], item.image_id)
+            found = _files(readers[chosen[class_id]], item.image_id)
             if isinstance(found, LabelResult):
                 files = found
                 break
@@ -165,25 +171,26 @@ def merge_jobs(cfg: IsleConfig, ctx: RunContext) -> Iterator[_MergeJob | LabelRe
 @register("isle", role=Role.ENSEMBLE, config=IsleConfig, title="ISLE", offers={Offer.ISLE})
 def run(cfg: IsleConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """The exact ISLE merge of every ``ctx.todo`` image (Algorithm 3)."""
-    yield from run_jobs(_merge, merge_jobs(cfg, ctx), ctx.processes, cfg.rule, cfg.priority)
+    yield from run_jobs(_merge, merge_jobs(cfg, ctx), ctx.processes, cfg.rule, cfg.priority, ctx.classes)
 
 
-def _naive(job: _MergeJob) -> LabelResult:
+def _naive(job: _MergeJob, classes: ClassSet) -> LabelResult:
     """One image's naive-ISLE label: the chosen variant's map with absent classes dropped."""
     (_, label_path, _), = job.files
     try:
-        label, dropped = drop_absent(_read_label(label_path, job.size, job.image_id), job.labels)
+        label, dropped = drop_absent(_read_label(label_path, job.size, job.image_id), job.labels, classes)
     except (LabelMapError, ImageError, OSError) as exc:
         return LabelResult(job.image_id, error=str(exc))
-    conflicts = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
-    conflicts[0] = dropped  # row 0: pixels of absent classes, dropped to background
+    conflicts = np.zeros(conflict_shape(classes), np.int64)
+    conflicts[absent_index(classes), : classes.num_classes] = dropped  # pixels of absent classes
     return LabelResult(job.image_id, label=label, conflicts=conflicts)
 
 
 @register("isle-naive", role=Role.ENSEMBLE, config=NaiveIsleConfig, title="naive ISLE", offers={Offer.ISLE})
 def run_naive(cfg: NaiveIsleConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Naive ISLE (Sec. 3): per image, the whole map of the best candidate on its top-ranked class."""
-    best = {c: v for c, v in enumerate(cfg.variants, start=1)}
+    check_classes(cfg.variants, cfg.ranking, "ranking", ctx.classes)
+    best = dict(zip(ctx.classes.foreground, cfg.variants))
     readers = _open(ctx, {*cfg.variants, cfg.fallback})
 
     def jobs() -> Iterator[_MergeJob | LabelResult]:
@@ -193,4 +200,4 @@ def run_naive(cfg: NaiveIsleConfig, ctx: RunContext) -> Iterator[LabelResult]:
             yield found if isinstance(found, LabelResult) else _MergeJob(
                 item.image_id, tuple(item.labels), (item.height, item.width), ((0, *found),))
 
-    yield from run_jobs(_naive, jobs(), ctx.processes)
+    yield from run_jobs(_naive, jobs(), ctx.processes, ctx.classes)

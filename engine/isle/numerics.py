@@ -5,7 +5,8 @@ Ostrowski & Shafique, "ISLE: A Framework for Image Level Semantic Segmentation E
 
 - **Algorithm 2** (``auto_assignment``): for each object class, the candidate variant with the best
   per-class IoU over the selection images. Background is excluded ("the background is the inverse
-  of all classes combined"): it is whatever no chosen class claims.
+  of all classes combined"): it is whatever no chosen class claims. A class set without
+  background assigns every class, and a pixel no chosen class claims stays 255 (undecided).
 - **Algorithm 3** (``merge_slices``): per image, the slice of class c is copied from the variant
   chosen for c. The paper concatenates slices; where two slices overlap the reference script adds
   the labels (turning them into a third class). Here an overlap is resolved by a documented,
@@ -14,8 +15,9 @@ Ostrowski & Shafique, "ISLE: A Framework for Image Level Semantic Segmentation E
   candidate that is best on the image's highest-ranked class, classes ranked by how many training
   images hold them (the paper ranks by instances; the cache knows images per class).
 
-Label maps are ``(H, W) uint8`` with 0-20 and 255 (ignore). A merged pseudo-label never holds a
-class absent from the image's image-level labels: only those classes' slices are copied.
+Label maps are ``(H, W) uint8`` label values of the dataset's class set (``ClassSet``) and 255
+(ignore); C = its number of classes. A merged pseudo-label never holds a class absent from the
+image's image-level labels: only those classes' slices are copied.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache.voc import NUM_CLASSES
+from cache.classes import IGNORE_INDEX, ClassSet
 
 OVERLAP_RULES = ("score", "precision")
 """How a pixel claimed by two chosen classes is decided.
@@ -38,9 +40,22 @@ priority order, i.e. whose chosen variant has the higher per-class precision TP 
 selection images. Remaining ties go to the earlier class in the priority order.
 """
 
-ABSENT = 0
-"""Row of the conflict matrix that counts pixels dropped because their class is not among the
-image's labels (``conflicts[ABSENT, c]``): the background "wins" them."""
+def absent_index(classes: ClassSet) -> int:
+    """Row of the conflict matrix that counts pixels dropped because their class is not among the
+    image's labels (``conflicts[absent, c]``): the background, which "wins" them, or C (one past
+    the last class) for a class set without background, whose dropped pixels become 255."""
+    return classes.background if classes.has_background else classes.num_classes
+
+
+def conflict_shape(classes: ClassSet) -> tuple[int, int]:
+    """``(C, C)``, or ``(C + 1, C + 1)`` without background (room for the absent row)."""
+    n = classes.num_classes + (0 if classes.has_background else 1)
+    return n, n
+
+
+def unclaimed(classes: ClassSet) -> int:
+    """The value of a pixel no chosen class claims: background, else 255 (undecided)."""
+    return classes.background if classes.has_background else IGNORE_INDEX
 
 
 # --- Algorithm 2: automatic assignment -------------------------------------------------------
@@ -50,8 +65,8 @@ image's labels (``conflicts[ABSENT, c]``): the background "wins" them."""
 class AutoAssignment:
     """Algorithm 2's result over V candidates.
 
-    choice: ``(21,) int64`` candidate row per class; ``choice[0] = -1`` (background is not
-        assigned). A class without selection images gets the candidate with the best mIoU.
+    choice: ``(C,) int64`` candidate row per class; ``choice[0] = -1`` when 0 is background (it
+        is not assigned). A class without selection images gets the candidate with the best mIoU.
     tied: ``{class id: candidate rows}`` for classes whose best IoU several candidates share.
     no_images: class ids without any image in the selection subset.
     """
@@ -61,27 +76,27 @@ class AutoAssignment:
     no_images: tuple[int, ...]
 
 
-def auto_assignment(iou: np.ndarray, miou: np.ndarray, variant_ids: Sequence[str]) -> AutoAssignment:
+def auto_assignment(iou: np.ndarray, miou: np.ndarray, variant_ids: Sequence[str], classes: ClassSet) -> AutoAssignment:
     """The best candidate per object class (ISLE Algorithm 2).
 
-    iou: ``(V, 21) float`` per-class IoU over the selection images, NaN where no image holds the
+    iou: ``(V, C) float`` per-class IoU over the selection images, NaN where no image holds the
         class. miou: ``(V,)``. variant_ids: V ids, used only to break ties.
     Ties (equal IoU) go to the higher mIoU, then the smaller variant id, so the choice does not
     depend on the order candidates were listed in. Raises ``ValueError`` for no candidate or
     mismatched shapes.
     """
     iou = np.asarray(iou, dtype=np.float64)
-    if iou.ndim != 2 or iou.shape[0] == 0 or iou.shape[1] != NUM_CLASSES:
-        raise ValueError(f"expected iou of shape (V >= 1, {NUM_CLASSES}), got {iou.shape}")
+    if iou.ndim != 2 or iou.shape[0] == 0 or iou.shape[1] != classes.num_classes:
+        raise ValueError(f"expected iou of shape (V >= 1, {classes.num_classes}), got {iou.shape}")
     if len(miou) != iou.shape[0] or len(variant_ids) != iou.shape[0]:
         raise ValueError(f"{iou.shape[0]} candidates but {len(miou)} mIoUs and {len(variant_ids)} ids")
     miou = np.nan_to_num(np.asarray(miou, dtype=np.float64), nan=-1.0)
     # Rows in tie-break order: higher mIoU first, then smaller id.
     order = sorted(range(len(variant_ids)), key=lambda v: (-miou[v], variant_ids[v]))
-    choice = np.full(NUM_CLASSES, -1, np.int64)
+    choice = np.full(classes.num_classes, -1, np.int64)
     tied: dict[int, tuple[int, ...]] = {}
     no_images = []
-    for c in range(1, NUM_CLASSES):
+    for c in classes.foreground:
         column = iou[:, c]
         if np.isnan(column).all():
             no_images.append(c)
@@ -95,15 +110,15 @@ def auto_assignment(iou: np.ndarray, miou: np.ndarray, variant_ids: Sequence[str
     return AutoAssignment(choice=choice, tied=tied, no_images=tuple(no_images))
 
 
-def precision_priority(tp: np.ndarray, fp: np.ndarray, choice: np.ndarray) -> tuple[int, ...]:
+def precision_priority(tp: np.ndarray, fp: np.ndarray, choice: np.ndarray, classes: ClassSet) -> tuple[int, ...]:
     """Object classes ordered by the precision of their chosen variant, highest first.
 
-    tp, fp: ``(V, 21)`` pixel counts over the selection images; choice: ``(21,)`` candidate row per
-    class (``choice[0]`` ignored). A class with no predicted pixel has precision 0. Ties go to the
-    smaller class id. Returns the 20 class ids 1-20.
+    tp, fp: ``(V, C)`` pixel counts over the selection images; choice: ``(C,)`` candidate row per
+    class (background ignored). A class with no predicted pixel has precision 0. Ties go to the
+    smaller class id. Returns every object class id (``classes.foreground``) once.
     """
     precision = {}
-    for c in range(1, NUM_CLASSES):
+    for c in classes.foreground:
         t, f = tp[choice[c], c], fp[choice[c], c]
         precision[c] = t / (t + f) if t + f > 0 else 0.0
     return tuple(sorted(precision, key=lambda c: (-precision[c], c)))
@@ -112,12 +127,13 @@ def precision_priority(tp: np.ndarray, fp: np.ndarray, choice: np.ndarray) -> tu
 # --- predicted figures, from the counts alone ------------------------------------------------
 
 
-def predicted_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, choice: np.ndarray) -> np.ndarray:
+def predicted_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, choice: np.ndarray,
+                     classes: ClassSet) -> np.ndarray:
     """The ensemble's TP, FP, FN per class as predicted from the candidates' cached counts.
 
-    tp, fp, fn: ``(V, 21) int`` summed over the same images for every candidate (each candidate
-    labelled all of them); choice: ``(21,)`` candidate row per object class.
-    Returns ``(21, 3) int64``.
+    tp, fp, fn: ``(V, C) int`` summed over the same images for every candidate (each candidate
+    labelled all of them); choice: ``(C,)`` candidate row per object class.
+    Returns ``(C, 3) int64``.
 
     Object class c: the counts of its chosen variant, exact but for the pixels c loses to another
     class in an overlap (``merge_slices`` counts them), which move from TP to FN or leave FP.
@@ -125,20 +141,23 @@ def predicted_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, choice: np.
     chosen classes' false positives are taken to lie on background (FN0 = sum FP_c, capped at G0)
     and their misses to become background (FP0 = sum FN_c). That is exact for images with one
     object class and no overlap; on multi-class images part of FP_c lies on another class.
+    Without background every class is an object class and nothing is estimated.
     """
     tp, fp, fn = (np.asarray(a, dtype=np.int64) for a in (tp, fp, fn))
-    out = np.zeros((NUM_CLASSES, 3), np.int64)
-    classes = np.arange(1, NUM_CLASSES)
-    rows = np.asarray(choice)[classes]
-    out[classes, 0], out[classes, 1], out[classes, 2] = tp[rows, classes], fp[rows, classes], fn[rows, classes]
+    out = np.zeros((classes.num_classes, 3), np.int64)
+    objects = np.asarray(classes.foreground)
+    rows = np.asarray(choice)[objects]
+    out[objects, 0], out[objects, 1], out[objects, 2] = tp[rows, objects], fp[rows, objects], fn[rows, objects]
+    if not classes.has_background:
+        return out
     g0 = tp[rows[0], 0] + fn[rows[0], 0]
-    fn0 = min(int(out[classes, 1].sum()), int(g0))
-    out[0] = (g0 - fn0, out[classes, 2].sum(), fn0)
+    fn0 = min(int(out[objects, 1].sum()), int(g0))
+    out[0] = (g0 - fn0, out[objects, 2].sum(), fn0)
     return out
 
 
 def iou_of(counts: np.ndarray, has_images: np.ndarray) -> tuple[np.ndarray, float]:
-    """``counts: (21, 3)`` TP, FP, FN -> ``((21,) IoU, NaN where has_images is False; mIoU)``."""
+    """``counts: (C, 3)`` TP, FP, FN -> ``((C,) IoU, NaN where has_images is False; mIoU)``."""
     tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
     iou = np.where(has_images, tp / np.maximum(tp + fp + fn, 1), np.nan)
     return iou, float(np.nanmean(iou)) if has_images.any() else float("nan")
@@ -153,20 +172,24 @@ def merge_slices(
     priority: Sequence[int],
     rule: str = "score",
     score_of: Callable[[int], np.ndarray | None] | None = None,
+    *,
+    classes: ClassSet,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One image's ensemble pseudo-label (ISLE Algorithm 3) and its overlaps.
 
     claims: ``{class id: (H, W) bool}``, the slice of class c in the label map of the variant
         chosen for c (``label == c``); classes not in ``image_labels`` are dropped (counted in
-        ``conflicts[ABSENT, c]``).
-    image_labels: the image-level foreground classes (1-20).
+        ``conflicts[absent_index(classes), c]``).
+    image_labels: the image-level object classes.
     priority: class ids in precedence order (``precision_priority``); classes not listed come last,
         by id.
     rule: one of ``OVERLAP_RULES``. score_of: ``score_of(c) -> (H, W) float32`` or None, the
         score of class c in its chosen variant at the image size; called only for classes that
         overlap another, only with rule "score".
-    Returns ``(label (H, W) uint8, conflicts (21, 21) int64)``: pixels claimed by no class are 0
-    (background); ``conflicts[w, l]`` counts the pixels class w won from class l.
+    classes: the dataset's class set.
+    Returns ``(label (H, W) uint8, conflicts conflict_shape(classes) int64)``: pixels claimed by
+    no class are ``unclaimed(classes)`` (background, else 255); ``conflicts[w, l]`` counts the
+    pixels class w won from class l.
     Raises ``ValueError`` for an unknown rule or claims of different shapes.
     """
     if rule not in OVERLAP_RULES:
@@ -174,7 +197,8 @@ def merge_slices(
     shapes = {np.shape(m) for m in claims.values()}
     if len(shapes) > 1:
         raise ValueError(f"class slices of different shapes {sorted(shapes)}")
-    conflicts = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    conflicts = np.zeros(conflict_shape(classes), np.int64)
+    absent = absent_index(classes)
     if not claims:
         raise ValueError("no class slice to merge: at least one claim map is needed for the image size")
     shape = shapes.pop()
@@ -185,8 +209,8 @@ def merge_slices(
         if c in present:
             kept.append(c)
         else:
-            conflicts[ABSENT, c] += int(np.count_nonzero(claims[c]))
-    label = np.zeros(shape, np.uint8)
+            conflicts[absent, c] += int(np.count_nonzero(claims[c]))
+    label = np.full(shape, unclaimed(classes), np.uint8)
     if not kept:
         return label, conflicts
     stack = np.stack([np.asarray(claims[c], dtype=bool) for c in kept])  # (k, H, W), priority order
@@ -238,17 +262,20 @@ def naive_choice(image_labels: Sequence[int], ranking: Sequence[int], best_for_c
     return fallback
 
 
-def drop_absent(label: np.ndarray, image_labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """``label (H, W) uint8`` with object classes not in ``image_labels`` set to 0 (background).
+def drop_absent(label: np.ndarray, image_labels: Sequence[int], classes: ClassSet) -> tuple[np.ndarray, np.ndarray]:
+    """``label (H, W) uint8`` with object classes not in ``image_labels`` set to
+    ``unclaimed(classes)`` (background, else 255).
 
-    Returns ``(label, dropped (21,) int64 pixels per class)``; 255 stays 255.
+    Returns ``(label, dropped (C,) int64 pixels per class)``; 255 stays 255.
     """
     keep = np.zeros(256, bool)
-    keep[[0, 255, *image_labels]] = True
+    keep[[IGNORE_INDEX, *image_labels]] = True
+    if classes.has_background:
+        keep[classes.background] = True
     drop = ~keep[label]
-    dropped = np.bincount(label[drop], minlength=256)[:NUM_CLASSES].astype(np.int64)
+    dropped = np.bincount(label[drop], minlength=256)[: classes.num_classes].astype(np.int64)
     out = label.copy()
-    out[drop] = 0
+    out[drop] = unclaimed(classes)
     return out, dropped
 
 

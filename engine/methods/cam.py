@@ -9,7 +9,7 @@ into pseudo-labels.
   ``step/eval_cam.py``): output stride 16, ReLU, per-class max normalisation, argmax against the
   background threshold; frozen batch-norm statistics.
 
-Train: ``ctx.items`` rgb ``(H, W, 3) uint8`` -> crops ``(B, 3, c, c)`` -> ``CAMNet`` -> ``(B, 20)``
+Train: ``ctx.items`` rgb ``(H, W, 3) uint8`` -> crops ``(B, 3, c, c)`` -> ``CAMNet`` -> ``(B, N)`` (N object classes)
 logits; resumable (``engine.ops.training``), keyed by the training settings. Infer:
 ``engine.ops.cams.cam_result``: label ``(H, W) uint8`` in ``{0, *image classes}``, scores
 ``(K + 1, h, w) float16`` (channel 0 = the background threshold).
@@ -35,7 +35,7 @@ from engine.core.registry import Offer, Role, inference, register, training_key
 from engine.core.types import Item, LabelResult, RunContext
 from engine.ops.augment import augment
 from engine.ops.backbone import FeatureExtractor, freeze_batchnorm, load_feature_extractor, to_input
-from engine.ops.cams import NUM_FOREGROUND, cam_result, multilabel_target
+from engine.ops.cams import cam_result, multilabel_target
 from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable
 
 FAMILY = "cam"  # ctx.model_dir family; the files are cam_checkpoint.pt (during training), cam_model.pt (done)
@@ -85,17 +85,19 @@ PAPER_PARAMS: dict[str, Any] = {
 class CAMNet(nn.Module):
     """Backbone + global average pooling + bias-free 1x1 conv classifier (CAM Sec. 2; IRN).
 
-    forward: ``(B, 3, H, W) float32`` (``to_input`` normalisation) -> ``(B, 20) float32`` logits.
-    class_maps: same input -> ``(B, 20, H / s, W / s) float32`` raw CAMs (classifier applied at
+    forward: ``(B, 3, H, W) float32`` (``to_input`` normalisation) -> ``(B, N) float32`` logits,
+    N = ``num_objects`` (the object classes; label value c is row c - 1).
+    class_maps: same input -> ``(B, N, H / s, W / s) float32`` raw CAMs (classifier applied at
     every position, before ReLU); ``forward`` equals their spatial mean.
     The first ``frozen_stages`` backbone stages run without gradients.
     """
 
-    def __init__(self, features: FeatureExtractor, frozen_stages: int, generator: torch.Generator):
+    def __init__(self, features: FeatureExtractor, frozen_stages: int, generator: torch.Generator,
+                 num_objects: int):
         super().__init__()
         self.features = features
         self.frozen_stages = frozen_stages
-        self.classifier = nn.Conv2d(features.num_features, NUM_FOREGROUND, 1, bias=False)
+        self.classifier = nn.Conv2d(features.num_features, num_objects, 1, bias=False)
         nn.init.kaiming_uniform_(self.classifier.weight, a=math.sqrt(5), generator=generator)  # torch's default
         for stage in features.stages[:frozen_stages]:
             stage.requires_grad_(False)
@@ -120,14 +122,16 @@ class CAMNet(nn.Module):
         return self
 
 
-def build_net(cfg: CAMConfig) -> CAMNet:
-    """``CAMNet`` with ImageNet backbone weights and a classifier initialised from ``cfg.seed``."""
+def build_net(cfg: CAMConfig, num_objects: int) -> CAMNet:
+    """``CAMNet`` with ImageNet backbone weights and a ``num_objects``-class classifier initialised
+    from ``cfg.seed``."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    return CAMNet(load_feature_extractor(cfg.backbone, cfg.output_stride), cfg.frozen_stages, generator)
+    return CAMNet(load_feature_extractor(cfg.backbone, cfg.output_stride), cfg.frozen_stages, generator, num_objects)
 
 
-def _batch(items: Sequence[Item], cfg: CAMConfig, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Batch ``index`` of ``epoch``: ``(B, 3, c, c) float32`` crops and ``(B, 20) float32`` targets.
+def _batch(items: Sequence[Item], cfg: CAMConfig, num_objects: int, epoch: int,
+           index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Batch ``index`` of ``epoch``: ``(B, 3, c, c) float32`` crops and ``(B, N) float32`` targets.
 
     Order and augmentation depend only on (seed, epoch, index), so a resumed run sees the same
     batches. Unreadable images are skipped; None when the whole batch is unreadable.
@@ -136,7 +140,7 @@ def _batch(items: Sequence[Item], cfg: CAMConfig, epoch: int, index: int) -> tup
     images, targets = [], []
     for item, rgb in readable(items, indices):
         images.append(to_input(augment(rgb, rng, cfg.resize_long, cfg.crop_size)))
-        targets.append(torch.from_numpy(multilabel_target(item.labels)))
+        targets.append(torch.from_numpy(multilabel_target(item.labels, num_objects)))
     if not images:
         return None
     return torch.stack(images), torch.stack(targets)
@@ -150,8 +154,9 @@ def train(cfg: CAMConfig, ctx: RunContext) -> CAMNet:
     """
     if not ctx.items:
         raise ValueError("CAM needs training images: ctx.items is empty")
-    net = build_net(cfg).to(ctx.device)
-    key = training_key(cfg)
+    num_objects = len(ctx.classes.foreground)
+    net = build_net(cfg, num_objects).to(ctx.device)
+    key = training_key(cfg, classes=list(ctx.classes.names))
     steps_per_epoch = max(1, len(ctx.items) // cfg.batch_size)  # last partial batch dropped (IRN)
     total = cfg.epochs * steps_per_epoch
     loss_fn = nn.MultiLabelSoftMarginLoss()
@@ -161,13 +166,13 @@ def train(cfg: CAMConfig, ctx: RunContext) -> CAMNet:
                         ParamGroup(list(net.classifier.parameters()), cfg.lr * cfg.classifier_lr_mult)],
         optimizer=sgd(cfg.momentum, cfg.weight_decay),
         lr=lambda step, base: poly_lr(base, step, total, cfg.poly_power),
-        batch=lambda step: _batch(ctx.items, cfg, *divmod(step, steps_per_epoch)),
+        batch=lambda step: _batch(ctx.items, cfg, num_objects, *divmod(step, steps_per_epoch)),
         loss=lambda batch: loss_fn(net(batch[0].to(ctx.device)), batch[1].to(ctx.device)),
         report=lambda done: ctx.report("train", done, total), device=ctx.device))
     return net
 
 
-@register("cam", role=Role.METHOD, config=CAMConfig, title="CAM", offers={Offer.QUEUE})
+@register("cam", role=Role.METHOD, config=CAMConfig, title="CAM", offers={Offer.QUEUE}, needs_background=True)
 def run(cfg: CAMConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Train on ``ctx.items`` (or load the trained model), then one result per ``ctx.todo`` image."""
     net = train(cfg, ctx)

@@ -6,16 +6,16 @@ labels "as provided by the official GitHub"). An imported variant is stored, cou
 like any other; its name is the one the user gives (``Step.title``).
 
 In: one file per image of the split, ``<image id>.<format>``:
-- ``png``: a label map, VOC palette ("P") or 8-bit grey ("L"), ``(H, W)`` values 0-20 and 255, the
-  image's size (IRN ``step/make_sem_seg_labels.py``, PuzzleCAM ``make_pseudo_labels.py``).
+- ``png``: a label map, palette ("P") or 8-bit grey ("L"), ``(H, W)`` label values of the
+  dataset's class set and 255, the image's size (IRN ``step/make_sem_seg_labels.py``, PuzzleCAM ``make_pseudo_labels.py``).
 - ``npy``: the pickled dict of IRN ``step/make_cam.py`` (``keys`` = class id - 1; ``high_res``,
   ``cam``) or PuzzleCAM ``inference_classification.py`` / ``inference_rw.py`` (``keys`` = class ids
   with a leading 0; ``hr_cam``, ``rw``): per-class scores in [0, 1]; with one channel per key the
   background is a constant ``bg_threshold`` channel (IRN ``eval_cam.py``), with one more it is
   channel 0. Pseudo-label = argmax, ties to the background.
 Out: label ``(H, W) uint8``; for npy also scores ``(K + 1, h, w) float16``. Every file is
-validated (missing, unreadable, wrong size, values outside 0-20 and 255, a class absent from the
-image's labels, keys that do not match the channels); a bad file is an error result naming it.
+validated (missing, unreadable, wrong size, values that are not classes or 255, a class absent
+from the image's labels, keys that do not match the channels); a bad file is an error result naming it.
 
 ``np.load(allow_pickle=True)`` runs the pickle in the file: the folder is a local path the user
 chose (the trust of running the WSSS code that wrote it). The variant is keyed by the folder path
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from cache.labelmaps import LabelMapError, read_label_map
-from cache.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
+from cache.classes import ClassSet
 from engine.core import registry
 from engine.core.chains import Step
 from engine.core.registry import Offer, Role
@@ -43,15 +43,14 @@ FORMATS = ("png", "npy")
 # Score keys tried in this order when ``score_key`` is None. Full-resolution maps come before
 # ``cam``, which IRN and PuzzleCAM store at stride 4 next to ``high_res`` / ``hr_cam``.
 SCORE_KEYS = ("hr_cam", "high_res", "rw", "cam")
-# ``keys`` conventions: "index" = 0-based foreground indices, class id = key + 1 (IRN
-# make_cam: ``torch.nonzero(label)[:, 0]``, read back with ``keys + 1``); "class_id" = VOC class
+# ``keys`` conventions: "index" = 0-based object indices, class id = key + 1 (IRN
+# make_cam: ``torch.nonzero(label)[:, 0]``, read back with ``keys + 1``); "class_id" = class
 # ids, a leading 0 standing for the background (PuzzleCAM: ``np.pad(keys + 1, (1, 0))``).
 KEY_CONVENTIONS = ("index", "class_id")
 # Background threshold per score key when ``bg_threshold`` is None: IRN ``cam_eval_thres`` = 0.15
 # for CAMs (run_sample.py, step/eval_cam.py); IRN ``sem_seg_bg_thres`` = 0.25 for random-walk
 # scores (step/make_sem_seg_labels.py), also PuzzleCAM make_pseudo_labels.py ``--threshold``.
 DEFAULT_BG_THRESHOLDS = {"hr_cam": 0.15, "high_res": 0.15, "cam": 0.15, "rw": 0.25}
-_VALID_VALUES = np.array([*range(NUM_CLASSES), IGNORE_INDEX])
 
 
 @dataclass(frozen=True)
@@ -90,10 +89,6 @@ class ImportConfig:
 # Numerics and checks (pure functions)
 
 
-def _names(classes: Sequence[int]) -> str:
-    return ", ".join(f"{c} ({VOC_CLASSES[c]})" if 0 <= c < NUM_CLASSES else str(c) for c in classes) or "none"
-
-
 def check_size(hw: tuple[int, ...], image_hw: tuple[int, int], what: str) -> None:
     """Raise ``ValueError`` unless ``hw == image_hw`` (both ``(H, W)``); messages say WxH."""
     if tuple(hw) != tuple(image_hw):
@@ -101,33 +96,35 @@ def check_size(hw: tuple[int, ...], image_hw: tuple[int, int], what: str) -> Non
         raise ValueError(f"{what} is {w}x{h} (WxH) but the image is {iw}x{ih}")
 
 
-def check_classes(classes: Sequence[int], image_labels: Sequence[int]) -> None:
-    """Raise ``ValueError`` when a foreground class (1-20) of ``classes`` is not an image label."""
-    absent = sorted({int(c) for c in classes if 1 <= c < NUM_CLASSES} - set(image_labels))
+def check_classes(classes: Sequence[int], image_labels: Sequence[int], class_set: ClassSet) -> None:
+    """Raise ``ValueError`` when an object class of ``classes`` is not an image label."""
+    absent = sorted({int(c) for c in classes} & set(class_set.foreground) - set(image_labels))
     if absent:
-        raise ValueError(f"class(es) {_names(absent)} not among the image's labels {_names(sorted(image_labels))}")
+        raise ValueError(f"class(es) {class_set.describe(absent)} not among the image's labels "
+                         f"{class_set.describe(sorted(image_labels))}")
 
 
-def check_label(label: np.ndarray, image_hw: tuple[int, int], image_labels: Sequence[int]) -> None:
+def check_label(label: np.ndarray, image_hw: tuple[int, int], image_labels: Sequence[int], class_set: ClassSet) -> None:
     """Validate an imported label map against its image.
 
     label: ``(H, W) uint8``. Raises ``ValueError`` when its size differs from ``image_hw``, a value
-    is not a VOC class (0-20) or 255, or a foreground class is not in ``image_labels``.
+    is neither a class of ``class_set`` nor 255, or an object class is not in ``image_labels``.
     """
     check_size(label.shape, image_hw, "label map")
+    unknown = class_set.unknown_values(label)
+    if unknown:
+        raise ValueError(f"label values {unknown} are not classes (valid: {class_set.valid_range()})")
     present = np.flatnonzero(np.bincount(label.ravel(), minlength=256))
-    unknown = np.setdiff1d(present, _VALID_VALUES)
-    if unknown.size:
-        raise ValueError(f"label values {unknown.tolist()} are not VOC classes (valid: 0-20 and 255)")
-    check_classes(present.tolist(), image_labels)
+    check_classes(present.tolist(), image_labels, class_set)
 
 
-def class_ids(keys: Any, convention: str) -> tuple[int, ...]:
-    """Foreground class ids (1-20) from the ``keys`` of a WSSS npy dict, in channel order.
+def class_ids(keys: Any, convention: str, num_classes: int) -> tuple[int, ...]:
+    """Object class ids (1..C-1) from the ``keys`` of a WSSS npy dict, in channel order.
 
     keys: 1-D integers (array, list or torch tensor). convention: ``"index"`` (class id = key +
     1, IRN) or ``"class_id"`` (keys are class ids; a leading 0 is the background, PuzzleCAM).
-    Raises ``ValueError`` for keys that are not 1-D integers, map outside 1-20, or repeat.
+    num_classes: C of the class set, background 0 included.
+    Raises ``ValueError`` for keys that are not 1-D integers, map outside 1..C-1, or repeat.
     """
     if convention not in KEY_CONVENTIONS:
         raise ValueError(f"keys convention must be one of {KEY_CONVENTIONS}, got {convention!r}")
@@ -143,9 +140,10 @@ def class_ids(keys: Any, convention: str) -> tuple[int, ...]:
         ids = ids + 1
     elif ids.size and ids[0] == 0:
         ids = ids[1:]
-    bad = [int(k) for k in ids if not 1 <= k < NUM_CLASSES]
+    bad = [int(k) for k in ids if not 1 <= k < num_classes]
     if bad:
-        raise ValueError(f"'keys' {array.tolist()} read as keys={convention!r} give class ids {bad} outside 1-20")
+        raise ValueError(f"'keys' {array.tolist()} read as keys={convention!r} give class ids {bad} "
+                         f"outside 1-{num_classes - 1}")
     if len(set(ids.tolist())) != ids.size:
         raise ValueError(f"'keys' {array.tolist()} repeat a class")
     return tuple(int(k) for k in ids)
@@ -171,12 +169,13 @@ def with_background(scores: np.ndarray, n_classes: int, threshold: float) -> np.
 
 
 def npy_scores(data: Mapping[str, Any], score_key: str | None, convention: str,
-               bg_threshold: float | None) -> tuple[str, tuple[int, ...], np.ndarray]:
+               bg_threshold: float | None, num_classes: int) -> tuple[str, tuple[int, ...], np.ndarray]:
     """``(score key used, classes (0, *foreground), scores (K + 1, H, W) float32)`` of a WSSS npy dict.
 
     data: ``{"keys": K class keys, <score key>: (K or K + 1, H, W) scores in [0, 1]}``.
     score_key: the entry to read, or None for the first of ``SCORE_KEYS`` present.
     bg_threshold: the constant background score, or None for ``DEFAULT_BG_THRESHOLDS[key]``.
+    num_classes: of the class set (background 0 included).
     Raises ``ValueError`` (naming what is wrong, not the file) for a missing entry, bad keys,
     non-finite scores or scores outside [0, 1], or channels that do not match the keys.
     """
@@ -187,7 +186,7 @@ def npy_scores(data: Mapping[str, Any], score_key: str | None, convention: str,
         raise ValueError(f"no score entry {wanted}; the dict holds {sorted(map(str, data))}")
     if "keys" not in data:
         raise ValueError(f"no 'keys' entry; the dict holds {sorted(map(str, data))}")
-    classes = class_ids(data["keys"], convention)
+    classes = class_ids(data["keys"], convention, num_classes)
     try:
         raw = np.asarray(data[key], dtype=np.float32)
     except Exception as exc:
@@ -228,19 +227,20 @@ def load_npy_dict(path: Path) -> Mapping[str, Any]:
     return data
 
 
-def import_png(path: Path, item: Item) -> LabelResult:
+def import_png(path: Path, item: Item, classes: ClassSet) -> LabelResult:
     """One image's label map from a PNG; ``LabelMapError`` (names the file) or ``ValueError``."""
     label = read_label_map(path)
-    check_label(label, (item.height, item.width), item.labels)
+    check_label(label, (item.height, item.width), item.labels, classes)
     return LabelResult(item.image_id, label=label)
 
 
-def import_npy(path: Path, item: Item, cfg: ImportConfig) -> LabelResult:
+def import_npy(path: Path, item: Item, cfg: ImportConfig, class_set: ClassSet) -> LabelResult:
     """One image's label and scores from a WSSS npy dict; ``LabelMapError`` or ``ValueError``."""
-    key, classes, scores = npy_scores(load_npy_dict(path), cfg.score_key, cfg.keys, cfg.bg_threshold)
+    key, classes, scores = npy_scores(load_npy_dict(path), cfg.score_key, cfg.keys, cfg.bg_threshold,
+                                      class_set.num_classes)
     check_size(scores.shape[1:], (item.height, item.width), f"scores {key!r}")
     try:
-        check_classes(classes, item.labels)
+        check_classes(classes, item.labels, class_set)
     except ValueError as exc:
         raise ValueError(f"{exc} (keys read as keys={cfg.keys!r})") from None
     label = argmax_label(scores, classes)
@@ -279,10 +279,14 @@ def run(cfg: ImportConfig, ctx: RunContext) -> Iterator[LabelResult]:
     folder = Path(cfg.folder)
     if not cfg.folder or not folder.is_absolute() or not folder.is_dir():
         raise ValueError(f"import: folder {cfg.folder!r} is not an existing absolute directory path")
+    if cfg.format == "npy" and not ctx.classes.has_background:
+        raise ValueError("import: npy score dicts (IRN, PuzzleCAM) put a background channel first, but this "
+                         "dataset's class set has no background; import label maps (format 'png') instead")
     for item in ctx.todo:
         path = folder / f"{item.image_id}.{cfg.format}"
         try:
-            yield import_png(path, item) if cfg.format == "png" else import_npy(path, item, cfg)
+            yield (import_png(path, item, ctx.classes) if cfg.format == "png"
+                   else import_npy(path, item, cfg, ctx.classes))
         except LabelMapError as exc:  # already names the file
             yield LabelResult(item.image_id, error=str(exc))
         except ValueError as exc:

@@ -37,13 +37,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from cache.voc import IGNORE_INDEX, NUM_CLASSES
+from cache.classes import IGNORE_INDEX
 from engine.core.dataset import label_each, read_image
 from engine.core.registry import Offer, Role, inference, register, training_key
 from engine.core.types import ImageError, Item, LabelResult, RunContext
 from engine.ops.augment import augment_with_label
 from engine.ops.backbone import BACKBONES, freeze_batchnorm, load_imagenet_encoder, pad_to_multiple, to_input
-from engine.ops.cams import NUM_FOREGROUND, cam_result, multilabel_target, multiscale_cams, normalise_cams
+from engine.ops.cams import cam_result, multilabel_target, multiscale_cams, normalise_cams
 from engine.ops.checkpoints import chunked_labels
 from engine.ops.crf import IRN_LABEL_DCRF, DCRFConfig, refine_pseudo_label, scaled_dcrf
 from engine.ops.pool import LazyPool
@@ -154,9 +154,9 @@ PAPER_PARAMS: dict[str, Any] = {
 def foreground_images(target: torch.Tensor) -> torch.Tensor:
     """``r_y`` of isim Eq. 3 per image: does its pseudo-label hold any foreground pixel?
 
-    target: ``(B, H, W)`` integer class ids (0 background, 1-20, ``IGNORE_INDEX`` 255).
+    target: ``(B, H, W)`` integer class ids (0 background, objects 1..N, ``IGNORE_INDEX`` 255).
     Returns ``(B,) bool``. Eq. 3 sums the label values; with the crop padding marked 255 (the isim
-    code pads with 0), ignored pixels must not count, so only values 1-20 do.
+    code pads with 0), ignored pixels must not count, so only the object values do.
     """
     if target.ndim != 3:
         raise ValueError(f"expected a target of shape (B, H, W), got {tuple(target.shape)}")
@@ -198,15 +198,15 @@ def training_round(epoch: int, warmup_epochs: int, regenerate_every: int) -> int
 
 
 def restricted_softmax(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
-    """Softmax over background + the image's classes: ``(B, 21, h, w)`` -> ``(B, K + 1, h, w)``.
+    """Softmax over background + the image's classes: ``(B, C, h, w)`` -> ``(B, K + 1, h, w)``.
 
-    Channel 0 is background, channel k the class ``classes[k - 1]`` (1-20); the other classes'
+    Channel 0 is background, channel k the class ``classes[k - 1]`` (1..C-1); the other classes'
     logits are dropped before the softmax, so the K + 1 channels sum to 1.
     """
-    if logits.ndim != 4 or logits.shape[1] != NUM_CLASSES:
-        raise ValueError(f"expected logits of shape (B, {NUM_CLASSES}, h, w), got {tuple(logits.shape)}")
-    if any(not 1 <= c <= NUM_FOREGROUND for c in classes):
-        raise ValueError(f"class ids must be 1-{NUM_FOREGROUND}, got {tuple(classes)}")
+    if logits.ndim != 4:
+        raise ValueError(f"expected logits of shape (B, C, h, w), got {tuple(logits.shape)}")
+    if any(not 1 <= c < logits.shape[1] for c in classes):
+        raise ValueError(f"class ids must be 1-{logits.shape[1] - 1}, got {tuple(classes)}")
     return torch.softmax(logits[:, [0, *classes]], dim=1)
 
 
@@ -222,10 +222,10 @@ class DeepLabCAM(nn.Module):
     activation). ``head``: EfficientNet's last conv block left out of that encoder (1x1 conv to
     1280 channels + BN + ReLU6, ImageNet weights), so the CAMs come from non-negative features as
     after ResNet's ``layer4`` in the paper (see ``build_net``).
-    classify: ``(B, 3, H, W)`` -> ``(B, 20)`` logits = bias-free 1x1 conv of the globally pooled
-        head features (CAM Sec. 2).
-    class_maps: same input -> ``(B, 20, H / s, W / s)`` raw CAMs; ``classify`` is their mean.
-    forward: input sides divisible by ``s`` -> ``(B, 20)`` logits and ``(B, 21, H, W)`` decoder logits.
+    classify: ``(B, 3, H, W)`` -> ``(B, C - 1)`` logits = bias-free 1x1 conv of the globally pooled
+        head features (CAM Sec. 2), C = the classes with background (object c is row c - 1).
+    class_maps: same input -> ``(B, C - 1, H / s, W / s)`` raw CAMs; ``classify`` is their mean.
+    forward: input sides divisible by ``s`` -> ``(B, C - 1)`` logits and ``(B, C, H, W)`` decoder logits.
     ``class_maps`` and ``features.output_stride`` make it usable by ``ops.cams.multiscale_cams``.
     The first ``frozen_stages`` encoder stages (stem, block stages) get no gradients.
     """
@@ -236,7 +236,7 @@ class DeepLabCAM(nn.Module):
         self.head = head
         self.frozen_stages = frozen_stages
         channels = [m for m in head.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
-        self.classifier = nn.Conv2d(channels, NUM_FOREGROUND, 1, bias=False)
+        self.classifier = nn.Conv2d(channels, seg.segmentation_head[0].out_channels - 1, 1, bias=False)
         nn.init.kaiming_uniform_(self.classifier.weight, a=math.sqrt(5), generator=generator)  # torch's default
         for stage in self.encoder_stages[:frozen_stages]:
             stage.requires_grad_(False)
@@ -275,8 +275,9 @@ class DeepLabCAM(nn.Module):
         return self
 
 
-def build_net(cfg: ISIMConfig) -> DeepLabCAM:
-    """``DeepLabCAM``: ImageNet encoder + head, decoder and classifier initialised from ``cfg.seed``.
+def build_net(cfg: ISIMConfig, num_classes: int) -> DeepLabCAM:
+    """``DeepLabCAM`` for ``num_classes`` (background included): ImageNet encoder + head, decoder
+    and classifier initialised from ``cfg.seed``.
 
     Deviation: the paper puts GAP + 1x1 conv straight after ResNet's last block, whose output is
     ReLU'd. The matching EfficientNet features come after its head block (1x1 conv + BN + ReLU6),
@@ -288,7 +289,7 @@ def build_net(cfg: ISIMConfig) -> DeepLabCAM:
     with torch.random.fork_rng(devices=[]):  # smp/timm init draw from the global RNG
         torch.manual_seed(cfg.seed)
         seg = smp.DeepLabV3Plus(encoder_name=f"tu-{BACKBONES[cfg.backbone].timm_name}", encoder_weights=None,
-                                encoder_output_stride=cfg.output_stride, classes=NUM_CLASSES)
+                                encoder_output_stride=cfg.output_stride, classes=num_classes)
     head = load_imagenet_encoder(seg.encoder.model, cfg.backbone, cfg.output_stride)
     return DeepLabCAM(seg, head, cfg.frozen_stages, torch.Generator().manual_seed(cfg.seed))
 
@@ -399,9 +400,9 @@ def regenerate(net: DeepLabCAM, cfg: ISIMConfig, ctx: RunContext, model_dir: Pat
 # Training with checkpoints
 
 
-def _batch(items: Sequence[Item], cfg: ISIMConfig, epoch: int, index: int,
+def _batch(items: Sequence[Item], cfg: ISIMConfig, num_objects: int, epoch: int, index: int,
            pseudo: dict[str, np.ndarray] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """Batch ``index`` of ``epoch``: crops ``(B, 3, c, c) float32``, targets ``(B, 20) float32``
+    """Batch ``index`` of ``epoch``: crops ``(B, 3, c, c) float32``, targets ``(B, C - 1) float32``
     and, in self-training (``pseudo`` given), pseudo-labels ``(B, c, c) int64`` (255 = ignore).
 
     Order and augmentation depend only on (seed, epoch, index), so a resumed run sees the same
@@ -416,7 +417,7 @@ def _batch(items: Sequence[Item], cfg: ISIMConfig, epoch: int, index: int,
         label = None if pseudo is None else pseudo.get(item.image_id, unknown)
         image, crop_label = augment_with_label(rgb, label, rng, cfg.resize_long, cfg.crop_size)
         images.append(to_input(image))
-        targets.append(torch.from_numpy(multilabel_target(item.labels)))
+        targets.append(torch.from_numpy(multilabel_target(item.labels, num_objects)))
         if crop_label is not None:
             segs.append(torch.from_numpy(crop_label.astype(np.int64)))
     if len(images) < 2:
@@ -449,8 +450,8 @@ def train(cfg: ISIMConfig, ctx: RunContext) -> DeepLabCAM:
     """
     if not ctx.items:
         raise ValueError("ISIM needs training images: ctx.items is empty")
-    net = build_net(cfg).to(ctx.device)
-    key = training_key(cfg)
+    net = build_net(cfg, ctx.classes.num_classes).to(ctx.device)
+    key = training_key(cfg, classes=list(ctx.classes.names))
     model_dir = ctx.model_dir(FAMILY, key)
     steps_per_epoch = max(1, len(ctx.items) // cfg.batch_size)  # last partial batch dropped (IRN)
     total = cfg.epochs * steps_per_epoch
@@ -466,7 +467,7 @@ def train(cfg: ISIMConfig, ctx: RunContext) -> DeepLabCAM:
             _remove_pseudo_labels(model_dir, keep_round=round_)
             pseudo["round"] = round_
             net.train()
-        return _batch(ctx.items, cfg, epoch, within, pseudo["labels"])
+        return _batch(ctx.items, cfg, len(ctx.classes.foreground), epoch, within, pseudo["labels"])
 
     def loss(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
         x, target = batch[0].to(ctx.device), batch[1].to(ctx.device)
@@ -503,14 +504,16 @@ def _cam_label_image(net: DeepLabCAM, rgb: np.ndarray, item: Item, cfg: ISIMConf
     return cam_result(net, rgb, item, cfg.scales, cfg.flip, cfg.bg_threshold, cfg.score_max_side, device)
 
 
-@register("isim-cam", role=Role.METHOD, config=ISIMConfig, title="ISIM CAM", offers={Offer.QUEUE})
+@register("isim-cam", role=Role.METHOD, config=ISIMConfig, title="ISIM CAM", offers={Offer.QUEUE},
+          needs_background=True)
 def run_cam(cfg: ISIMConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Train ISIM (or load it), then each ``ctx.todo`` image's CAM pseudo-label (``cam_result``:
     scales ``cfg.scales``, background at ``cfg.bg_threshold``) with the normalised CAMs as scores."""
     yield from _label_all(cfg, ctx, _cam_label_image)
 
 
-@register("isim-decoder", role=Role.METHOD, config=ISIMConfig, title="ISIM decoder", offers={Offer.QUEUE})
+@register("isim-decoder", role=Role.METHOD, config=ISIMConfig, title="ISIM decoder", offers={Offer.QUEUE},
+          needs_background=True)
 def run_decoder(cfg: ISIMConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Train ISIM (or load it), then each ``ctx.todo`` image's decoder prediction over background +
     its classes (``decoder_label_image``) with those softmax probabilities as scores."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.voc import IGNORE_INDEX
+from cache.classes import IGNORE_INDEX
 from engine.core.dataset import read_image, read_mask
 from engine.core.registry import Offer, Role, register
 from engine.core.types import ImageError, LabelResult, RunContext
@@ -54,7 +54,7 @@ def _oracle_job(job: _Job, cfg: SVMConfig) -> LabelResult:
 
 
 @register("svm-oracle", role=Role.ORACLE, config=SVMConfig, title="SVM (oracle, ground truth)",
-          offers={Offer.QUEUE})
+          offers={Offer.QUEUE}, needs_background=True)
 def run(cfg: SVMConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """USES GROUND TRUTH: per-image SVM trained on pixels labelled by ``item.mask_path`` (Fig. 5.b).
 

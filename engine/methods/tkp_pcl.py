@@ -3,7 +3,7 @@
 Wu, Dai, Huang, Ma & Xiao, "Top-K Pooling with Patch Contrastive Learning for Weakly-Supervised
 Semantic Segmentation" (shared/papers/tkp-pcl-topk-patch-contrastive.md):
 - Sec. 3.2: patch embeddings ``F_in (s, e)`` -> HV-BiLSTM -> ``F_out (s, e)``; eq. 1
-  ``Z = softmax(F_out W)`` over the 21 classes with background; top-K pooling (k = 6) and eq. 2,
+  ``Z = softmax(F_out W)`` over the dataset's classes with background; top-K pooling (k = 6) and eq. 2,
   the multi-label classification error.
 - Sec. 3.3: eq. 3-5, the patch contrastive error over high- and low-confidence patches (eps =
   0.85); eq. 6 ``L = L_MCE + alpha * sum_c L_PCE^c``, alpha = 0.01. Sec. 4.1: Adam, batch 16.
@@ -42,7 +42,7 @@ from timm.models.sequencer import LSTM2d
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from cache.voc import NUM_CLASSES  # |C| of eq. 1: background (0) + the 20 VOC classes
+from cache.classes import ClassSet
 from engine.core.dataset import read_image
 from engine.core.registry import Offer, Role, inference, register, training_key
 from engine.core.types import ImageError, Item, LabelResult, RunContext
@@ -168,23 +168,24 @@ def patch_contrastive_error(features: torch.Tensor, scores: torch.Tensor, epsilo
     return positive / n_positive.clamp(min=1) + negative / n_negative.clamp(min=1)
 
 
-def image_target(labels: Sequence[int]) -> np.ndarray:
-    """``(21,) float32`` target t of eq. 2: background (index 0) always 1, then the 20 classes."""
-    return np.concatenate([np.ones(1, dtype=np.float32), multilabel_target(labels)])
+def image_target(labels: Sequence[int], num_classes: int) -> np.ndarray:
+    """``(C,) float32`` target t of eq. 2 for |C| = ``num_classes`` (background included):
+    background (index 0) always 1, then the object classes 1..C-1."""
+    return np.concatenate([np.ones(1, dtype=np.float32), multilabel_target(labels, num_classes - 1)])
 
 
 def restrict_to_image_classes(scores: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     """Keep background and the image's classes of the patch scores, renormalised per patch.
 
-    scores: ``(21, h, w)`` softmax Z (eq. 1), channel c = class c. classes: the image's class
-    ids (1-20). Returns ``(K + 1, h, w) float32`` summing to 1 per patch, channel 0 =
+    scores: ``(C, h, w)`` softmax Z (eq. 1), channel c = class c. classes: the image's class
+    ids (>= 1). Returns ``(K + 1, h, w) float32`` summing to 1 per patch, channel 0 =
     background, channel k = ``classes[k - 1]``; the argmax among the kept classes is unchanged.
     """
     scores = np.asarray(scores, dtype=np.float32)
-    if scores.ndim != 3 or scores.shape[0] != NUM_CLASSES:
-        raise ValueError(f"expected scores of shape ({NUM_CLASSES}, h, w), got {scores.shape}")
-    if any(not 1 <= c < NUM_CLASSES for c in classes):
-        raise ValueError(f"class ids must be 1-{NUM_CLASSES - 1}, got {tuple(classes)}")
+    if scores.ndim != 3:
+        raise ValueError(f"expected scores of shape (C, h, w), got {scores.shape}")
+    if any(not 1 <= c < scores.shape[0] for c in classes):
+        raise ValueError(f"class ids must be 1-{scores.shape[0] - 1}, got {tuple(classes)}")
     kept = scores[[0, *classes]]
     return kept / np.maximum(kept.sum(axis=0, keepdims=True), np.float32(1e-12))
 
@@ -304,37 +305,38 @@ def encode(encoder: PatchEncoder, rgbs: Sequence[np.ndarray], size: int, views: 
 class PatchClassifier(nn.Module):
     """HV-BiLSTM refinement + patch classifier W (paper Sec. 3.2, eq. 1; ViT-PCM ``HVBiLSTM``/``PC``).
 
-    forward: F_in ``(B, g, g, e) float32`` -> (F_out ``(B, g, g, e)``, Z ``(B, g, g, 21)``
-    softmax over background + 20 classes). F_out concatenates a BiLSTM along every column and one
+    forward: F_in ``(B, g, g, e) float32`` -> (F_out ``(B, g, g, e)``, Z ``(B, g, g, C)``
+    softmax over background + the object classes). F_out concatenates a BiLSTM along every column and one
     along every row (hidden e / 4 each direction, timm ``LSTM2d``); dropout on F_in and on the
     classifier input (ViT-PCM); W is a bias-free linear map (eq. 1).
     """
 
-    def __init__(self, embed_dim: int, dropout: float):
+    def __init__(self, embed_dim: int, dropout: float, num_classes: int):
         super().__init__()
         if embed_dim % 4:
             raise ValueError(f"embedding size {embed_dim} must be divisible by 4 (HV-BiLSTM hidden e / 4)")
         self.drop_in = nn.Dropout(dropout)
         self.hv_bilstm = LSTM2d(embed_dim, embed_dim // 4, bidirectional=True, union="cat", with_fc=False)
         self.drop_out = nn.Dropout(dropout)
-        self.classifier = nn.Linear(embed_dim, NUM_CLASSES, bias=False)
+        self.classifier = nn.Linear(embed_dim, num_classes, bias=False)
 
     def forward(self, f_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f_out = self.hv_bilstm(self.drop_in(f_in))
         return f_out, self.classifier(self.drop_out(f_out)).softmax(dim=-1)
 
 
-def build_net(embed_dim: int, cfg: TKPPCLConfig) -> PatchClassifier:
-    """``PatchClassifier`` with torch's default initialisation drawn from ``cfg.seed``."""
+def build_net(embed_dim: int, cfg: TKPPCLConfig, num_classes: int) -> PatchClassifier:
+    """``PatchClassifier`` over ``num_classes`` (background included) with torch's default
+    initialisation drawn from ``cfg.seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return PatchClassifier(embed_dim, cfg.dropout)
+        return PatchClassifier(embed_dim, cfg.dropout, num_classes)
 
 
 def tkp_pcl_loss(net: PatchClassifier, f_in: torch.Tensor, target: torch.Tensor, cfg: TKPPCLConfig) -> torch.Tensor:
     """Eq. 6 on a batch: ``L_MCE(top_k_pooling(Z), t) + alpha * sum_c L_PCE^c(F_out, Z)``, mean over images."""
     f_out, z = net(f_in)
-    f_out, z = f_out.flatten(1, 2), z.flatten(1, 2)  # (B, s, e), (B, s, 21)
+    f_out, z = f_out.flatten(1, 2), z.flatten(1, 2)  # (B, s, e), (B, s, C)
     mce = classification_error(top_k_pooling(z, cfg.top_k), target)
     if cfg.alpha == 0:
         return mce
@@ -346,17 +348,18 @@ def tkp_pcl_loss(net: PatchClassifier, f_in: torch.Tensor, target: torch.Tensor,
 # Feature store, training with checkpoints, labelling
 
 
-def training_params(cfg: TKPPCLConfig) -> dict[str, Any]:
+def training_params(cfg: TKPPCLConfig, classes: ClassSet) -> dict[str, Any]:
     """The training key: the inference fields are left out (``registry.training_key``), and so is
     the encoder field not in use (``vit_name`` without ``vit_weights``, ``backbone`` with them),
-    so variants differing only there share a model."""
-    return training_key(cfg, exclude=("backbone",) if cfg.vit_weights else ("vit_name",))
+    so variants differing only there share a model; the class set's names are in it."""
+    return training_key(cfg, exclude=("backbone",) if cfg.vit_weights else ("vit_name",), classes=list(classes.names))
 
 
 def feature_params(cfg: TKPPCLConfig) -> dict[str, Any]:
     """The settings that change the patch embeddings: the features of every training variant
     with the same encoder live in ``ctx.model_dir("tkp-pcl-features", feature_params(cfg))``."""
-    return {k: v for k, v in training_params(cfg).items() if k in _ENCODER_FIELDS}
+    key = training_key(cfg, exclude=("backbone",) if cfg.vit_weights else ("vit_name",))
+    return {k: v for k, v in key.items() if k in _ENCODER_FIELDS}
 
 
 @dataclass
@@ -434,8 +437,8 @@ def open_features(feature_dir: Path, items: Sequence[Item]) -> FeatureStore | No
 
 
 def _step_batch(store: FeatureStore, items: Sequence[Item], valid: np.ndarray, cfg: TKPPCLConfig,
-                epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch ``index`` of ``epoch``: F_in ``(B, g, g, e) float32`` and targets ``(B, 21) float32``.
+                num_classes: int, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch ``index`` of ``epoch``: F_in ``(B, g, g, e) float32`` and targets ``(B, C) float32``.
 
     Order and views depend only on (seed, epoch, index), so a resumed run sees the same batches.
     """
@@ -443,7 +446,7 @@ def _step_batch(store: FeatureStore, items: Sequence[Item], valid: np.ndarray, c
     rows = np.sort(valid[indices])
     views = rng.integers(store.features.shape[1], size=len(rows))
     f_in = torch.from_numpy(store.features[rows, views].astype(np.float32))
-    target = torch.from_numpy(np.stack([image_target(items[r].labels) for r in rows]))
+    target = torch.from_numpy(np.stack([image_target(items[r].labels, num_classes) for r in rows]))
     return f_in, target
 
 
@@ -458,12 +461,13 @@ def train(cfg: TKPPCLConfig, ctx: RunContext) -> tuple[PatchClassifier, FeatureS
     """
     if not ctx.items:
         raise ValueError("TKP-PCL needs training images: ctx.items is empty")
-    key = training_params(cfg)
+    key = training_params(cfg, ctx.classes)
+    num_classes = ctx.classes.num_classes
     model_dir = ctx.model_dir(FAMILY, key)
     feature_dir = ctx.model_dir("tkp-pcl-features", feature_params(cfg))
     finished = trained_state(model_dir, NAME, key)
     if finished is not None:
-        net = build_net(finished["embed_dim"], cfg)
+        net = build_net(finished["embed_dim"], cfg, num_classes)
         net.load_state_dict(finished["model"], strict=True)
         return net.to(ctx.device).eval(), open_features(feature_dir, ctx.items)
     store = extract_features(ctx.items, cfg, feature_dir, ctx.device, ctx.report, load_encoder(cfg).to(ctx.device))
@@ -471,14 +475,14 @@ def train(cfg: TKPPCLConfig, ctx: RunContext) -> tuple[PatchClassifier, FeatureS
     if not len(valid):
         raise ValueError("TKP-PCL needs training images: none of ctx.items could be read")
     embed_dim = store.features.shape[-1]
-    net = build_net(embed_dim, cfg).to(ctx.device)
+    net = build_net(embed_dim, cfg, num_classes).to(ctx.device)
     steps_per_epoch = max(1, len(valid) // cfg.batch_size)  # last partial batch dropped, as CAM
     total = cfg.epochs * steps_per_epoch
     train_resumable(net, model_dir, Training(
         name=NAME, key=key, total=total, steps_per_epoch=steps_per_epoch, checkpoint_every=cfg.checkpoint_every,
         groups=lambda: [ParamGroup(list(net.parameters()), cfg.lr)], optimizer=adam(),
         lr=lambda step, base: base if step // steps_per_epoch < cfg.lr_drop_epoch else cfg.lr_after,
-        batch=lambda step: _step_batch(store, ctx.items, valid, cfg, *divmod(step, steps_per_epoch)),
+        batch=lambda step: _step_batch(store, ctx.items, valid, cfg, num_classes, *divmod(step, steps_per_epoch)),
         loss=lambda batch: tkp_pcl_loss(net, batch[0].to(ctx.device), batch[1].to(ctx.device), cfg),
         seed=lambda step: int(np.random.default_rng([cfg.seed, step, 2]).integers(2**62)),  # dropout
         report=lambda done: ctx.report("train", done, total), extra={"embed_dim": embed_dim},
@@ -488,13 +492,13 @@ def train(cfg: TKPPCLConfig, ctx: RunContext) -> tuple[PatchClassifier, FeatureS
 
 @torch.no_grad()
 def patch_scores(net: PatchClassifier, f_in: np.ndarray, device: str) -> np.ndarray:
-    """Z (eq. 1) of a batch: F_in ``(B, g, g, e)`` -> ``(B, 21, g, g) float32`` (net in eval mode)."""
+    """Z (eq. 1) of a batch: F_in ``(B, g, g, e)`` -> ``(B, C, g, g) float32`` (net in eval mode)."""
     _, z = net(torch.from_numpy(np.asarray(f_in, dtype=np.float32)).to(device))
     return z.permute(0, 3, 1, 2).float().cpu().numpy()
 
 
 def label_from_scores(z: np.ndarray, item: Item, cfg: TKPPCLConfig) -> LabelResult:
-    """One image's ``LabelResult`` from its patch scores ``(21, g, g)``: label ``(H, W) uint8``
+    """One image's ``LabelResult`` from its patch scores ``(C, g, g)``: label ``(H, W) uint8``
     (argmax over background + the image's classes after bilinear upsampling), scores
     ``(K + 1, h, w) float16`` (the restricted, renormalised Z, upsampled)."""
     classes = tuple(item.labels)
@@ -503,7 +507,8 @@ def label_from_scores(z: np.ndarray, item: Item, cfg: TKPPCLConfig) -> LabelResu
                        scores=downsample_scores(scores, cfg.score_max_side), score_classes=(0, *classes))
 
 
-@register("tkp-pcl", role=Role.METHOD, config=TKPPCLConfig, title="TKP-PCL", offers={Offer.QUEUE})
+@register("tkp-pcl", role=Role.METHOD, config=TKPPCLConfig, title="TKP-PCL", offers={Offer.QUEUE},
+          needs_background=True)
 def run(cfg: TKPPCLConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Train on ``ctx.items`` (or load the trained model), then one result per ``ctx.todo`` image.
 

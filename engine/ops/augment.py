@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from cache.voc import IGNORE_INDEX
+from cache.classes import IGNORE_INDEX
 
 PAD_VALUE = 128  # uint8 fill for crops larger than the image: ~0 after to_input, like IRN's zero padding
 

@@ -5,8 +5,9 @@ feature position). Multi-scale flipped inference, ReLU, per-class max normalisat
 argmax against a constant background score follow IRN (Ahn et al., CVPR 2019; ``step/make_cam.py``,
 ``step/eval_cam.py``) and isim Sec. 4.1 (scales 1, 0.5, 1.5, 2 with flips; threshold 0.3).
 
-A network used here has ``class_maps(x: (B, 3, H, W)) -> (B, 20, H / s, W / s)`` and
-``features.output_stride`` = s. Class ids are VOC's: 1-20, classifier row c - 1.
+A network used here has ``class_maps(x: (B, 3, H, W)) -> (B, N, H / s, W / s)`` and
+``features.output_stride`` = s, N the object classes of a class set whose label 0 is background:
+class id c (1..N) is classifier row c - 1.
 """
 
 from __future__ import annotations
@@ -21,18 +22,16 @@ from engine.core.types import Item, LabelResult
 from engine.ops.backbone import to_input
 from engine.ops.scores import argmax_label, downsample_scores, strided_to_image
 
-NUM_FOREGROUND = 20  # VOC classes 1-20; class id c is classifier row c - 1
+def _check_classes(classes: Sequence[int], num_objects: int) -> None:
+    if any(not 1 <= c <= num_objects for c in classes):
+        raise ValueError(f"class ids must be 1-{num_objects}, got {tuple(classes)}")
 
 
-def _check_classes(classes: Sequence[int]) -> None:
-    if any(not 1 <= c <= NUM_FOREGROUND for c in classes):
-        raise ValueError(f"class ids must be 1-{NUM_FOREGROUND}, got {tuple(classes)}")
-
-
-def multilabel_target(labels: Sequence[int]) -> np.ndarray:
-    """Image-level labels (class ids 1-20) -> ``(20,) float32`` multi-hot target (PSA/IRN)."""
-    _check_classes(labels)
-    target = np.zeros(NUM_FOREGROUND, dtype=np.float32)
+def multilabel_target(labels: Sequence[int], num_objects: int) -> np.ndarray:
+    """Image-level labels (class ids 1..N) -> ``(N,) float32`` multi-hot target (PSA/IRN),
+    N = ``num_objects``."""
+    _check_classes(labels, num_objects)
+    target = np.zeros(num_objects, dtype=np.float32)
     target[[c - 1 for c in labels]] = 1.0
     return target
 
@@ -64,7 +63,7 @@ def with_background(cams: np.ndarray, threshold: float) -> np.ndarray:
 def cams_to_label(cams: np.ndarray, classes: Sequence[int], threshold: float) -> np.ndarray:
     """Pseudo-label by argmax over ``[threshold, cams]`` (IRN ``eval_cam``; isim Sec. 4.1 step ii).
 
-    cams: ``(K, H, W) float32`` in [0, 1], channel k for class id ``classes[k]`` (1-20).
+    cams: ``(K, H, W) float32`` in [0, 1], channel k for object class id ``classes[k]`` (>= 1).
     threshold: the constant background score; a pixel is background unless some class
         exceeds it (ties go to background).
     Returns ``(H, W) uint8`` with values in ``{0, *classes}``.
@@ -73,15 +72,16 @@ def cams_to_label(cams: np.ndarray, classes: Sequence[int], threshold: float) ->
     if cams.ndim != 3 or cams.shape[0] != len(classes):
         raise ValueError(
             f"expected cams of shape ({len(classes)}, H, W) for classes {tuple(classes)}, got {cams.shape}")
-    _check_classes(classes)
+    if any(c < 1 for c in classes):
+        raise ValueError(f"class ids must be object classes (>= 1), got {tuple(classes)}")
     return argmax_label(with_background(cams, threshold), (0, *classes))
 
 
 def select_classes(class_maps: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
-    """Keep only the image's classes: ``(B, 20, h, w)`` -> ``(B, K, h, w)``, channel k = ``classes[k]``."""
-    if class_maps.ndim != 4 or class_maps.shape[1] != NUM_FOREGROUND:
-        raise ValueError(f"expected class maps of shape (B, {NUM_FOREGROUND}, h, w), got {tuple(class_maps.shape)}")
-    _check_classes(classes)
+    """Keep only the image's classes: ``(B, N, h, w)`` -> ``(B, K, h, w)``, channel k = ``classes[k]``."""
+    if class_maps.ndim != 4:
+        raise ValueError(f"expected class maps of shape (B, N, h, w), got {tuple(class_maps.shape)}")
+    _check_classes(classes, class_maps.shape[1])
     return class_maps[:, [c - 1 for c in classes]]
 
 
@@ -90,7 +90,7 @@ def multiscale_cams(net: torch.nn.Module, rgb: np.ndarray, classes: Sequence[int
                     flip: bool, device: str = "cpu") -> np.ndarray:
     """Multi-scale, flipped CAMs of one image for its classes (IRN ``make_cam``; isim Sec. 4.1).
 
-    rgb: ``(H, W, 3) uint8``; classes: the image's class ids (1-20).
+    rgb: ``(H, W, 3) uint8``; classes: the image's object class ids (1..N).
     At each scale the image (and its mirror image if ``flip``) is resized, the CAMs of ``classes``
     computed, ReLU'd, un-flipped and added, upsampled to ``(H, W)`` and summed over scales.
     Returns ``(K, H, W) float32 >= 0`` (not normalised), K = ``len(classes)``.

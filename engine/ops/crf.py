@@ -17,7 +17,7 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
-from cache.voc import IGNORE_INDEX
+from cache.classes import IGNORE_INDEX
 from engine.ops.cams import cams_to_label
 from engine.ops.scores import argmax_label
 
@@ -145,7 +145,7 @@ def refine_pseudo_label(rgb: np.ndarray, cams: np.ndarray, classes: Sequence[int
     """A thresholded, label-dCRF-refined CAM (isim Sec. 4.1 steps ii-iii, ``voc12/dataloader.py:
     update_cam``; IRN ``step/cam_to_ir_label.py``).
 
-    rgb: ``(h, w, 3) uint8``; cams: ``(K, h, w) float32`` normalised CAMs of ``classes`` (1-20).
+    rgb: ``(h, w, 3) uint8``; cams: ``(K, h, w) float32`` normalised CAMs of the object ``classes``.
     The CAMs are thresholded (background unless a class exceeds ``threshold``) and the hard map
     refined by dCRF with a label unary (``dcrf_refine_labels``).
     Returns ``(h, w) uint8`` with values in ``{0, *classes}``.

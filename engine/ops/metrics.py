@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache.voc import IGNORE_INDEX, NUM_CLASSES
+from cache.classes import IGNORE_INDEX
 
 
-def confusion_counts(gt: np.ndarray, pred: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
+def confusion_counts(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
     """TP, FP, FN per class for one image.
 
-    gt, pred: ``(H, W) uint8``, values ``0..num_classes-1`` or 255.
+    gt, pred: ``(H, W) uint8``, values ``0..num_classes-1`` or 255; num_classes: of the class set.
     Returns ``(num_classes, 3) int64``: columns TP, FP, FN.
     Raises ``ValueError`` when the shapes differ or a value is out of range.
     """

@@ -33,7 +33,7 @@ from scipy.ndimage import binary_erosion
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.svm import SVC, LinearSVC
 
-from cache.voc import IGNORE_INDEX
+from cache.classes import IGNORE_INDEX
 from engine.core.types import LabelResult
 from engine.ops.backbone import FeatureExtractor, load_feature_extractor, to_input
 from engine.ops.scores import argmax_label, downsample_scores, strided_to_image

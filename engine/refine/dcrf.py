@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.voc import IGNORE_INDEX
+from cache.classes import IGNORE_INDEX
 from engine.core.dataset import label_image_file
 from engine.core.registry import Offer, Role, register
 from engine.core.types import ImageError, LabelResult, RunContext
@@ -77,7 +77,11 @@ def _make_job(ctx: RunContext, image_id: str, image_path: Path) -> _Job | LabelR
         return LabelResult(image_id, error=str(exc))
     if scores is not None:
         return _Job(image_id, image_path, classes, scores, None)
-    classes = tuple(int(c) for c in np.unique(label) if c != IGNORE_INDEX) or (0,)
+    classes = tuple(int(c) for c in np.unique(label) if c != IGNORE_INDEX)
+    if not classes:  # nothing labelled: all background, or left undecided when there is none
+        if not ctx.classes.has_background:
+            return LabelResult(image_id, label=label)
+        classes = (ctx.classes.background,)
     return _Job(image_id, image_path, classes, None, label)
 
 

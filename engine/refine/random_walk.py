@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from cache.voc import IGNORE_INDEX
+from cache.classes import IGNORE_INDEX
 from engine.core.dataset import label_image_file, read_image
 from engine.core.registry import Offer, Role, inference, register, training_key
 from engine.core.types import ImageError, Item, LabelResult, RunContext
@@ -238,7 +238,7 @@ def walk_to_label(walked: np.ndarray, classes: Sequence[int], bg_threshold: floa
                   normalise: str = "global") -> tuple[np.ndarray, np.ndarray]:
     """IRN's read-out: normalised foreground scores against a constant background, argmax.
 
-    walked: ``(K, H, W)`` float, the walked scores of ``classes`` (1-20). ``normalise`` "global"
+    walked: ``(K, H, W)`` float, the walked scores of the object ``classes``. ``normalise`` "global"
     divides by their overall maximum (IRN ``make_sem_seg_labels``), "per_class" each class by its
     own maximum. Returns the label ``(H, W) uint8`` (``cams_to_label`` at ``bg_threshold``) and
     the scores ``(K + 1, H, W) float32`` (channel 0 the background constant). A class whose walk is
@@ -536,7 +536,8 @@ def _make_walk_job(net: AffinityNet, ctx: RunContext, item: Item, cfg: RandomWal
     return _WalkJob(item.image_id, features, small.shape[:2], rgb.shape[:2], classes, scores, label)
 
 
-@register("random-walk", role=Role.REFINEMENT, config=RandomWalkConfig, title="random walk", offers={Offer.QUEUE})
+@register("random-walk", role=Role.REFINEMENT, config=RandomWalkConfig, title="random walk",
+          offers={Offer.QUEUE}, needs_background=True)
 def run(cfg: RandomWalkConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Train AffinityNet on the source variant (or load it), then walk each ``ctx.todo`` image.
 

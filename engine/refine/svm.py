@@ -102,7 +102,8 @@ def _seed_source(ctx: RunContext, item: Item, threads: int) -> _Job | LabelResul
                 source_file=f"source label map of {item.image_id}", threads=threads)
 
 
-@register("svm", role=Role.REFINEMENT, config=SVMSeedConfig, title="SVM (seed)", offers={Offer.QUEUE})
+@register("svm", role=Role.REFINEMENT, config=SVMSeedConfig, title="SVM (seed)",
+          offers={Offer.QUEUE}, needs_background=True)
 def run(cfg: SVMSeedConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Expand the source variant (e.g. CAM) with a per-image SVM trained on its confident regions.
 

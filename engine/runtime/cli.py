@@ -31,7 +31,7 @@ from tqdm import tqdm
 from cache import qa, queries
 from cache.db import connect, default_cache_dir
 from cache.rows import Job
-from cache.voc import VOC_CLASSES
+from cache.classes import ClassSet
 from engine.core.chains import Step, dataset_id_for
 from engine.core.dataset import default_voc_root
 from engine.isle import assignments
@@ -86,22 +86,32 @@ def _cell(value: float | None) -> str:
 
 def _print_status(args: argparse.Namespace) -> None:
     with connect(args.cache, read_only=True) as con:
-        for job in reversed(queries.recent_jobs(con, 20)):
+        for job in reversed(queries.recent_jobs(con, limit=20)):
             print(f"job {job.id:>3} {job.kind:5} {job.variant_name or '':24} {job.status:9} "
                   f"{job.stage or '':12} {job.done}/{job.total} errors={job.n_errors}"
                   + (f"  {job.error}" if job.error else ""))
         dataset_id = dataset_id_for(args.root)
+        dataset = queries.get_dataset(con, dataset_id)
+        if dataset is None:
+            return
         names = {v.id: v.name for v in queries.variants(con, dataset_id)}
         labelled = queries.labelled_in_split(con, dataset_id, args.split)
+        with_truth = queries.labelled_in_split(con, dataset_id, args.split, with_truth=True)
         per_variant: dict[str, list] = {}
         for row in queries.class_counts(con, dataset_id, args.split):
             if row["iou"] is not None:
                 per_variant.setdefault(row["variant_id"], []).append((row["class_id"], row["iou"]))
-    for variant_id, ious in per_variant.items():
+    for variant_id, n in labelled.items():
+        ious = per_variant.get(variant_id, [])
+        truth = with_truth.get(variant_id, 0)
+        head = f"{names.get(variant_id, variant_id):24} {args.split} images={n}"
+        if not ious:
+            print(f"{head} mIoU: no ground truth ({truth} of {n} images have masks)")
+            continue
         miou = 100 * sum(i for _, i in ious) / len(ious)
-        detail = " ".join(f"{VOC_CLASSES[c]}={100 * i:.1f}" for c, i in ious)
-        print(f"{names.get(variant_id, variant_id):24} {args.split} images={labelled.get(variant_id, 0)} "
-              f"mIoU={miou:.2f} over {len(ious)} classes | {detail}")
+        detail = " ".join(f"{dataset.classes.name(c)}={100 * i:.1f}" for c, i in ious)
+        print(f"{head} mIoU={miou:.2f} over {len(ious)} classes and the {truth} images with ground truth"
+              f" | {detail}")
 
 
 def _queue_and_work(args: argparse.Namespace, steps: list[Step], source: str | None, work: bool,
@@ -174,14 +184,15 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=handle)
 
 
-def _overrides(texts: list[str]) -> dict[int, str]:
+def _overrides(texts: list[str], classes: ClassSet) -> dict[int, str]:
     """``--set CLASS=VARIANT`` (class name or id) as ``{class id: variant id}``."""
     out = {}
     for text in texts:
         name, sep, variant = text.partition("=")
-        class_id = int(name) if name.isdigit() else VOC_CLASSES.index(name) if name in VOC_CLASSES else -1
-        if not sep or not 1 <= class_id < len(VOC_CLASSES):
-            raise SystemExit(f"--set {text!r}: expected CLASS=VARIANT_ID with CLASS an object class name or 1-20")
+        class_id = int(name) if name.isdigit() else classes.names.index(name) if name in classes.names else -1
+        if not sep or class_id not in classes.foreground:
+            raise SystemExit(f"--set {text!r}: expected CLASS=VARIANT_ID with CLASS an object class name or id "
+                             f"({classes.describe(classes.foreground[:3])}, ...)")
         out[class_id] = variant
     return out
 
@@ -243,7 +254,11 @@ def _isle(args: argparse.Namespace) -> None:
             print(f"{len(exclude)} flagged image(s) kept out of the selection subset")
         candidates = args.candidates or [c.variant.id for c in assignments.complete_variants(con, dataset_id, split)
                                          if c.default]
-        plan = assignments.build_plan(con, dataset_id, split, candidates, subset, _overrides(args.set), args.rule)
+        dataset = queries.get_dataset(con, dataset_id)
+        if dataset is None:
+            raise SystemExit(f"{args.root}: not registered yet (run a method on it first)")
+        overrides = _overrides(args.set, dataset.classes)
+        plan = assignments.build_plan(con, dataset_id, split, candidates, subset, overrides, args.rule)
     with connect(args.cache) as con:
         version = assignments.save(con, plan, args.name)
     print(f"assignment {args.name!r} saved (version id {version}) over {len(candidates)} candidates")
@@ -357,8 +372,10 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", type=Path, default=None,
                    help="cache directory (default $ISLE_CACHE_DIR or ./workbench-cache)")
-    p.add_argument("--root", type=Path, default=None,
-                   help="VOCdevkit root (default $ISLE_VOC_ROOT or the bundled voc2012-animals)")
+    p.add_argument("--dataset", "--root", dest="root", type=Path, default=None,
+                   help="dataset folder (VOCdevkit, COCO 2014 as ToCo/MCTformer lay it out, or one with a "
+                        "dataset.toml) or a description file (default $ISLE_VOC_ROOT or the bundled "
+                        "voc2012-animals)")
     p.add_argument("--split", default="train")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)

@@ -12,7 +12,8 @@ from pathlib import Path
 from cache import queries
 from cache.db import connect
 from engine.core.chains import Step, chain_variants, dataset_id_for
-from engine.core.dataset import check_root
+from engine.core import registry
+from engine.core.dataset import open_layout
 
 BASELINE = (Step("cam"), Step("dcrf"))  # what `make demo` and Home's baseline button queue
 
@@ -25,14 +26,21 @@ def submit_chain(cache_dir: Path, root: Path, split: str, steps: Sequence[Step] 
     a job already queued or running for the same variant and split is reused, so submitting the
     same chain twice queues nothing new. The dataset is scanned first if it never was. ``after``
     is a job the chain's first new job waits for (e.g. the job making ``source_variant_id``).
-    Raises ``DatasetError`` when ``root`` is not a VOCdevkit root, ``KeyError`` for an unknown
-    source variant or plugin, ``ValueError`` for a misplaced step or a bad parameter.
+    Raises ``DatasetError`` when ``root`` is not a dataset (``engine.core.layouts``), ``KeyError``
+    for an unknown source variant or plugin, ``ValueError`` for a misplaced step, a bad parameter,
+    or a plugin the dataset's class set cannot serve (a method that needs a background class).
     """
-    root = check_root(Path(root)).resolve()  # a wrong path fails here, not in the worker
+    root = Path(root).resolve()
+    layout = open_layout(root)  # a wrong path or description fails here, not in the worker
+    for step in steps:
+        refusal = registry.get(step.name).refusal(layout.classes)
+        if refusal:
+            raise ValueError(f"{root}: {refusal}")
     dataset_id = dataset_id_for(root)
     job_ids: list[int] = []
     with connect(cache_dir) as con:
-        queries.upsert_dataset(con, dataset_id, root.name, str(root))
+        queries.upsert_dataset(con, dataset_id, layout.name or root.name, str(root), layout.classes,
+                               layout.layout_name)
         dataset = queries.get_dataset(con, dataset_id)
         dependency = None
         if dataset.scanned_at is None:

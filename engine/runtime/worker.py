@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from cache import queries
+from cache.classes import ClassSet
 from cache.db import connect
 from cache.labelmaps import write_label_map, write_scores
 from cache.rows import Dataset, ImageRow, Job
 from cache.schema import JobStatus
 from engine.core import registry
-from engine.core.dataset import DatasetError, ImageRecord, list_splits, read_mask, scan_split, to_item
+from engine.core.dataset import DatasetError, ImageRecord, open_layout, read_mask, scan_split, to_item
 from engine.core.types import Cancelled, ImageError, Item, LabelResult, RunContext, SourceVariant
 from engine.ops.metrics import confusion_counts
 
@@ -126,13 +127,15 @@ class _JobRun:
 def _run_scan(run: _JobRun, dataset: Dataset) -> str | None:
     """Record every split's images; a broken split list is reported (returned) and the other
     splits stay usable, so the job still ends done."""
-    root = Path(dataset.root)
-    splits = list_splits(root)  # raises DatasetError when there is none
+    layout = open_layout(Path(dataset.root))  # raises DatasetError for a malformed dataset
+    with connect(run.cfg.cache_dir) as con:
+        queries.upsert_dataset(con, dataset.id, dataset.name, dataset.root, layout.classes, layout.layout_name)
+    splits = [s.name for s in layout.splits]
     problems = []
     for index, split in enumerate(splits):
         run.report(f"scan {split}", index, len(splits))
         try:
-            records = scan_split(root, split, processes=run.cfg.processes)
+            records = scan_split(layout, split, processes=run.cfg.processes)
         except DatasetError as exc:
             problems.append(str(exc))
             continue
@@ -147,7 +150,8 @@ def _run_scan(run: _JobRun, dataset: Dataset) -> str | None:
     return "; ".join(problems) or None
 
 
-def _record(run: _JobRun, result: LabelResult, item: Item, labels_dir: Path, variant_id: str) -> None:
+def _record(run: _JobRun, result: LabelResult, item: Item, labels_dir: Path, variant_id: str,
+            classes: ClassSet) -> None:
     """Write one result's files and queue its rows; bad results become per-image errors."""
     cache_dir = run.cfg.cache_dir
     try:
@@ -158,13 +162,14 @@ def _record(run: _JobRun, result: LabelResult, item: Item, labels_dir: Path, var
             shape = None if label is None else label.shape
             raise ImageError(f"{item.image_path}: pseudo-label shape {shape} differs from image size {(item.height, item.width)}")
         path = labels_dir / f"{item.image_id}.png"
-        write_label_map(cache_dir / path, label)
+        write_label_map(cache_dir / path, label, classes)
         scores_path = None
         if result.scores is not None:
             scores_path = Path("scores") / variant_id / f"{item.image_id}.npz"
             write_scores(cache_dir / scores_path, result.score_classes, result.scores)
         if item.mask_path is not None:
-            counts = confusion_counts(read_mask(item.mask_path, (item.height, item.width)), label)
+            counts = confusion_counts(read_mask(item.mask_path, (item.height, item.width)), label,
+                                      classes.num_classes)
             for class_id, (tp, fp, fn) in enumerate(counts.tolist()):
                 if tp or fp or fn:
                     run.pending.counts.append((item.image_id, class_id, tp, fp, fn))
@@ -203,6 +208,9 @@ def _run_label(run: _JobRun, dataset: Dataset) -> None:
     if not rows:
         raise DatasetError(f"split {job.split!r} of {dataset.root} has no usable images")
     plugin = registry.get(variant.step)
+    refusal = plugin.refusal(dataset.classes)
+    if refusal:
+        raise ValueError(refusal)
     cfg = plugin.make_config(variant.params)
     items = [_item(r) for r in rows]
     by_id = {it.image_id: it for it in items}
@@ -216,7 +224,7 @@ def _run_label(run: _JobRun, dataset: Dataset) -> None:
                 raise KeyError(f"no variant {variant_id!r} in the cache")
             return _variant_reader(cache_dir, variant_id, queries.label_map_rows(con, variant_id))
 
-    ctx = RunContext(items=items, todo=todo, workdir=cache_dir / "work" / variant.id, device=_device(),
+    ctx = RunContext(classes=dataset.classes, items=items, todo=todo, workdir=cache_dir / "work" / variant.id, device=_device(),
                      report=run.report, source=source, processes=run.cfg.processes, models=cache_dir / "models",
                      variants=open_variant, log=run.log,
                      source_items=[_item(r) for r in source_images if r.image_id in (source_rows or {})])
@@ -227,7 +235,7 @@ def _run_label(run: _JobRun, dataset: Dataset) -> None:
     if not todo:
         return
     for result in plugin.run(cfg, ctx):
-        _record(run, result, by_id[result.image_id], labels_dir, variant.id)
+        _record(run, result, by_id[result.image_id], labels_dir, variant.id, dataset.classes)
         done += 1
         run.report("label", done, len(items))
 

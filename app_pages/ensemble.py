@@ -22,7 +22,6 @@ import streamlit as st
 
 from cache import qa, queries
 from cache.db import connect
-from cache.voc import VOC_CLASSES
 from engine.isle import assignments
 from engine.isle.assignments import ClassSummary
 from engine.isle.export import IMAGE_MODES, ExportError, export_assignment
@@ -165,6 +164,13 @@ except (KeyError, ValueError) as exc:
     st.error(str(exc))
     st.stop()
 plan, summary, merge_id, naive_id = view.plan, view.summary, view.merge_id, view.naive_id
+classes = dataset.classes
+# The selection's images with ground truth: the per-class IoU that chooses and predicts is over them.
+with_truth = int(max(plan.selection.with_truth, default=0))
+if not with_truth:
+    st.info(f"No ground truth: {int(max(plan.selection.labelled, default=0)):,} label maps per candidate, 0 images "
+            "with masks on the selection subset — the per-class IoU that chooses and predicts needs masks.")
+    st.stop()
 # Keep only real overrides: a pick equal to Algorithm 2's choice follows it from now on.
 state["overrides"] = {c: v for c, v in overrides.items() if c in plan.overridden}
 report = plan.report is not None
@@ -172,6 +178,8 @@ report = plan.report is not None
 st.subheader("Assignment")
 st.caption(
     f"Selection subset: {summary.subset.selection_images} image(s)"
+    + (f" ({with_truth:,} with ground truth: the figures are over those)"
+       if with_truth < summary.subset.selection_images else "")
     + (f"; report subset: {summary.subset.report_images} image(s)" if report else "")
     + ". Chips: every candidate's IoU (%) for the class on the selection subset, in this order: "
     + " · ".join(f"#{k} {n}" for k, n in enumerate(plan.names, start=1))
@@ -285,7 +293,7 @@ else:
         [{"version": k, "id": s.id, "saved at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_at)),
           "note": s.note, "candidates": len(s.candidates), "rule": s.rule,
           "selection": "whole split" if s.subset.fraction >= 1 else f"{s.subset.fraction:g} (seed {s.subset.seed})",
-          "overridden": ", ".join(VOC_CLASSES[c] for c, v in sorted(s.choice.items()) if s.auto.get(c) != v) or "—"}
+          "overridden": ", ".join(classes.name(c) for c, v in sorted(s.choice.items()) if s.auto.get(c) != v) or "—"}
          for k, s in enumerate(decoded, start=1)],
         hide_index=True,
     )

@@ -26,7 +26,7 @@ dataset = pick_dataset() if cache_exists() else None
 root = Path(dataset.root) if dataset else default_voc_root()
 SPLIT = "train"  # pseudo-labels are made for the training images (WSSS)
 KEYS_HELP = {"index": "0-based foreground indices, class id = key + 1 (IRN)",
-             "class_id": "VOC class ids, a leading 0 = background (PuzzleCAM)"}
+             "class_id": "label values of the dataset's classes, a leading 0 = background (PuzzleCAM)"}
 
 
 st.subheader("Queue work")
@@ -60,7 +60,7 @@ with refine_tab:
             queue_chain(root, SPLIT, source_chain, source)
 
 with import_tab:
-    st.write("Pseudo-labels made elsewhere, one file per image named `<image id>.png` (VOC palette or "
+    st.write("Pseudo-labels made elsewhere, one file per image named `<image id>.png` (palette or "
              "grey label maps) or `<image id>.npy` (IRN/PuzzleCAM dicts of `keys` and class scores). "
              "Files with problems are listed with the job; the others import.")
     folder = st.text_input("Folder", key="import_folder", placeholder="/path/to/pseudo-labels")
@@ -90,6 +90,11 @@ jobs_panel()
 
 if dataset:
     st.subheader("Dataset")
+    classes = dataset.classes
+    kind = "label 0 is background" if classes.has_background else "no background class"
+    st.caption(f"{classes.num_classes} classes ({kind}; layout {dataset.layout or 'VOCdevkit'}).")
+    with st.expander("Classes"):
+        st.dataframe([{"label": c, "class": classes.name(c)} for c in range(classes.num_classes)], hide_index=True)
     st.dataframe(read(queries.split_summary, dataset.id), hide_index=True)
     problems = read(queries.image_problems, dataset.id)
     if problems:

@@ -1,5 +1,10 @@
 """Per-class IoU: every variant against the ground truth, class by class, over a split; refine a
-variant from here and watch its row appear."""
+variant from here and watch its row appear.
+
+The columns are the classes of the picked dataset (its ``ClassSet``), after a frozen mIoU
+column: sort them by IoU (of one row or the mean) or by images, hide the classes without images,
+zoom into the chart. A click on a cell opens its images in Pseudo-label QA.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,22 @@ import streamlit as st
 
 from cache import queries, reports
 from cache.reports import gain_table, tree_order
-from cache.voc import VOC_CLASSES
-from ui.charts import column_labels, gain_heatmap, iou_heatmap, row_labels
+from ui.charts import (
+    COLUMN_SORTS,
+    cell_link,
+    column_order,
+    empty_classes,
+    gain_heatmap,
+    iou_heatmap,
+    iou_numbers,
+    row_labels,
+    truth_note,
+)
 from ui.common import has_active_jobs, jobs_panel, pick_dataset_and_split, queue_chain, read, refinement_steps
 
 VIEWS = {"flat": "flat", "grouped": "grouped by source", "gain": "gain vs source"}
+MEAN = "__mean__"  # the "IoU of" choice that sorts by the mean over the rows
+NAMED_EMPTY = 12  # at most this many empty classes are named in the note
 
 st.title("Per-class IoU")
 st.caption("IoU = TP / (TP + FP + FN) summed over the split's images, ground-truth pixels labelled "
@@ -21,6 +37,14 @@ st.caption("IoU = TP / (TP + FP + FN) summed over the split's images, ground-tru
 dataset, split = pick_dataset_and_split("Nothing to show yet: queue CAM and CAM → dCRF on the Home page.")
 
 
+def _empty_note(names: list[str], hidden: bool) -> str:
+    more = len(names) - NAMED_EMPTY
+    shown = ", ".join(names[:NAMED_EMPTY]) + (f" and {more} more" if more > 0 else "")
+    where = ("hidden (switch off “Hide classes without images” to see their empty columns)" if hidden
+             else "those columns are empty, not 0")
+    return f"No image of {shown} in {split}: {where}; left out of the mIoU."
+
+
 def heatmap() -> None:
     """The heatmap in the chosen view and its numbers, re-read from the cache on every run."""
     table = read(reports.iou_table, dataset.id, split)
@@ -28,45 +52,54 @@ def heatmap() -> None:
     if not table.names:
         st.info(f"No variant has label maps on {split} yet.")
         return
-    empty = [name for c, name in enumerate(VOC_CLASSES) if not class_images.get(c)]
-    if empty:
-        st.warning(f"No image of {', '.join(empty)} in {split}: those columns are empty, not 0, "
-                   "and left out of the mIoU.")
+    note = truth_note(table)
+    if not table.with_truth.any():
+        st.info(note)  # no IoU number: none can be computed
+        return
     view = st.radio("Rows", list(VIEWS), format_func=VIEWS.get, horizontal=True, key="view")
     gain = gain_table(table) if view == "gain" else None
-    if gain is None:
-        st.caption("Click a cell to open its images in Pseudo-label QA, most error pixels first.")
-        event = st.plotly_chart(iou_heatmap(table, class_images, view), key="heatmap", on_select="rerun",
-                                selection_mode="points")
-        rows = tree_order(table)[0] if view == "grouped" else list(range(len(table.names)))
-        cells = [(table.variant_ids[r], None) for r in rows]
-    elif gain.rows.size:
-        st.caption("IoU of each refined variant minus its source's, in points, class by class. Click a cell "
-                   "to open the images where the refinement lost most on that class.")
-        event = st.plotly_chart(gain_heatmap(table, gain, class_images), key="heatmap", on_select="rerun",
-                                selection_mode="points")
-        cells = [(table.variant_ids[s], table.variant_ids[r]) for r, s in zip(gain.rows, gain.sources)]
-    else:
+    if gain is not None and not gain.rows.size:
         st.info(f"No refined variant has label maps on {split} next to its source.")
         return
+
+    # Columns: sort, the row the IoU sorts by, hide the empty ones.
+    rows = (list(range(len(table.names))) if view == "flat" else tree_order(table)[0]) if gain is None \
+        else [int(r) for r in gain.rows]
+    labels = row_labels(table)
+    by_options = {MEAN: "mean of the rows", **{table.variant_ids[r]: labels[r] for r in rows}}
+    if st.session_state.get("heatmap_by") not in by_options:
+        st.session_state.pop("heatmap_by", None)
+    left, middle, right = st.columns([2, 3, 2], vertical_alignment="bottom")
+    sort = left.selectbox("Columns by", list(COLUMN_SORTS), format_func=COLUMN_SORTS.get, key="heatmap_sort")
+    by = middle.selectbox("IoU of" if gain is None else "Gain of", list(by_options), format_func=by_options.get,
+                          key="heatmap_by", disabled=sort not in ("iou_low", "iou_high"))
+    hide = right.toggle("Hide classes without images", value=True, key="heatmap_hide_empty")
+    columns = column_order(table, class_images, sort, None if by == MEAN else by, hide, gain)
+
+    empty = [dataset.classes.name(c) for c in empty_classes(dataset.classes, class_images)]
+    if empty:
+        st.caption(_empty_note(empty, hide))
+    if note:
+        st.caption(note)
+    if not columns:
+        st.info(f"No image of {split} holds a class.")
+        return
+    st.caption("mIoU stays the first column. Drag a box to zoom in, double-click to zoom out; click a cell "
+               + ("to open its images in Pseudo-label QA, most error pixels first." if gain is None else
+                  "to open the images where the refinement lost most on that class."))
+    if gain is None:
+        figure = iou_heatmap(table, class_images, view, columns)
+        cells = [(table.variant_ids[r], None) for r in rows]
+    else:
+        figure = gain_heatmap(table, gain, class_images, columns)
+        cells = [(table.variant_ids[s], table.variant_ids[r]) for r, s in zip(gain.rows, gain.sources)]
+    event = st.plotly_chart(figure, key="heatmap", on_select="rerun", selection_mode="points")
     points = event.selection.points if event else []
     if points:
-        row, column = divmod(points[0]["point_index"], len(VOC_CLASSES) + 1)
-        variant, other = cells[row]
-        link = {"split": split, "variant": variant, "sort": "errors" if other is None else "gain"}
-        if other is not None:
-            link |= {"other": other, "descending": "0"}
-        if column < len(VOC_CLASSES):  # the mIoU column sorts by the whole image
-            link |= {"class": VOC_CLASSES[column]}
-        st.switch_page("app_pages/qa.py", query_params=link)
+        st.switch_page("app_pages/qa.py",
+                       query_params=cell_link(points[0], columns, cells, dataset.classes, dataset.id, split))
     with st.expander("The numbers"):
-        columns = column_labels(class_images)
-        st.dataframe(
-            [{"variant": label, "label maps": int(n),
-              **{col: (None if iou != iou else round(100 * iou, 2)) for col, iou in zip(columns, [*row, miou])}}
-             for label, n, row, miou in zip(row_labels(table), table.labelled, table.iou, table.miou)],
-            hide_index=True,
-        )
+        st.dataframe(iou_numbers(table, class_images, columns), hide_index=True)
 
 
 # Filled after the form below, so that a chain queued by this very run already makes it live.

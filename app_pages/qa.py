@@ -5,6 +5,8 @@ thumbnails from ``cache.thumbnails``; the single-image view decodes that one ima
 per-class IoU heatmap links here with ``?split=&variant=&class=&sort=`` (a cell's images, worst
 first); ``?image=`` opens one image. Flags are written to the cache at once and can keep images
 out of the ISLE selection subset (ISLE ensemble page, or ``python -m engine isle --exclude-flagged``).
+Class names, pickers and overlay colours are the picked dataset's class set; a link may name the
+dataset (``?dataset=<id>``), and switching datasets resets the class filters and closes the image.
 
 Widget keys start with "qa_"; "qa_image" (not a widget) is the image open in the single view.
 """
@@ -21,7 +23,6 @@ from cache import qa, queries, reports
 from cache.db import connect
 from cache.labelmaps import LabelMapError
 from cache.thumbnails import ThumbnailError
-from cache.voc import VOC_CLASSES
 from engine.core.types import ImageError
 from ui.charts import row_labels
 from ui.common import cache_dir, pick_dataset_and_split, read, refresh
@@ -47,8 +48,9 @@ st.caption("Sort and filter the images by what the cached counts say, open one t
 
 
 def _apply_query_params() -> None:
-    """Copy a link's ``?split=&variant=&other=&class=&sort=&descending=0|1&image=`` into the
-    widgets, once per link."""
+    """Copy a link's ``?dataset=&split=&variant=&other=&class=&sort=&descending=0|1&image=`` into
+    the widgets, once per link; the dataset and the class (a name of its class set) are applied
+    once the dataset is picked."""
     incoming = {key: st.query_params[key] for key in st.query_params}
     if not incoming or state.get("qa_link") == incoming:
         return
@@ -58,8 +60,8 @@ def _apply_query_params() -> None:
     for key in ("variant", "other"):
         if key in incoming:
             state[f"qa_{key}"] = incoming[key]
-    if incoming.get("class") in VOC_CLASSES:
-        state["qa_class"] = VOC_CLASSES.index(incoming["class"])
+    state["qa_link_dataset"] = incoming.get("dataset")
+    state["qa_link_class"] = incoming.get("class")
     if incoming.get("sort") in qa.SORTS:
         state["qa_sort"] = incoming["sort"]
         state["qa_descending"] = (incoming["descending"] == "1" if incoming.get("descending") in ("0", "1")
@@ -68,8 +70,28 @@ def _apply_query_params() -> None:
     state["qa_page"] = 1
 
 
+def _switched_dataset(linked: bool) -> None:
+    """Another dataset than the last run's: its label values name other classes, its images
+    other ids, so the class filters are reset and the open image is closed (unless a link of
+    this run opened it: linked)."""
+    for key in ("qa_class", "qa_classes", "qa_scores_class", "qa_layer_a", "qa_layer_b"):
+        state.pop(key, None)
+    state["qa_page"] = 1
+    if not linked:
+        state["qa_image"] = None
+        st.query_params.pop("image", None)
+
+
 _apply_query_params()
-dataset, split = pick_dataset_and_split("Nothing to check yet: queue CAM on the Home page.")
+linked = "qa_link_dataset" in state  # a link was applied in this run
+dataset, split = pick_dataset_and_split("Nothing to check yet: queue CAM on the Home page.",
+                                        select=state.pop("qa_link_dataset", None))
+if state.get("qa_dataset") not in (None, dataset.id):
+    _switched_dataset(linked)
+state["qa_dataset"] = dataset.id
+classes = dataset.classes
+if (class_name := state.pop("qa_link_class", None)) in classes.names:
+    state["qa_class"] = classes.index(class_name)
 directory = cache_dir()
 table = read(reports.iou_table, dataset.id, split)
 names = dict(zip(table.variant_ids, row_labels(table)))
@@ -86,6 +108,10 @@ def _fmt(sort: str, value: float | None) -> str:
     if sort == "disagreement":
         return f"differ ≥ {100 * value:.1f}% px"
     return f"{int(value):,} px"
+
+
+def _class_names(labels) -> str:
+    return ", ".join(classes.name(c) for c in labels)
 
 
 def _flag_text(kinds: list[str]) -> str:
@@ -115,11 +141,11 @@ if sort in ("disagreement", "gain"):
         state.pop("qa_other", None)
     other = right.selectbox("Second variant", others, format_func=names.get, key="qa_other", index=None,
                             placeholder="choose the variant to compare with", on_change=_first_page)
-class_id = right.selectbox("Class the sort is about", [None, *range(len(VOC_CLASSES))], key="qa_class",
-                           format_func=lambda c: "whole image" if c is None else VOC_CLASSES[c], on_change=_first_page)
+class_id = right.selectbox("Class the sort is about", [None, *range(classes.num_classes)], key="qa_class",
+                           format_func=lambda c: "whole image" if c is None else classes.name(c), on_change=_first_page)
 left, middle, right = st.columns(3)
-classes = left.multiselect("Images holding the classes", range(1, len(VOC_CLASSES)),
-                           format_func=VOC_CLASSES.__getitem__, key="qa_classes", on_change=_first_page)
+holding = left.multiselect("Images holding the classes", classes.foreground, format_func=classes.name,
+                           key="qa_classes", on_change=_first_page)
 flagged = middle.selectbox("Flags", qa.FLAG_FILTERS, key="qa_flagged", on_change=_first_page,
                            format_func=lambda f: qa.FLAG_KINDS.get(f, f))
 state.setdefault("qa_descending", qa.DESCENDING[sort])
@@ -134,7 +160,7 @@ if needs_variant and variant is None:
 elif sort in ("disagreement", "gain") and other is None:
     st.info("Choose the second variant.")
 else:
-    query = qa.ImageQuery(split, tuple(classes), variant, other, class_id, sort, descending, flagged)
+    query = qa.ImageQuery(split, tuple(holding), variant, other, class_id, sort, descending, flagged)
 
 left, right = st.columns([1, 3])
 page_size = left.selectbox("Images per page", PAGE_SIZES, index=1, key="qa_page_size", on_change=_first_page)
@@ -153,7 +179,7 @@ if query is not None:
 def _thumb(row: dict, layer: str, opacity: float):
     stored = read(queries.label_map_rows, layer).get(row["image_id"]) if layer not in (GT, NONE) else None
     return grid_thumbnail(directory, row["image_path"], row["mask_path"], directory / stored[0] if stored else None,
-                          layer, opacity)
+                          layer, opacity, classes)
 
 
 def _open(image_id: str) -> None:
@@ -177,7 +203,7 @@ def grid() -> None:
                 except ThumbnailError as exc:
                     st.error(str(exc))
                 st.caption(f"**{row['image_id']}** {_fmt(query.sort, row['value'])}"
-                           f" · {', '.join(VOC_CLASSES[c] for c in row['labels'])}{_flag_text(row['flags'])}")
+                           f" · {_class_names(row['labels'])}{_flag_text(row['flags'])}")
                 st.button("Open", key=f"qa_open_{row['image_id']}", on_click=_open, args=(row["image_id"],))
 
 
@@ -222,14 +248,20 @@ def single(image_id: str) -> None:
     flags = [f for f in read(qa.flags, dataset.id) if f["image_id"] == image_id]
     st.markdown(f"### {image_id}")
     st.caption(f"{row['width']}×{row['height']} px · classes: "
-               f"{', '.join(VOC_CLASSES[c] for c in row['labels']) or 'none'}{_flag_text([f['kind'] for f in flags])}")
-    layers = [GT, *maps]
+               f"{_class_names(row['labels']) or 'none'}{_flag_text([f['kind'] for f in flags])}"
+               + ("" if row["mask_path"] else " · no ground truth"))
+    layers = [*([GT] if row["mask_path"] else []), *maps]
+    if not layers:
+        st.info("This image has no ground truth and no label map yet: nothing to overlay.")
+        st.image(grid_thumbnail(directory, row["image_path"], None, None, NONE, 0.0, classes))
+        return
     left, middle, right = st.columns(3)
     default_a = layers.index(variant) if variant in maps else 0
     a = left.selectbox("Layer A", layers, index=default_a, format_func=layer_names.get, key="qa_layer_a")
     b_options = [NONE, *[layer for layer in layers if layer != a]]
     b = middle.selectbox("Layer B", b_options, format_func=layer_names.get, key="qa_layer_b",
-                         index=b_options.index(other) if other in b_options else (1 if a != GT else 0))
+                         index=b_options.index(other) if other in b_options
+                         else (1 if a != GT and len(b_options) > 1 else 0))
     mode = right.radio("Show", ["side by side", "comparison slider"], horizontal=True, key="qa_mode",
                        disabled=b == NONE)
     opacity = left.slider("Overlay opacity", 0.0, 1.0, 0.6, 0.05, key="qa_opacity")
@@ -241,15 +273,17 @@ def single(image_id: str) -> None:
     shown = [layer for layer in (a, b) if layer != NONE]
     if mode == "comparison slider" and len(shown) == 2:
         position = middle.slider("Slider position (A left, B right)", 0.0, 1.0, 0.5, 0.01, key="qa_wipe")
-        st.image(comparison(view, opacity, position), caption=f"left: {layer_names[a]} · right: {layer_names[b]}")
+        st.image(comparison(view, opacity, position, classes),
+                 caption=f"left: {layer_names[a]} · right: {layer_names[b]}")
     else:
-        for column, layer, picture in zip(st.columns(len(shown)), shown, pictures(view, opacity)):
+        for column, layer, picture in zip(st.columns(len(shown)), shown, pictures(view, opacity, classes)):
             column.image(picture, caption=layer_names[layer])
 
     st.markdown("**Classes in this image**")
-    # The colour cell painted in the class's VOC colour: the legend of the overlays above.
-    st.dataframe(legend_table(view, layer_names, a, b), hide_index=True)
-    st.caption("Pixels per class (ground-truth pixels labelled 255 ignored); IoU in % in this image.")
+    # The colour cell painted in the class's palette colour: the legend of the overlays above.
+    st.dataframe(legend_table(view, layer_names, a, b, classes), hide_index=True)
+    st.caption("Pixels per class (ground-truth pixels labelled 255 ignored); IoU in % in this image."
+               if view.gt is not None else "Pixels per class; no IoU: this image has no ground truth.")
 
     with_scores = [v for v, (_, scores) in maps.items() if scores]
     if with_scores:
@@ -261,10 +295,10 @@ def single(image_id: str) -> None:
             except LabelMapError as exc:
                 st.error(str(exc))
             else:
-                pick = st.selectbox("Class", range(len(stored)), format_func=lambda k: VOC_CLASSES[stored[k]],
+                pick = st.selectbox("Class", range(len(stored)), format_func=lambda k: classes.name(stored[k]),
                                     index=len(stored) - 1, key="qa_scores_class")
                 st.image(score_picture(view, scores[pick], opacity),
-                         caption=f"{VOC_CLASSES[stored[pick]]} score of {names[source]} "
+                         caption=f"{classes.name(stored[pick])} score of {names[source]} "
                                  f"(stored at {scores.shape[2]}×{scores.shape[1]}, upsampled)")
 
     st.markdown("**Flag this image**")

@@ -31,7 +31,7 @@ from engine.core.dataset import DatasetError
 from engine.core.registry import Role
 from engine.isle import assignments
 from engine.runtime.trainings import GROUND_TRUTH, ISLE_PREFIX, final_plugin, submit_training, trainings
-from ui.charts import iou_heatmap, loss_curve, miou_bars, validation_curve
+from ui.charts import column_order, iou_heatmap, loss_curve, miou_bars, truth_note, validation_curve
 from ui.common import (
     ACTIVE,
     cache_dir,
@@ -91,6 +91,9 @@ splits = read(queries.splits, dataset.id) if dataset else []
 if not splits:
     st.info("Nothing to train on yet: queue methods on the Home page first.")
     st.stop()
+for key in ("train_split", "eval_split"):  # a split of the dataset picked before
+    if st.session_state.get(key) not in (None, *splits):
+        st.session_state.pop(key)
 left, right = st.columns(2)
 train_split = left.selectbox("Training split (the label set's images)", splits, key="train_split",
                              index=splits.index("train") if "train" in splits else 0)
@@ -206,7 +209,12 @@ else:
                + (" and their refinements" if refinements else "") + ".")
     shown = [v for r in rows for v in (r.variant_id, *(x.variant_id for x in r.refined))]
     table = select_rows(read(reports.iou_table, dataset.id, eval_split), shown)
-    st.plotly_chart(iou_heatmap(table, read(queries.class_image_counts, dataset.id, eval_split)), key="train_heatmap")
+    class_images = read(queries.class_image_counts, dataset.id, eval_split)
+    if note := truth_note(table):
+        st.caption(note)
+    if table.with_truth.any():  # classes without images of the split are left out
+        st.plotly_chart(iou_heatmap(table, class_images, columns=column_order(table, class_images, hide_empty=True)),
+                        key="train_heatmap")
 
 # --- predict -------------------------------------------------------------------------------
 

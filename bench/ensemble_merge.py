@@ -59,8 +59,8 @@ def plain_loop(cache_dir: Path, images: list[ImageRow], plan: assignments.Plan, 
             claims[c] = _read_label(cache_dir / label_path, size, image.image_id) == c
             scores[c] = cache_dir / scores_path if scores_path else None
         label, _ = merge_slices(claims, image.labels, plan.priority, plan.rule,
-                                lambda c: _class_score(scores[c], c, size))
-        confusion_counts(read_mask(Path(image.mask_path), size), label)
+                                lambda c: _class_score(scores[c], c, size), classes=plan.classes)
+        confusion_counts(read_mask(Path(image.mask_path), size), label, plan.classes.num_classes)
         write_label_map(out / f"{image.image_id}.png", label)
     return time.perf_counter() - start
 

@@ -65,17 +65,10 @@ from cache.labelmaps import read_label_map, write_label_map
 from cache.rows import Variant
 from cache.schema import JobStatus
 from cache.thumbnails import image_thumbnail, label_thumbnail
-from cache.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
+from cache.classes import IGNORE_INDEX, VOC
 from engine import __version__
-from engine.core.dataset import (
-    default_voc_root,
-    image_labels,
-    list_splits,
-    mask_folder,
-    read_image,
-    read_mask,
-    read_split_ids,
-)
+from engine.core.dataset import default_voc_root, image_labels, open_layout, read_image, read_mask
+from engine.core.layouts import read_split_ids
 from engine.ops.metrics import confusion_counts, iou_from_counts
 from ui.overlays import overlay
 
@@ -83,7 +76,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATASET_ID = "bench-qa-browse"
 SPLIT = "qa"
 VARIANTS = {"shifted": "bench-shifted", "blocky": "bench-blocky", "merge": "bench-merge"}  # name -> variant id
-CLASS_ID = VOC_CLASSES.index("dog")  # 12: in about a third of the animals subset's images
+CLASS_ID = VOC.index("dog")  # 12: in about a third of the animals subset's images
 PAGE = 24  # images per grid page of the QA page
 BATCH = 2_000  # images per record_results call: one INSERT per table each
 N_FLAGS = 300
@@ -119,13 +112,13 @@ def blocky(mask: np.ndarray, factor: int = 8) -> np.ndarray:
 
 def conflict_rows(loser: np.ndarray, winner: np.ndarray) -> list[tuple[int, int, int]]:
     """``(winner, loser, pixels)`` where the two ``(H, W) uint8`` maps hold different foreground classes."""
-    fg = (loser != winner) & (loser >= 1) & (loser < NUM_CLASSES) & (winner >= 1) & (winner < NUM_CLASSES)
-    pairs = np.bincount(winner[fg].astype(np.intp) * NUM_CLASSES + loser[fg], minlength=NUM_CLASSES ** 2)
-    return [(int(k // NUM_CLASSES), int(k % NUM_CLASSES), int(pairs[k])) for k in np.flatnonzero(pairs)]
+    fg = (loser != winner) & (loser >= 1) & (loser < VOC.num_classes) & (winner >= 1) & (winner < VOC.num_classes)
+    pairs = np.bincount(winner[fg].astype(np.intp) * VOC.num_classes + loser[fg], minlength=VOC.num_classes ** 2)
+    return [(int(k // VOC.num_classes), int(k % VOC.num_classes), int(pairs[k])) for k in np.flatnonzero(pairs)]
 
 
 def count_rows(gt: np.ndarray, label: np.ndarray) -> list[tuple[int, int, int, int]]:
-    return [(c, int(tp), int(fp), int(fn)) for c, (tp, fp, fn) in enumerate(confusion_counts(gt, label))
+    return [(c, int(tp), int(fp), int(fn)) for c, (tp, fp, fn) in enumerate(confusion_counts(gt, label, VOC.num_classes))
             if tp + fp + fn > 0]
 
 
@@ -136,19 +129,20 @@ def label_path(variant: str, real_id: str) -> str:
 
 def derive(root: Path, cache_dir: Path) -> list[RealImage]:
     """Decode every real mask once, write its shifted and blocky label maps, count both."""
-    masks, reals, seen = mask_folder(root), [], set()
-    for split in list_splits(root):
-        for image_id in read_split_ids(root, split):
+    layout, reals, seen = open_layout(root), [], set()
+    for split in layout.splits:
+        for image_id in read_split_ids(split):
             if image_id in seen:
                 continue
             seen.add(image_id)
-            gt = read_mask(masks / f"{image_id}.png")
+            mask_path = layout.mask_path(split, image_id)
+            gt = read_mask(mask_path)
             maps = {"shifted": shifted(gt), "blocky": blocky(gt)}
             for name, label in maps.items():
                 write_label_map(cache_dir / label_path(name, image_id), label)
             counts = {name: count_rows(gt, label) for name, label in maps.items()}
-            reals.append(RealImage(image_id, root / "JPEGImages" / f"{image_id}.jpg", masks / f"{image_id}.png",
-                                   *gt.shape, image_labels(gt), {**counts, "merge": counts["blocky"]},
+            reals.append(RealImage(image_id, layout.image_path(split, image_id), mask_path,
+                                   *gt.shape, image_labels(gt, VOC), {**counts, "merge": counts["blocky"]},
                                    conflict_rows(maps["shifted"], maps["blocky"])))
     return sorted(reals, key=lambda r: r.image_id)
 
@@ -162,7 +156,7 @@ def copies(reals: list[RealImage], n_images: int) -> list[tuple[str, RealImage]]
 def record(cache_dir: Path, root: Path, split: list[tuple[str, RealImage]]) -> None:
     """The dataset, split, variants, label maps, counts, conflicts and flags, in one transaction."""
     with connect(cache_dir) as con:
-        queries.upsert_dataset(con, DATASET_ID, "qa-browse bench", str(root))
+        queries.upsert_dataset(con, DATASET_ID, "qa-browse bench", str(root), VOC, "vocdevkit")
         queries.replace_split_images(con, DATASET_ID, SPLIT, [
             (image_id, str(r.image_path), str(r.mask_path), r.height, r.width, list(r.labels), None)
             for image_id, r in split])
@@ -232,21 +226,21 @@ def baseline_seconds(cache_dir: Path, reals: list[RealImage], sample: int, n_ima
     start = time.perf_counter()
     for r in sample_reals:
         gt = read_mask(r.mask_path, (r.height, r.width))
-        iou_from_counts(confusion_counts(gt, read_label_map(cache_dir / label_path("shifted", r.image_id))))[CLASS_ID]
+        iou_from_counts(confusion_counts(gt, read_label_map(cache_dir / label_path("shifted", r.image_id)), VOC.num_classes))[CLASS_ID]
     per_image = (time.perf_counter() - start) / len(sample_reals)
     return per_image * 1000, per_image * n_images
 
 
 def load_page(cache_dir: Path, files: list[tuple[Path, Path]]) -> None:
     for image_path, label in files:
-        overlay(image_thumbnail(cache_dir, image_path), label_thumbnail(cache_dir, label))
+        overlay(image_thumbnail(cache_dir, image_path), label_thumbnail(cache_dir, label), VOC)
 
 
 def image_view_files(cache_dir: Path, r: RealImage) -> None:
     rgb = read_image(r.image_path)
     read_mask(r.mask_path, rgb.shape[:2])
     for name in ("shifted", "blocky"):
-        overlay(rgb, read_label_map(cache_dir / label_path(name, r.image_id)))
+        overlay(rgb, read_label_map(cache_dir / label_path(name, r.image_id)), VOC)
 
 
 def image_view_rows(cache_dir: Path, image_id: str) -> None:

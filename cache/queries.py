@@ -53,10 +53,12 @@ def upsert_dataset(con: Con, dataset_id: str, name: str, root: str, classes: Cla
 
 def replace_split_images(con: Con, dataset_id: str, split: str, rows: Sequence[tuple]) -> None:
     """Replace a split's image rows; each row is ``(image_id, image_path, mask_path, height,
-    width, labels, problem)``."""
+    width, labels, problem)``. The split's ``count_totals`` are rebuilt: a re-scan may add, drop
+    or (un)mark images, which changes what every variant's totals sum over."""
     con.execute("DELETE FROM images WHERE dataset_id = ? AND split = ?", [dataset_id, split])
     _insert(con, "images", ("VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "INTEGER", "INTEGER",
                             "UTINYINT[]", "VARCHAR"), [(dataset_id, split, *row) for row in rows])
+    rebuild_count_totals(con, dataset_id, split)
 
 
 def mark_scanned(con: Con, dataset_id: str) -> None:
@@ -96,6 +98,15 @@ def usable_images(con: Con, dataset_id: str, split: str) -> list[ImageRow]:
         "SELECT * FROM images WHERE dataset_id = ? AND split = ? AND problem IS NULL ORDER BY image_id",
         [dataset_id, split],
     ))]
+
+
+def usable_image_ids(con: Con, dataset_id: str, split: str) -> list[str]:
+    """The ids of ``usable_images``, in id order: one column, no row objects (at COCO scale
+    building 82,783 ``ImageRow`` costs over a second)."""
+    return [r[0] for r in con.execute(
+        "SELECT image_id FROM images WHERE dataset_id = ? AND split = ? AND problem IS NULL ORDER BY image_id",
+        [dataset_id, split],
+    ).fetchall()]
 
 
 # --- variants and label maps ---------------------------------------------------------------
@@ -156,17 +167,24 @@ class ResultRows:
 
 
 def record_results(con: Con, job_id: int, variant_id: str, rows: ResultRows) -> None:
+    """Record one flush of a job. A re-recorded image (in ``rows.label_maps``) replaces its old
+    counts and conflicts. ``count_totals`` follow exactly, without a scan of ``counts``: the
+    deleted rows (returned by the DELETE) are taken away, the inserted ones added."""
     now = time.time()
+    deleted: list[tuple] = []
     if rows.label_maps:
         ids = [r[0] for r in rows.label_maps]
         # A re-run image replaces its old rows (a crash may have left a PNG but no row).
-        for table in ("counts", "conflicts"):
-            con.execute(f"DELETE FROM {table} WHERE variant_id = ? AND image_id IN (SELECT unnest(?))", [variant_id, ids])
+        deleted = con.execute(
+            """DELETE FROM counts WHERE variant_id = ? AND image_id IN (SELECT unnest(?))
+               RETURNING image_id, class_id, tp, fp, fn""", [variant_id, ids]).fetchall()
+        con.execute("DELETE FROM conflicts WHERE variant_id = ? AND image_id IN (SELECT unnest(?))", [variant_id, ids])
         _insert(con, "label_maps", ("VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "DOUBLE"),
                 [(variant_id, image_id, path, scores, now) for image_id, path, scores in rows.label_maps],
                 replace=True)
     _insert(con, "counts", ("VARCHAR", "VARCHAR", "UTINYINT", "BIGINT", "BIGINT", "BIGINT"),
             [(variant_id, *r) for r in rows.counts])
+    _update_totals(con, variant_id, deleted, rows.counts)
     _insert(con, "conflicts", ("VARCHAR", "VARCHAR", "UTINYINT", "UTINYINT", "BIGINT"),
             [(variant_id, *r) for r in rows.conflicts])
     _insert(con, "train_log", ("VARCHAR", "VARCHAR", "BIGINT", "DOUBLE", "DOUBLE"),
@@ -201,24 +219,97 @@ def _subset(image_ids: Sequence[str] | None, column: str = "i.image_id") -> tupl
 def class_counts(con: Con, dataset_id: str, split: str, image_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Per variant and class, over the split's images the variant has labelled (only those in
     ``image_ids`` when given): summed TP, FP, FN, the number of images whose ground truth holds the
-    class, and IoU = TP / (TP + FP + FN) (NULL when no such image holds the class). One
-    aggregation; no label map decoded."""
-    where, args = _subset(image_ids)
+    class, and IoU = TP / (TP + FP + FN) (NULL when no such image holds the class). Rows are dicts
+    (variant_id, class_id, tp, fp, fn, n_images, iou) ordered by variant and class.
+
+    The whole split reads ``count_totals`` (a few rows per variant and class, so the cost does
+    not grow with the images); a subset aggregates its per-image rows
+    (``class_counts_from_rows``). Both give the same rows for the whole split."""
+    if image_ids is not None:
+        return class_counts_from_rows(con, dataset_id, split, image_ids)
     return _dicts(con.execute(
-        """SELECT c.variant_id, c.class_id::INTEGER AS class_id,
-                  sum(c.tp) AS tp, sum(c.fp) AS fp, sum(c.fn) AS fn,
-                  count(*) FILTER (WHERE c.tp + c.fn > 0) AS n_images,
-                  CASE WHEN sum(c.tp + c.fn) > 0
-                       THEN sum(c.tp) / sum(c.tp + c.fp + c.fn) END AS iou
-           FROM counts c
-           JOIN images i ON i.image_id = c.image_id AND i.dataset_id = ? AND i.split = ?
-                        AND i.problem IS NULL
-           JOIN variants v ON v.id = c.variant_id AND v.dataset_id = i.dataset_id
-           WHERE {where}
-           GROUP BY c.variant_id, c.class_id
-           ORDER BY c.variant_id, c.class_id""".format(where=where),
-        [dataset_id, split, *args],
+        """SELECT t.variant_id, t.class_id::INTEGER AS class_id, t.tp, t.fp, t.fn, t.n_images,
+                  CASE WHEN t.tp + t.fn > 0 THEN t.tp / (t.tp + t.fp + t.fn) END AS iou
+           FROM count_totals t
+           JOIN variants v ON v.id = t.variant_id AND v.dataset_id = t.dataset_id
+           WHERE t.dataset_id = ? AND t.split = ? AND t.n_rows > 0
+           ORDER BY t.variant_id, t.class_id""",
+        [dataset_id, split],
     ))
+
+
+def class_counts_from_rows(con: Con, dataset_id: str, split: str,
+                           image_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """``class_counts`` as one aggregation over the per-image ``counts`` rows (no totals): the
+    subset case, and the reference the totals must equal. Counts only images of the variant's
+    own dataset without a problem.
+
+    The images are restricted first and the variants after the aggregation (both are keys of
+    the rows' groups), so each of the millions of counts rows meets one hash probe, not three."""
+    where, args = _subset(image_ids, "image_id")
+    return _dicts(con.execute(
+        """WITH chosen AS (SELECT image_id FROM images
+                          WHERE dataset_id = ? AND split = ? AND problem IS NULL AND {where}),
+                sums AS (SELECT c.variant_id, c.class_id, sum(c.tp) AS tp, sum(c.fp) AS fp, sum(c.fn) AS fn,
+                                count(*) FILTER (WHERE c.tp + c.fn > 0) AS n_images
+                         FROM counts c SEMI JOIN chosen USING (image_id)
+                         GROUP BY c.variant_id, c.class_id)
+           SELECT s.variant_id, s.class_id::INTEGER AS class_id, s.tp, s.fp, s.fn, s.n_images,
+                  CASE WHEN s.tp + s.fn > 0 THEN s.tp / (s.tp + s.fp + s.fn) END AS iou
+           FROM sums s SEMI JOIN variants v ON v.id = s.variant_id AND v.dataset_id = ?
+           ORDER BY s.variant_id, s.class_id""".format(where=where),
+        [dataset_id, split, *args, dataset_id],
+    ))
+
+
+# Per (dataset, split, variant, class) of the usable images listing the rows ``c`` (columns
+# variant_id, image_id, class_id, tp, fp, fn, sign): the columns of count_totals, each row
+# counted ``sign`` (+1 or -1) times. The join is on the image id alone, not the variant's
+# dataset, so totals need no variant row (a variant may be added after its counts);
+# class_counts keeps the variant's own dataset.
+_TOTALS_OF_ROWS = """
+    SELECT i.dataset_id, i.split, c.variant_id, c.class_id,
+           sum(c.sign * c.tp), sum(c.sign * c.fp), sum(c.sign * c.fn),
+           coalesce(sum(c.sign) FILTER (WHERE c.tp + c.fn > 0), 0), sum(c.sign)
+    FROM {rows} c JOIN images i ON i.image_id = c.image_id AND i.problem IS NULL
+    WHERE {where}
+    GROUP BY i.dataset_id, i.split, c.variant_id, c.class_id"""
+
+
+def rebuild_count_totals(con: Con, dataset_id: str | None = None, split: str | None = None) -> None:
+    """Recompute ``count_totals`` from the per-image rows: of one split of ``dataset_id``, of
+    every split of it (``split`` None), or of the whole cache (both None: the schema-6 upgrade).
+    One aggregation over ``counts``; ``replace_split_images`` calls it for the re-scanned split.
+    Raises ``ValueError`` for a split without its dataset."""
+    if split is not None and dataset_id is None:
+        raise ValueError("a split needs its dataset_id")
+    given = [(column, value) for column, value in (("dataset_id", dataset_id), ("split", split)) if value is not None]
+    args = [value for _, value in given]
+    con.execute(f"DELETE FROM count_totals WHERE {' AND '.join(f'{k} = ?' for k, _ in given) or 'TRUE'}", args)
+    con.execute("INSERT INTO count_totals " + _TOTALS_OF_ROWS.format(
+        rows="(SELECT *, 1 AS sign FROM counts)", where=" AND ".join(f"i.{k} = ?" for k, _ in given) or "TRUE"), args)
+
+
+def _update_totals(con: Con, variant_id: str, removed: Sequence[tuple], added: Sequence[tuple]) -> None:
+    """Take the counts rows ``removed`` away from the totals and add ``added``; rows are
+    ``(image_id, class_id, tp, fp, fn)`` of ``variant_id``, counted in every split listing their
+    image. A total left with no row (n_rows 0) is dropped. Exact: totals are integer sums of
+    their rows. One statement (a join of the rows with ``images``), no scan of ``counts``."""
+    if not removed and not added:
+        return
+    signed = [(*r, -1) for r in removed] + [(*r, 1) for r in added]
+    source = """(SELECT ?::VARCHAR AS variant_id, unnest(?::VARCHAR[]) AS image_id,
+                        unnest(?::UTINYINT[]) AS class_id, unnest(?::BIGINT[]) AS tp,
+                        unnest(?::BIGINT[]) AS fp, unnest(?::BIGINT[]) AS fn, unnest(?::BIGINT[]) AS sign)"""
+    con.execute(
+        "INSERT INTO count_totals " + _TOTALS_OF_ROWS.format(rows=source, where="TRUE")
+        + """ ON CONFLICT (dataset_id, split, variant_id, class_id) DO UPDATE SET
+                tp = tp + excluded.tp, fp = fp + excluded.fp, fn = fn + excluded.fn,
+                n_images = n_images + excluded.n_images, n_rows = n_rows + excluded.n_rows""",
+        [variant_id, *([list(column) for column in zip(*signed)])],
+    )
+    if removed:
+        con.execute("DELETE FROM count_totals WHERE variant_id = ? AND n_rows = 0", [variant_id])
 
 
 def labelled_in_split(con: Con, dataset_id: str, split: str, image_ids: Sequence[str] | None = None,

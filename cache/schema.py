@@ -10,7 +10,10 @@ from enum import Enum
 
 import duckdb
 
-SCHEMA_VERSION = 5  # 2: conflicts, assignments; 3: train_log; 4: flags; 5: datasets.classes, layout
+# 2: conflicts, assignments; 3: train_log; 4: flags; 5: datasets.classes, layout;
+# 6: count_totals (per-split sums of counts), built once from the counts of an older cache
+SCHEMA_VERSION = 6
+TOTALS_SINCE = 6  # the version that added count_totals
 
 STATEMENTS = (
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
@@ -48,6 +51,17 @@ STATEMENTS = (
         variant_id VARCHAR NOT NULL, image_id VARCHAR NOT NULL, class_id UTINYINT NOT NULL,
         tp BIGINT NOT NULL, fp BIGINT NOT NULL, fn BIGINT NOT NULL,
         PRIMARY KEY (variant_id, image_id, class_id))""",
+    # The sums of ``counts`` per (dataset, split, variant, class) over the split's usable images
+    # (problem IS NULL) of that dataset: the full-split IoU table reads these instead of every
+    # per-image row. Kept exact in the same transaction as the rows they sum, by
+    # queries.record_results (deleted rows taken away, inserted ones added) and
+    # queries.replace_split_images (the split rebuilt). n_images: rows with tp + fn > 0; n_rows:
+    # rows summed (0 = none, dropped).
+    """CREATE TABLE IF NOT EXISTS count_totals (
+        dataset_id VARCHAR NOT NULL, split VARCHAR NOT NULL, variant_id VARCHAR NOT NULL,
+        class_id UTINYINT NOT NULL, tp BIGINT NOT NULL, fp BIGINT NOT NULL, fn BIGINT NOT NULL,
+        n_images BIGINT NOT NULL, n_rows BIGINT NOT NULL,
+        PRIMARY KEY (dataset_id, split, variant_id, class_id))""",
     # Pixels of one image where an ensemble (ISLE merge) had two chosen classes claim the same
     # pixel: winner took them from loser. winner 0 = loser's class is absent from the image's
     # labels and was dropped to background. Only non-zero rows are stored.
@@ -95,7 +109,11 @@ STATEMENTS = (
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Create missing tables; refuse a cache written by a newer schema."""
+    """Create missing tables; refuse a cache written by a newer schema.
+
+    A cache of schema 5 or older gets its ``count_totals`` built once from its counts (one
+    aggregation; in the caller's transaction, so an interrupted upgrade leaves the old version).
+    """
     for statement in STATEMENTS:
         con.execute(statement)
     row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -103,6 +121,11 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
     elif int(row[0]) > SCHEMA_VERSION:
         raise RuntimeError(f"cache schema version {row[0]} is newer than this code ({SCHEMA_VERSION})")
+    elif int(row[0]) < TOTALS_SINCE:
+        from cache.queries import rebuild_count_totals  # here: cache.queries imports this module
+
+        rebuild_count_totals(con)
+        con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
 
 
 class JobStatus(str, Enum):

@@ -28,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cache.voc import NUM_CLASSES, VOC_CLASSES  # noqa: E402
+from cache.classes import VOC  # noqa: E402
 from engine.core import registry  # noqa: E402
 from engine.core.dataset import read_mask, scan_split, to_item  # noqa: E402
 from engine.core.types import RunContext  # noqa: E402
@@ -59,15 +59,15 @@ def default_root() -> Path:
 def oracle_counts(items, cfg, processes: int, workdir: Path) -> tuple[np.ndarray, float, int]:
     """Summed ``(21, 3)`` TP/FP/FN of the oracle plugin over ``items``, wall seconds, error count."""
     plugin = registry.get("svm-oracle")
-    ctx = RunContext(items=items, todo=items, workdir=workdir, processes=processes)
-    counts, errors = np.zeros((NUM_CLASSES, 3), np.int64), 0
+    ctx = RunContext(classes=VOC, items=items, todo=items, workdir=workdir, processes=processes)
+    counts, errors = np.zeros((VOC.num_classes, 3), np.int64), 0
     start = time.perf_counter()
     for item, result in zip(items, plugin.run(cfg, ctx)):
         if result.error is not None:
             errors += 1
             print(f"  skipped: {result.error}", file=sys.stderr)
             continue
-        counts += confusion_counts(read_mask(item.mask_path, result.label.shape), result.label)
+        counts += confusion_counts(read_mask(item.mask_path, result.label.shape), result.label, VOC.num_classes)
     return counts, time.perf_counter() - start, errors
 
 
@@ -102,8 +102,8 @@ def main() -> None:
             print(f"  {layer:>3}: {seconds:6.1f} s wall, {seconds / len(items):.2f} s/image "
                   f"({args.processes} processes), {errors} errors", flush=True)
 
-    present = [c for c in range(NUM_CLASSES) if any(not np.isnan(r[c]) for r in rows.values())]
-    names = [VOC_CLASSES[c][:6] for c in present]
+    present = [c for c in range(VOC.num_classes) if any(not np.isnan(r[c]) for r in rows.values())]
+    names = [VOC.names[c][:6] for c in present]
     header = "feature  " + " ".join(f"{n:>6}" for n in names) + "    mIoU"
     print("\nOurs (EfficientNet-Lite0 ImageNet features), IoU %:")
     print(header)

@@ -13,6 +13,7 @@ import scipy.sparse
 import torch
 from PIL import Image
 
+from cache.classes import VOC
 from cache import queries
 from cache.db import connect
 from cache.labelmaps import write_label_map, write_scores
@@ -187,7 +188,7 @@ def test_plugin_refines_real_images_and_resumes_a_killed_training(cam_source, tm
     workdir = tmp_path / "work"
 
     def ctx(reports: Reports, todo=items[:3]) -> RunContext:
-        return RunContext(items=items, todo=todo, workdir=workdir, report=reports, source=source, processes=1)
+        return RunContext(classes=VOC, items=items, todo=todo, workdir=workdir, report=reports, source=source, processes=1)
 
     model_dir = ctx(Reports()).model_dir(affinity.FAMILY, training_key(cfg, source="src"))
     first = Reports(cancel_at=("train", 3))
@@ -202,7 +203,7 @@ def test_plugin_refines_real_images_and_resumes_a_killed_training(cam_source, tm
     assert final_path(model_dir, affinity.FAMILY).is_file() and not list(model_dir.glob("affinity_labels_*"))
 
     # The same training uninterrupted gives the same model.
-    straight = RunContext(items=items, todo=[], workdir=tmp_path / "straight", source=source, processes=2)
+    straight = RunContext(classes=VOC, items=items, todo=[], workdir=tmp_path / "straight", source=source, processes=2)
     affinity.train(cfg, straight)
     a = torch.load(final_path(model_dir, affinity.FAMILY), weights_only=True)["model"]
     b = torch.load(final_path(straight.model_dir(affinity.FAMILY, training_key(cfg, source="src")),
@@ -226,7 +227,7 @@ def test_plugin_walks_a_label_only_source_and_reports_bad_files(cam_source, tmp_
     labels_only = SourceVariant(lambda i: tmp_path / "source" / f"{i}.png", lambda i: None, "labels")
     (tmp_path / "source" / f"{items[1].image_id}.png").write_bytes(b"not a png")
     cfg = registry.get("random-walk").make_config({**TINY_RW, "epochs": 1})
-    ctx = RunContext(items=items, todo=items[:2], workdir=tmp_path / "w", source=labels_only, processes=2)
+    ctx = RunContext(classes=VOC, items=items, todo=items[:2], workdir=tmp_path / "w", source=labels_only, processes=2)
     first, second = affinity.run(cfg, ctx)
     assert first.error is None and first.score_classes == (0, *items[0].labels)
     total = first.scores.astype(np.float32).sum(axis=0)  # a walked one-hot map: at most 1 per pixel,

@@ -12,6 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from cache import queries, reports
+from cache.classes import VOC
 from cache.db import connect
 from cache.labelmaps import write_label_map
 from engine.core import registry
@@ -80,17 +81,28 @@ def test_heatmap_page_shows_both_variants_with_the_cached_numbers(app_env):
     at = _page("per_class_iou.py").run()
     assert not at.exception
     assert at.selectbox(key="split").value == "train"
-    chart = at.get("plotly_chart")[0].proto
-    heat = plotly.io.from_json(chart.spec).data[0]
+    figure = plotly.io.from_json(at.get("plotly_chart")[0].proto.spec)
+    heat, miou = figure.data[0], figure.data[1]  # the classes, and the frozen mIoU column left of them
     assert [y.split(" · ")[0] for y in heat.y] == BASELINE_NAMES
-    assert heat.x[-1] == "mIoU" and heat.x[1] == "aeroplane (no images)"
     with connect(cache_dir, read_only=True) as con:
         table = reports.iou_table(con, dataset_id_for(root), "train")
-    z = _typed_array(heat.z)
-    assert np.allclose(z[:, :21], table.iou * 100, equal_nan=True)
-    assert np.isnan(z[:, 1]).all() and heat.text[0][1] == "no images"
+        images = queries.class_image_counts(con, dataset_id_for(root), "train")
+    # Classes without images are hidden by default (and named in a note); the rest in label order.
+    shown = [c for c in range(VOC.num_classes) if images.get(c)]
+    assert list(miou.x) == ["mIoU"] and [x.rsplit(" (", 1)[0] for x in heat.x] == [VOC.names[c] for c in shown]
+    assert np.allclose(_typed_array(heat.z), table.iou[:, shown] * 100, equal_nan=True)
+    assert np.allclose(_typed_array(miou.z)[:, 0], table.miou * 100)
     assert "no images" not in heat.text[0][0]
-    assert any("aeroplane" in w.value for w in at.warning)
+    note = next(c.value for c in at.caption if c.value.startswith("No image of"))
+    assert "aeroplane" in note and "hidden" in note
+
+    # Shown again, an empty class is an empty cell, never a 0.
+    at.toggle(key="heatmap_hide_empty").set_value(False).run()
+    heat = plotly.io.from_json(at.get("plotly_chart")[0].proto.spec).data[0]
+    assert len(heat.x) == VOC.num_classes and heat.x[1] == "aeroplane (no images)"
+    z = _typed_array(heat.z)
+    assert np.allclose(z, table.iou * 100, equal_nan=True)
+    assert np.isnan(z[:, 1]).all() and heat.text[0][1] in ("no images", "–")
 
 
 def test_heatmap_page_switches_to_val(app_env):
@@ -205,13 +217,15 @@ def test_gain_view_is_the_refinement_minus_its_source(app_env):
     with connect(cache_dir, read_only=True) as con:
         table = reports.iou_table(con, dataset_id_for(root), "train")
     cam, crf = (table.names.index(name) for name in BASELINE_NAMES)
-    expected = np.append(table.iou[crf] - table.iou[cam], table.miou[crf] - table.miou[cam]) * 100
-    z = _typed_array(heat.z)
-    assert np.allclose(z[0], expected, equal_nan=True)
-    assert heat.zmid == 0 and heat.zmin == -heat.zmax
-    changed = int(np.nanargmax(np.abs(expected[:21])))
+    shown = [c for c in range(VOC.num_classes) if np.isfinite(table.iou[:, c]).any()]
+    expected = (table.iou[crf] - table.iou[cam])[shown] * 100
+    figure = plotly.io.from_json(at.get("plotly_chart")[0].proto.spec)
+    assert np.allclose(_typed_array(heat.z)[0], expected, equal_nan=True)
+    assert np.isclose(_typed_array(figure.data[1].z)[0, 0], (table.miou[crf] - table.miou[cam]) * 100)
+    colours = figure.layout.coloraxis
+    assert colours.cmid == 0 and colours.cmin == -colours.cmax
+    changed = int(np.nanargmax(np.abs(expected)))
     assert heat.text[0][changed] == f"{expected[changed]:+.1f}".replace("-", "\u2212")
-    assert heat.text[0][1] == "no images"
 
 
 def test_queue_a_chain_from_the_heatmap_page_and_see_its_row(app_env, tmp_path, monkeypatch):

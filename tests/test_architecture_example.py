@@ -18,6 +18,7 @@ CHECK = """
 import json, sys
 from pathlib import Path
 from streamlit.testing.v1 import AppTest
+from cache.classes import VOC
 from engine.core import registry
 from engine.core.registry import Role
 from engine.core.types import RunContext
@@ -26,7 +27,7 @@ from tests.conftest import VOC_ROOT, split_items
 plugin = registry.get("centre-prior")
 items = split_items(VOC_ROOT, "train", 2)
 results = list(plugin.run(plugin.make_config({"radius": 0.3}),
-                          RunContext(items=items, todo=items, workdir=Path(sys.argv[1]))))
+                          RunContext(classes=VOC, items=items, todo=items, workdir=Path(sys.argv[1]))))
 home = AppTest.from_file("app_pages/home.py", default_timeout=60).run()
 print(json.dumps({
     "role": plugin.role.value, "title": plugin.title, "module": plugin.run.__module__,

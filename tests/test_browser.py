@@ -126,9 +126,10 @@ def test_heatmap_page_renders_in_chromium(served_app, browser, tmp_path):
     wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".js-plotly-plot .heatmaplayer")))
     wait.until(lambda d: "mIoU" in d.find_element(By.CSS_SELECTOR, ".js-plotly-plot").text)
     plot_text = browser.find_element(By.CSS_SELECTOR, ".js-plotly-plot").text
-    assert "→ dCRF" in plot_text and "aeroplane (no images)" in plot_text
-    assert "no images" in plot_text  # the empty cells are labelled, not drawn as 0
+    assert "→ dCRF" in plot_text and "cat (" in plot_text
+    assert "aeroplane" not in plot_text  # classes without images are hidden by default, and named
     page_text = browser.find_element(By.TAG_NAME, "body").text
+    assert "No image of aeroplane" in page_text
     assert "Per-class IoU" in page_text and "Traceback" not in page_text and "Page not found" not in page_text
     assert browser.current_url.endswith("/per-class-iou")
     WebDriverWait(browser, 30).until(lambda d: _sidebar_links(d, served_app) == ROUTER_LINKS)  # app.py's router
@@ -199,10 +200,10 @@ def test_a_heatmap_cell_opens_its_worst_images_and_the_overlay_renders(served_ap
     import numpy as np
     from PIL import Image
 
-    from cache import qa, reports
+    from cache import qa, queries, reports
+    from cache.classes import VOC
     from cache.db import connect
     from cache.labelmaps import read_label_map
-    from cache.voc import VOC_CLASSES
     from engine.core.chains import dataset_id_for
     from engine.core.dataset import read_image
     from ui.overlays import overlay
@@ -213,17 +214,20 @@ def test_a_heatmap_cell_opens_its_worst_images_and_the_overlay_renders(served_ap
         table = reports.iou_table(con, dataset_id, "train")
         row = table.names.index(next(n for n in table.names if "dCRF" not in n))  # the CAM row
         class_id = int(np.argmax(table.n_images[row, 1:])) + 1
+        images = queries.class_image_counts(con, dataset_id, "train")
+        shown = [c for c in range(VOC.num_classes) if images.get(c)]  # the columns, empty ones hidden
         worst = qa.find_images(con, dataset_id, qa.ImageQuery("train", variant=table.variant_ids[row],
                                                                class_id=class_id, sort="errors"), limit=100)
         label_path = cache_dir / qa.image_label_maps(con, dataset_id, worst.rows[0]["image_id"])[table.variant_ids[row]][0]
 
     wait = _follow_sidebar(browser, served_app, "Per-class IoU")
-    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .point")))
-    # One click on the (CAM, class) cell: its invisible click target, row by row.
-    cell = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .point")[row * 22 + class_id]
+    targets = ".js-plotly-plot .subplot.x2y2 .scatterlayer .point"  # the class panel's click targets
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, targets)))
+    # One click on the (CAM, class) cell: its invisible click target, row by row over the shown columns.
+    cell = browser.find_elements(By.CSS_SELECTOR, targets)[row * len(shown) + shown.index(class_id)]
     webdriver.ActionChains(browser).move_to_element(cell).click().perform()
     wait.until(lambda d: "/pseudo-label-qa?" in d.current_url)
-    assert f"class={VOC_CLASSES[class_id]}" in browser.current_url and "sort=errors" in browser.current_url
+    assert f"class={VOC.name(class_id)}" in browser.current_url and "sort=errors" in browser.current_url
     wait.until(lambda d: len(d.find_elements(By.XPATH, "//button[normalize-space()='Open']")) == worst.total)
     captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]')
                 if c.text.split(" ")[0] in {r["image_id"] for r in worst.rows}]
@@ -241,6 +245,6 @@ def test_a_heatmap_cell_opens_its_worst_images_and_the_overlay_renders(served_ap
     wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", shown))
     with urllib.request.urlopen(shown.get_attribute("src"), timeout=10) as response:
         rendered = np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"), np.int16)
-    expected = overlay(read_image(Path(worst.rows[0]["image_path"])), read_label_map(label_path), 0.6)
+    expected = overlay(read_image(Path(worst.rows[0]["image_path"])), read_label_map(label_path), VOC, 0.6)
     assert rendered.shape == expected.shape
     assert np.abs(rendered - expected).mean() < 2.0  # the overlay as computed, through the browser's encoder

@@ -10,13 +10,14 @@ import time
 import numpy as np
 
 from cache import queries, reports
+from cache.classes import VOC
 from cache.db import connect
 from cache.rows import Variant
 from tests.conftest import REPO
 
 
 def _seed(con, dataset_id="d1"):
-    queries.upsert_dataset(con, dataset_id, "toy", "/toy")
+    queries.upsert_dataset(con, dataset_id, "toy", "/toy", VOC, "vocdevkit")
     rows = [("a", "/a.jpg", "/a.png", 3, 3, [8], None), ("b", "/b.jpg", "/b.png", 3, 3, [8, 12], None),
             ("c", "/c.jpg", None, 0, 0, [], "/c.png: mask file is missing")]
     queries.replace_split_images(con, dataset_id, "train", rows)

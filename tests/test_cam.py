@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cache.classes import VOC
 from engine.core import registry
 from engine.core.registry import Role, training_key
 from engine.core.types import Cancelled, Item, RunContext
@@ -45,8 +46,9 @@ def test_two_class_cams_thresholded_by_hand():
 def test_cams_to_label_checks_shapes_and_ids():
     with pytest.raises(ValueError, match=r"\(2, H, W\)"):
         cams_to_label(np.zeros((3, 2, 2), np.float32), (8, 12), 0.15)
-    with pytest.raises(ValueError, match="1-20"):
-        cams_to_label(np.zeros((1, 2, 2), np.float32), (21,), 0.15)
+    # The class count is the classifier's (select_classes); here only background is refused.
+    with pytest.raises(ValueError, match=r"object classes \(>= 1\)"):
+        cams_to_label(np.zeros((1, 2, 2), np.float32), (0,), 0.15)
     # An image without foreground classes is all background.
     assert np.array_equal(cams_to_label(np.zeros((0, 2, 3), np.float32), (), 0.15), np.zeros((2, 3)))
 
@@ -65,8 +67,10 @@ def test_select_classes_keeps_only_the_image_classes():
     assert select_classes(maps, (8, 15)).flatten().tolist() == [7.0, 14.0]
     with pytest.raises(ValueError, match="1-20"):
         select_classes(maps, (0,))
-    with pytest.raises(ValueError, match=r"\(B, 20, h, w\)"):
-        select_classes(maps[:, :5], (1,))
+    with pytest.raises(ValueError, match="1-5"):  # a 5-class classifier has no class 8
+        select_classes(maps[:, :5], (8,))
+    with pytest.raises(ValueError, match=r"\(B, N, h, w\)"):
+        select_classes(maps[0], (1,))
 
 
 def test_cam_to_image_size_bilinear_then_crop_by_hand():
@@ -89,7 +93,7 @@ def test_downsample_scores_area_average_by_hand():
 
 
 def test_targets_and_poly_schedule_by_hand():
-    target = multilabel_target((8, 15))
+    target = multilabel_target((8, 15), 20)
     assert target.shape == (20,) and target.dtype == np.float32
     assert np.flatnonzero(target).tolist() == [7, 14]
     assert poly_lr(0.1, 0, 10, 0.9) == pytest.approx(0.1)
@@ -126,7 +130,7 @@ def test_registered_with_config_and_paper_preset():
 
 
 def test_camnet_logits_are_the_mean_of_its_cams():
-    net = cam.build_net(TINY).train()
+    net = cam.build_net(TINY, 20).train()
     assert all(not m.training for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
     frozen = [p.requires_grad for s in net.features.stages[: TINY.frozen_stages] for p in s.parameters()]
     assert frozen and not any(frozen)
@@ -145,7 +149,7 @@ def test_run_end_to_end_on_real_images(tiny_voc, tmp_path):
     broken.write_bytes(b"not a jpeg")
     todo = [*split_items(tiny_voc, "val"), Item("broken", broken, None, (8,), 10, 10), train_items[0]]
     reports = Reports()
-    ctx = RunContext(items=train_items, todo=todo, workdir=tmp_path / "work", report=reports)
+    ctx = RunContext(classes=VOC, items=train_items, todo=todo, workdir=tmp_path / "work", report=reports)
     results = list(cam.run(TINY, ctx))
 
     assert reports.stage("train") == [(1, 3), (2, 3), (3, 3)]  # 12 images, batch 4, one epoch
@@ -166,7 +170,7 @@ def test_run_end_to_end_on_real_images(tiny_voc, tmp_path):
         assert max(h, w) == TINY.score_max_side and abs(h / w - item.height / item.width) < 0.05
         assert np.all(result.scores[0] == np.float16(TINY.bg_threshold))
         assert 0 <= result.scores.min() and result.scores[1:].max() <= 1
-    model_dir = ctx.model_dir("cam", training_key(TINY))
+    model_dir = ctx.model_dir("cam", training_key(TINY, classes=list(VOC.names)))
     assert final_path(model_dir, cam.FAMILY).is_file() and not checkpoint_path(model_dir, cam.FAMILY).exists()
 
 
@@ -174,49 +178,49 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_voc, tmp_path):
     items = split_items(tiny_voc, "train")
     cfg = replace(TINY, epochs=2, scales=(0.5,), flip=False)  # 6 steps, checkpoints at 2, 3, 4, 6
     workdir = tmp_path / "work"
-    model_dir = RunContext(items=items, todo=[], workdir=workdir).model_dir("cam", training_key(cfg))
+    model_dir = RunContext(classes=VOC, items=items, todo=[], workdir=workdir).model_dir("cam", training_key(cfg, classes=list(VOC.names)))
 
     first = Reports(cancel_at=("train", 5))
     with pytest.raises(Cancelled):
-        list(cam.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=first)))
+        list(cam.run(cfg, RunContext(classes=VOC, items=items, todo=items[:2], workdir=workdir, report=first)))
     assert first.stage("train") == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6)]
     assert checkpoint_path(model_dir, cam.FAMILY).is_file() and not final_path(model_dir, cam.FAMILY).exists()
 
     second = Reports()
-    resumed = list(cam.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=second)))
+    resumed = list(cam.run(cfg, RunContext(classes=VOC, items=items, todo=items[:2], workdir=workdir, report=second)))
     assert second.stage("train") == [(5, 6), (6, 6)]  # continues after the step-4 checkpoint
     assert final_path(model_dir, cam.FAMILY).is_file() and not checkpoint_path(model_dir, cam.FAMILY).exists()
 
     # Same batches and optimiser state: the resumed model equals an uninterrupted run's.
     straight = tmp_path / "straight"
-    list(cam.run(cfg, RunContext(items=items, todo=[], workdir=straight)))
-    straight_dir = RunContext(items=items, todo=[], workdir=straight).model_dir("cam", training_key(cfg))
+    list(cam.run(cfg, RunContext(classes=VOC, items=items, todo=[], workdir=straight)))
+    straight_dir = RunContext(classes=VOC, items=items, todo=[], workdir=straight).model_dir("cam", training_key(cfg, classes=list(VOC.names)))
     a = torch.load(final_path(model_dir, cam.FAMILY), weights_only=True)["model"]
     b = torch.load(final_path(straight_dir, cam.FAMILY), weights_only=True)["model"]
     assert torch.allclose(a["classifier.weight"], b["classifier.weight"], atol=1e-5)
 
     # Once trained, a rerun only loads the model: no training steps, same labels.
     third = Reports()
-    again = list(cam.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=third)))
+    again = list(cam.run(cfg, RunContext(classes=VOC, items=items, todo=items[:2], workdir=workdir, report=third)))
     assert third.stage("train") == []
     assert all(np.array_equal(x.label, y.label) for x, y in zip(resumed, again))
 
 
 def test_models_are_keyed_by_training_settings_only(tiny_voc, tmp_path):
     items = split_items(tiny_voc, "train")
-    ctx = RunContext(items=items, todo=[], workdir=tmp_path / "work", models=tmp_path / "models")
+    ctx = RunContext(classes=VOC, items=items, todo=[], workdir=tmp_path / "work", models=tmp_path / "models")
     # Inference-only settings share the trained model; a training setting gets its own.
-    assert ctx.model_dir("cam", training_key(replace(TINY, bg_threshold=0.5))) == \
-        ctx.model_dir("cam", training_key(TINY))
-    assert ctx.model_dir("cam", training_key(replace(TINY, lr=0.5))) != \
-        ctx.model_dir("cam", training_key(TINY))
+    assert ctx.model_dir("cam", training_key(replace(TINY, bg_threshold=0.5), classes=list(VOC.names))) == \
+        ctx.model_dir("cam", training_key(TINY, classes=list(VOC.names)))
+    assert ctx.model_dir("cam", training_key(replace(TINY, lr=0.5), classes=list(VOC.names))) != \
+        ctx.model_dir("cam", training_key(TINY, classes=list(VOC.names)))
     list(cam.run(TINY, ctx))
     steps = Reports()
-    list(cam.run(replace(TINY, bg_threshold=0.5), RunContext(items=items, todo=[], workdir=tmp_path / "other",
+    list(cam.run(replace(TINY, bg_threshold=0.5), RunContext(classes=VOC, items=items, todo=[], workdir=tmp_path / "other",
                                                               models=tmp_path / "models", report=steps)))
     assert steps.stage("train") == []  # loaded, not retrained
 
     # A checkpoint written with other settings is refused, naming the file.
-    final = final_path(ctx.model_dir("cam", training_key(TINY)), cam.FAMILY)
+    final = final_path(ctx.model_dir("cam", training_key(TINY, classes=list(VOC.names))), cam.FAMILY)
     with pytest.raises(ValueError, match="training settings"):
-        load_checked(final, training_key(replace(TINY, lr=0.5)))
+        load_checked(final, training_key(replace(TINY, lr=0.5), classes=list(VOC.names)))

@@ -1,4 +1,4 @@
-"""engine/dataset.py on copies of real VOC images, each broken in one known way."""
+"""engine/core/dataset.py on copies of real VOC images, each broken in one known way."""
 
 from __future__ import annotations
 
@@ -14,13 +14,20 @@ from engine.core.dataset import (
     default_voc_root,
     image_labels,
     list_splits,
+    mask_values,
+    open_layout,
     read_image,
     read_mask,
-    read_split_ids,
     scan_split,
     to_item,
 )
+from cache.classes import VOC
+from engine.core.layouts import read_split_ids as read_list
 from engine.core.types import ImageError
+
+
+def read_split_ids(root: Path, split: str) -> list[str]:
+    return read_list(open_layout(root).split(split))
 
 
 def _ids(root: Path, split: str) -> list[str]:
@@ -41,11 +48,11 @@ def _independent_labels(mask_png: Path) -> tuple[int, ...]:
 
 def test_image_labels_by_hand():
     mask = np.array([[0, 0, 255], [8, 8, 255], [0, 15, 15]], dtype=np.uint8)
-    assert image_labels(mask) == (8, 15)
-    assert image_labels(np.zeros((2, 2), np.uint8)) == ()
-    assert image_labels(np.full((2, 2), 255, np.uint8)) == ()
+    assert image_labels(mask, VOC) == (8, 15)
+    assert image_labels(np.zeros((2, 2), np.uint8), VOC) == ()
+    assert image_labels(np.full((2, 2), 255, np.uint8), VOC) == ()
     with pytest.raises(ValueError, match=r"\(H, W\)"):
-        image_labels(np.zeros((2, 2, 3), np.uint8))
+        image_labels(np.zeros((2, 2, 3), np.uint8), VOC)
 
 
 def test_default_root_is_bundled_data_or_env(monkeypatch, tmp_path):
@@ -198,8 +205,12 @@ def test_read_mask_errors(tmp_path):
     with pytest.raises(ImageError, match=r"junk\.png: cannot decode mask"):
         read_mask(tmp_path / "junk.png")
     Image.fromarray(np.array([[0, 21], [200, 255]], np.uint8), mode="L").save(tmp_path / "bad.png")
+    with pytest.raises(ImageError, match=r"bad\.png: unknown label values \[21, 200\] \(valid: 0-20 and 255\)"):
+        read_mask(tmp_path / "bad.png", classes=VOC)
+    assert read_mask(tmp_path / "bad.png").max() == 255  # no class set: a mask checked when registered
     with pytest.raises(ImageError, match=r"bad\.png: unknown label values \[21, 200\]"):
-        read_mask(tmp_path / "bad.png")
+        mask_values(tmp_path / "bad.png", classes=VOC)
+    np.testing.assert_array_equal(mask_values(tmp_path / "bad.png"), [0, 21, 200, 255])
 
 
 # --- whole-dataset problems --------------------------------------------------------------------
@@ -215,9 +226,14 @@ def test_empty_split_list(tiny_voc):
 
 
 def test_missing_split_file(tiny_voc):
-    path = tiny_voc / "ImageSets" / "Segmentation" / "test.txt"
-    with pytest.raises(DatasetError, match=rf"{path}: split list is missing"):
+    # A split is one of the layout's lists: asking for another names the valid ones.
+    with pytest.raises(DatasetError, match=rf"{tiny_voc}: unknown split 'test'; valid: train, val"):
         scan_split(tiny_voc, "test")
+    path = tiny_voc / "ImageSets" / "Segmentation" / "val.txt"
+    split = open_layout(tiny_voc).split("val")
+    path.unlink()
+    with pytest.raises(DatasetError, match=rf"{path}: split list is missing"):
+        read_list(split)
 
 
 def test_duplicate_ids_are_reported(tiny_voc):
@@ -235,7 +251,7 @@ def test_missing_root_and_folders(tiny_voc, tmp_path):
     with pytest.raises(DatasetError, match="no split lists"):
         list_splits(tiny_voc)
     shutil.rmtree(tiny_voc / "JPEGImages")
-    with pytest.raises(DatasetError, match="JPEGImages: image folder is missing"):
+    with pytest.raises(DatasetError, match=rf"{tiny_voc}: no dataset layout found .*JPEGImages"):
         list_splits(tiny_voc)
 
 
@@ -244,5 +260,5 @@ def test_falls_back_to_segmentation_class(tiny_voc):
     records = scan_split(tiny_voc, "val")
     assert all(r.problem is None and r.mask_path.parent.name == "SegmentationClass" for r in records)
     shutil.rmtree(tiny_voc / "SegmentationClass")
-    with pytest.raises(DatasetError, match="no mask folder"):
+    with pytest.raises(DatasetError, match=r"no masks \(SegmentationClassAug or SegmentationClass\) and no image-level"):
         scan_split(tiny_voc, "val")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cache.classes import VOC
 from cache.labelmaps import write_label_map, write_scores
 from engine.core import registry
 from engine.core.dataset import image_labels, read_mask
@@ -141,7 +142,7 @@ def real_source(voc_root: Path, tmp_path: Path):
     items, truth = [], {}
     for image_id in REAL_IDS:
         gt = read_mask(voc_root / "SegmentationClassAug" / f"{image_id}.png")
-        labels = image_labels(gt)
+        labels = image_labels(gt, VOC)
         classes = (0, *labels)
         scores = _coarse_scores(gt, classes)
         write_scores(tmp_path / "scores" / f"{image_id}.npz", classes, scores)
@@ -157,7 +158,7 @@ def _context(items, tmp_path: Path, with_scores: bool, processes: int) -> RunCon
         label_path=lambda i: tmp_path / "labels" / f"{i}.png",
         scores_path=(lambda i: tmp_path / "scores" / f"{i}.npz") if with_scores else (lambda i: None),
     )
-    return RunContext(items=items, todo=items, workdir=tmp_path / "work", source=source, processes=processes)
+    return RunContext(classes=VOC, items=items, todo=items, workdir=tmp_path / "work", source=source, processes=processes)
 
 
 def test_plugin_improves_coarse_scores_on_real_images(real_source):

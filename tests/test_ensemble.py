@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from cache.classes import VOC
 from cache import queries
 from cache.db import connect
 from cache.labelmaps import read_label_map, write_label_map
@@ -19,8 +20,8 @@ from engine.core.chains import Step, dataset_id_for
 from engine.isle import assignments
 from engine.isle.export import ExportError, export_assignment, export_variant
 from engine.isle.numerics import (
-    ABSENT,
     Subset,
+    absent_index,
     auto_assignment,
     drop_absent,
     merge_slices,
@@ -48,7 +49,7 @@ def test_auto_assignment_picks_best_per_class_and_breaks_ties_by_miou_then_id():
     # class 3: all tie at 0.2 with a, b at equal mIoU -> smaller id "a"; class 4: no image.
     iou = _iou({0: [0.9, 0.9, 0.9], 1: [0.1, 0.7, 0.3], 2: [0.5, 0.4, 0.5], 3: [0.2, 0.2, 0.2]}, 3)
     miou = np.array([0.4, 0.4, 0.45])
-    auto = auto_assignment(iou, miou, ["a", "b", "c"])
+    auto = auto_assignment(iou, miou, ["a", "b", "c"], VOC)
     assert auto.choice[0] == -1  # background is never assigned
     assert auto.choice[1] == 1
     assert auto.choice[2] == 2 and auto.tied[2] == (2, 0)
@@ -56,15 +57,15 @@ def test_auto_assignment_picks_best_per_class_and_breaks_ties_by_miou_then_id():
     assert auto.choice[3] == 2 and auto.tied[3] == (2, 0, 1)
     assert 4 in auto.no_images and auto.choice[4] == 2  # fallback: best mIoU
     # the order candidates are listed in does not matter
-    again = auto_assignment(iou[[2, 1, 0]], miou[[2, 1, 0]], ["c", "b", "a"])
+    again = auto_assignment(iou[[2, 1, 0]], miou[[2, 1, 0]], ["c", "b", "a"], VOC)
     assert ["cba"[r] for r in again.choice[1:4]] == ["b", "c", "c"]
 
 
 def test_auto_assignment_rejects_bad_shapes():
     with pytest.raises(ValueError, match="expected iou of shape"):
-        auto_assignment(np.zeros((0, 21)), np.zeros(0), [])
+        auto_assignment(np.zeros((0, 21)), np.zeros(0), [], VOC)
     with pytest.raises(ValueError, match="2 candidates but 1 mIoUs"):
-        auto_assignment(np.zeros((2, 21)), np.zeros(1), ["a", "b"])
+        auto_assignment(np.zeros((2, 21)), np.zeros(1), ["a", "b"], VOC)
 
 
 def test_precision_priority_orders_classes_by_chosen_variant_precision():
@@ -75,7 +76,7 @@ def test_precision_priority_orders_classes_by_chosen_variant_precision():
     tp[0, 12], fp[0, 12] = 99, 1  # dog from variant 0 (not chosen): ignored
     choice = np.zeros(21, np.int64)
     choice[12] = 1
-    priority = precision_priority(tp, fp, choice)
+    priority = precision_priority(tp, fp, choice, VOC)
     assert priority[:2] == (8, 12)
     assert sorted(priority) == list(range(1, 21))
 
@@ -99,7 +100,7 @@ def test_score_rule_gives_an_overlap_pixel_to_the_higher_stored_score():
     dog_score = np.full((3, 4), 0.5, np.float32)
     dog_score[0, 2] = 0.9  # dog wins the top overlap pixel only
     scores = {CAT: cat_score, DOG: dog_score}
-    label, conflicts = merge_slices(_claims(), [CAT, DOG], priority=[DOG, CAT], rule="score", score_of=scores.get)
+    label, conflicts = merge_slices(_claims(), [CAT, DOG], priority=[DOG, CAT], rule="score", score_of=scores.get, classes=VOC)
     expected = np.array([[CAT, CAT, DOG, DOG], [CAT, CAT, CAT, DOG], [CAT, CAT, CAT, DOG]], np.uint8)
     np.testing.assert_array_equal(label, expected)
     assert conflicts[CAT, DOG] == 2 and conflicts[DOG, CAT] == 1
@@ -107,26 +108,26 @@ def test_score_rule_gives_an_overlap_pixel_to_the_higher_stored_score():
 
 
 def test_precision_rule_gives_the_overlap_to_the_higher_priority_class():
-    label, conflicts = merge_slices(_claims(), [CAT, DOG], priority=[DOG, CAT], rule="precision")
+    label, conflicts = merge_slices(_claims(), [CAT, DOG], priority=[DOG, CAT], rule="precision", classes=VOC)
     assert (label[:, 2] == DOG).all()
     assert conflicts[DOG, CAT] == 3 and conflicts.sum() == 3
 
 
 def test_score_rule_falls_back_to_priority_where_a_variant_kept_no_scores_and_on_equal_scores():
     scores = {CAT: np.full((3, 4), 0.9, np.float32), DOG: None}
-    label, conflicts = merge_slices(_claims(), [CAT, DOG], priority=[DOG, CAT], rule="score", score_of=scores.get)
+    label, conflicts = merge_slices(_claims(), [CAT, DOG], priority=[DOG, CAT], rule="score", score_of=scores.get, classes=VOC)
     assert (label[:, 2] == DOG).all() and conflicts[DOG, CAT] == 3
     equal = {CAT: np.full((3, 4), 0.5, np.float32), DOG: np.full((3, 4), 0.5, np.float32)}
-    label, _ = merge_slices(_claims(), [CAT, DOG], priority=[CAT, DOG], rule="score", score_of=equal.get)
+    label, _ = merge_slices(_claims(), [CAT, DOG], priority=[CAT, DOG], rule="score", score_of=equal.get, classes=VOC)
     assert (label[:, 2] == CAT).all()
 
 
 def test_a_class_absent_from_the_image_labels_never_enters_the_pseudo_label():
     claims = _claims()
     claims[PERSON] = np.ones((3, 4), bool)  # a variant claims person everywhere; the image has none
-    label, conflicts = merge_slices(claims, [CAT, DOG], priority=[CAT, DOG, PERSON], rule="precision")
+    label, conflicts = merge_slices(claims, [CAT, DOG], priority=[CAT, DOG, PERSON], rule="precision", classes=VOC)
     assert PERSON not in label
-    assert conflicts[ABSENT, PERSON] == 12
+    assert conflicts[absent_index(VOC), PERSON] == 12
     assert conflicts[CAT, DOG] == 3  # the person claim took part in no overlap
 
 
@@ -134,7 +135,7 @@ def test_unclaimed_pixels_become_background_and_three_way_overlaps_count_each_pa
     a = np.array([[1, 1, 0]], bool)
     b = np.array([[1, 1, 0]], bool)
     c = np.array([[1, 0, 0]], bool)
-    label, conflicts = merge_slices({1: a, 2: b, 3: c}, [1, 2, 3], priority=[3, 2, 1], rule="precision")
+    label, conflicts = merge_slices({1: a, 2: b, 3: c}, [1, 2, 3], priority=[3, 2, 1], rule="precision", classes=VOC)
     np.testing.assert_array_equal(label, [[3, 2, 0]])
     assert conflicts[3, 1] == 1 and conflicts[3, 2] == 1 and conflicts[2, 1] == 1
     assert conflicts.sum() == 3
@@ -142,9 +143,9 @@ def test_unclaimed_pixels_become_background_and_three_way_overlaps_count_each_pa
 
 def test_merge_rejects_unknown_rule_and_mismatched_slices():
     with pytest.raises(ValueError, match="overlap rule"):
-        merge_slices(_claims(), [CAT], [CAT], rule="sum")
+        merge_slices(_claims(), [CAT], [CAT], rule="sum", classes=VOC)
     with pytest.raises(ValueError, match="different shapes"):
-        merge_slices({1: np.ones((2, 2), bool), 2: np.ones((3, 2), bool)}, [1, 2], [1, 2])
+        merge_slices({1: np.ones((2, 2), bool), 2: np.ones((3, 2), bool)}, [1, 2], [1, 2], classes=VOC)
 
 
 def test_predicted_counts_match_the_exact_merge_up_to_the_pixels_lost_in_overlaps():
@@ -156,12 +157,12 @@ def test_predicted_counts_match_the_exact_merge_up_to_the_pixels_lost_in_overlap
     counts = np.zeros((2, 21, 3), np.int64)
     for v, maps in enumerate((v0, v1)):
         for g, m in zip(gt, maps):
-            counts[v] += confusion_counts(g, m)
+            counts[v] += confusion_counts(g, m, VOC.num_classes)
     tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
     iou = tp / np.maximum(tp + fp + fn, 1)
-    auto = auto_assignment(np.where(tp + fn > 0, iou, np.nan), iou.mean(axis=1), ["v0", "v1"])
+    auto = auto_assignment(np.where(tp + fn > 0, iou, np.nan), iou.mean(axis=1), ["v0", "v1"], VOC)
     assert auto.choice[CAT] == 0 and auto.choice[DOG] == 1
-    predicted = predicted_counts(tp, fp, fn, auto.choice)
+    predicted = predicted_counts(tp, fp, fn, auto.choice, VOC)
 
     exact = np.zeros((21, 3), np.int64)
     lost = np.zeros(21, np.int64)
@@ -169,8 +170,8 @@ def test_predicted_counts_match_the_exact_merge_up_to_the_pixels_lost_in_overlap
     for i, g in enumerate(gt):
         chosen = {CAT: v0[i], DOG: v1[i]}
         claims = {c: chosen[c] == c for c in labels[i]}
-        label, conflicts = merge_slices(claims, labels[i], priority=[CAT, DOG], rule="precision")
-        exact += confusion_counts(g, label)
+        label, conflicts = merge_slices(claims, labels[i], priority=[CAT, DOG], rule="precision", classes=VOC)
+        exact += confusion_counts(g, label, VOC.num_classes)
         lost += conflicts.sum(axis=0)
     # Image 2 column 3: cat (v0) and dog (v1) both claim it, cat wins (priority): dog loses a FP.
     assert lost[DOG] == 1 and lost[CAT] == 0
@@ -187,7 +188,7 @@ def test_naive_isle_takes_the_top_ranked_class_and_drops_absent_classes():
                         fallback="f") == "p"
     assert naive_choice([], ranking=[PERSON], best_for_class={PERSON: "p"}, fallback="f") == "f"
     label = np.array([[0, CAT, DOG, 255]], np.uint8)
-    out, dropped = drop_absent(label, [CAT])
+    out, dropped = drop_absent(label, [CAT], VOC)
     np.testing.assert_array_equal(out, [[0, CAT, 0, 255]])
     assert dropped[DOG] == 1 and dropped.sum() == 1
 
@@ -268,7 +269,7 @@ def test_exact_merge_of_real_variants_agrees_with_the_prediction_up_to_conflicts
         rows = queries.label_map_rows(con, merged)
     exact = assignments.table_figures(plan.selection, merged)
     assert exact is not None and len(rows) == 8
-    lost = assignments.lost_pixels(conflicts)
+    lost = assignments.lost_pixels(conflicts, VOC)
     assert lost.sum() > 0, "the overrides were meant to make overlapping slices"
     predicted = plan.predicted["selection"].counts
     for c in range(1, 21):
@@ -389,5 +390,5 @@ def test_naive_isle_runs_as_a_variant(cache_copy):
         source = naive_choice(labels, ranking, {c: plan.candidates[plan.auto.choice[c]] for c in range(1, 21)},
                               plan.candidates[plan.best_single()])
         with connect(cache_dir, read_only=True) as con:
-            expected, _ = drop_absent(read_label_map(cache_dir / queries.label_map_rows(con, source)[image_id][0]), labels)
+            expected, _ = drop_absent(read_label_map(cache_dir / queries.label_map_rows(con, source)[image_id][0]), labels, VOC)
         np.testing.assert_array_equal(read_label_map(cache_dir / path), expected)

@@ -13,14 +13,14 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from cache import queries
+from cache.classes import VOC
 from cache.db import connect
-from cache.voc import VOC_CLASSES
 from engine.core.chains import dataset_id_for
 from engine.isle import assignments
 from engine.isle.numerics import Subset
 from tests.conftest import REPO
 
-OBJECT_CLASSES = range(1, 21)
+OBJECT_CLASSES = VOC.foreground  # the baseline cache is a VOC dataset
 MAIN = sys.modules["__main__"]  # pytest's, before any AppTest run replaced it
 
 
@@ -133,18 +133,18 @@ def test_save_restore_merge_and_export(writable_env, tmp_path):
     at.button(key="save_assignment").click().run()
     assert not at.exception and "Saved 'mine' version 1" in at.success[0].value
     at.selectbox(key=f"choice_{c}").set_value(other).run()
-    at.text_input(key="assignment_note").input(f"{VOC_CLASSES[c]} by hand").run()
+    at.text_input(key="assignment_note").input(f"{VOC.name(c)} by hand").run()
     at.button(key="save_assignment").click().run()
     assert "Saved 'mine' version 2" in at.success[0].value
     with connect(cache_dir, read_only=True) as con:
         history = queries.assignment_history(con, dataset_id, "train", "mine")
     first, second = (assignments.decode(r) for r in history)
     assert first.choice == auto and second.choice == {**auto, c: other}
-    assert second.note == f"{VOC_CLASSES[c]} by hand" and second.auto == auto
+    assert second.note == f"{VOC.name(c)} by hand" and second.auto == auto
     assert second.candidates == plan.candidates and second.rule == "score" and second.subset.fraction == 1.0
     table = next(f.value for f in at.dataframe if "overridden" in f.value.columns)
     assert list(table["id"]) == [first.id, second.id]
-    assert list(table["overridden"]) == ["—", VOC_CLASSES[c]]
+    assert list(table["overridden"]) == ["—", VOC.name(c)]
 
     # Restore version 1, then version 2: each choice comes back exactly.
     at.selectbox(key="restore_version").set_value(first.id).run()

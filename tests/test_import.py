@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cache.classes import VOC
 from cache import queries
 from cache.db import connect
 from cache.labelmaps import read_label_map, read_scores, write_label_map
@@ -40,24 +41,24 @@ def _dict(key: str = "high_res", keys=(11, 14), scores=(DOG, PERSON)) -> dict:
 # ---------------------------------------------------------------- numerics worked out by hand
 
 def test_keys_conventions():
-    assert class_ids(np.array([11, 14]), "index") == (12, 15)  # IRN: class id = key + 1
-    assert class_ids(torch.tensor([0, 19]), "index") == (1, 20)  # IRN pickles a torch tensor
-    assert class_ids([0, 12, 15], "class_id") == (12, 15)  # PuzzleCAM: leading 0 = background
-    assert class_ids([12, 15], "class_id") == (12, 15)
-    assert class_ids(np.array([7.0]), "class_id") == (7,)
-    assert class_ids(np.array([], dtype=np.int64), "index") == ()
+    assert class_ids(np.array([11, 14]), "index", VOC.num_classes) == (12, 15)  # IRN: class id = key + 1
+    assert class_ids(torch.tensor([0, 19]), "index", VOC.num_classes) == (1, 20)  # IRN pickles a torch tensor
+    assert class_ids([0, 12, 15], "class_id", VOC.num_classes) == (12, 15)  # PuzzleCAM: leading 0 = background
+    assert class_ids([12, 15], "class_id", VOC.num_classes) == (12, 15)
+    assert class_ids(np.array([7.0]), "class_id", VOC.num_classes) == (7,)
+    assert class_ids(np.array([], dtype=np.int64), "index", VOC.num_classes) == ()
     with pytest.raises(ValueError, match=r"\[21\] outside 1-20"):
-        class_ids([20], "index")
+        class_ids([20], "index", VOC.num_classes)
     with pytest.raises(ValueError, match="repeat"):
-        class_ids([3, 3], "index")
+        class_ids([3, 3], "index", VOC.num_classes)
     with pytest.raises(ValueError, match="1-D integers"):
-        class_ids(np.array([[1, 2]]), "index")
+        class_ids(np.array([[1, 2]]), "index", VOC.num_classes)
     with pytest.raises(ValueError, match="1-D integers"):
-        class_ids(np.array([1.5]), "index")
+        class_ids(np.array([1.5]), "index", VOC.num_classes)
 
 
 def test_npy_scores_threshold_and_argmax_by_hand():
-    key, classes, scores = npy_scores(_dict(), None, "index", None)
+    key, classes, scores = npy_scores(_dict(), None, "index", None, VOC.num_classes)
     assert key == "high_res" and classes == (0, 12, 15)
     # Background is a constant 0.15 channel (IRN cam_eval_thres) put first.
     assert scores.shape == (3, 2, 3) and np.all(scores[0] == np.float32(0.15))
@@ -71,16 +72,16 @@ def test_npy_scores_threshold_and_argmax_by_hand():
     assert np.array_equal(label, cams_to_label(np.array([DOG, PERSON], np.float32), (12, 15), 0.15))
 
     # 0.25: (1,1) 0.2 and (1,2) 0.16 fall to background; at 0.3 (0,2) ties background -> background.
-    _, _, at_25 = npy_scores(_dict(), None, "index", 0.25)
+    _, _, at_25 = npy_scores(_dict(), None, "index", 0.25, VOC.num_classes)
     assert np.array_equal(scores_to_label(at_25, classes), [[12, 15, 12], [0, 0, 0]])
-    _, _, at_30 = npy_scores(_dict(), None, "index", 0.3)
+    _, _, at_30 = npy_scores(_dict(), None, "index", 0.3, VOC.num_classes)
     assert np.array_equal(scores_to_label(at_30, classes), [[12, 15, 0], [0, 0, 0]])
     # Random-walk scores default to IRN's sem_seg_bg_thres 0.25.
-    key, _, rw = npy_scores(_dict("rw"), None, "index", None)
+    key, _, rw = npy_scores(_dict("rw"), None, "index", None, VOC.num_classes)
     assert key == "rw" and np.all(rw[0] == np.float32(0.25))
     assert np.array_equal(scores_to_label(rw, classes), [[12, 15, 12], [0, 0, 0]])
     # PuzzleCAM keys (class ids, background first) give the same label.
-    _, puzzle_classes, puzzle = npy_scores(_dict("hr_cam", keys=(0, 12, 15)), None, "class_id", None)
+    _, puzzle_classes, puzzle = npy_scores(_dict("hr_cam", keys=(0, 12, 15)), None, "class_id", None, VOC.num_classes)
     assert puzzle_classes == (0, 12, 15) and np.array_equal(scores_to_label(puzzle, puzzle_classes), expected)
 
 
@@ -88,7 +89,7 @@ def test_k_plus_one_channels_keep_their_background():
     # cat (8) as IRN key 7, background first: bg [0.5, 0.1], cat [0.4, 0.2] -> [0, 8] whatever the threshold.
     data = {"keys": np.array([7]), "rw": np.array([[[0.5, 0.1]], [[0.4, 0.2]]], dtype=np.float32)}
     for threshold in (None, 0.0, 0.9):
-        _, classes, scores = npy_scores(data, None, "index", threshold)
+        _, classes, scores = npy_scores(data, None, "index", threshold, VOC.num_classes)
         assert classes == (0, 8) and np.array_equal(scores, data["rw"])
         assert np.array_equal(scores_to_label(scores, classes), [[0, 8]])
     assert with_background(np.zeros((2, 1, 1)), 1, 0.5).shape == (2, 1, 1)
@@ -98,31 +99,31 @@ def test_k_plus_one_channels_keep_their_background():
 def test_score_key_choice_and_bad_dicts():
     strided = np.zeros((2, 1, 1), np.float32)
     data = {**_dict(), "cam": torch.from_numpy(strided)}  # IRN: stride-4 'cam' next to 'high_res'
-    assert npy_scores(data, None, "index", None)[0] == "high_res"
-    assert npy_scores(data, "cam", "index", None)[2].shape == (3, 1, 1)
+    assert npy_scores(data, None, "index", None, VOC.num_classes)[0] == "high_res"
+    assert npy_scores(data, "cam", "index", None, VOC.num_classes)[2].shape == (3, 1, 1)
     with pytest.raises(ValueError, match="no score entry 'rw'"):
-        npy_scores(data, "rw", "index", None)
+        npy_scores(data, "rw", "index", None, VOC.num_classes)
     with pytest.raises(ValueError, match="no score entry any of"):
-        npy_scores({"keys": [1]}, None, "index", None)
+        npy_scores({"keys": [1]}, None, "index", None, VOC.num_classes)
     with pytest.raises(ValueError, match="no 'keys' entry"):
-        npy_scores({"high_res": strided}, None, "index", None)
+        npy_scores({"high_res": strided}, None, "index", None, VOC.num_classes)
     with pytest.raises(ValueError, match=r"4 score channel\(s\) for 2 class key\(s\)"):
-        npy_scores(_dict(scores=np.zeros((4, 2, 3))), None, "index", None)
+        npy_scores(_dict(scores=np.zeros((4, 2, 3))), None, "index", None, VOC.num_classes)
     with pytest.raises(ValueError, match="outside"):
-        npy_scores(_dict(scores=np.full((2, 2, 3), 3.0)), None, "index", None)
+        npy_scores(_dict(scores=np.full((2, 2, 3), 3.0)), None, "index", None, VOC.num_classes)
     with pytest.raises(ValueError, match="NaN"):
-        npy_scores(_dict(scores=np.full((2, 2, 3), np.nan)), None, "index", None)
+        npy_scores(_dict(scores=np.full((2, 2, 3), np.nan)), None, "index", None, VOC.num_classes)
 
 
 def test_check_label_size_values_and_absent_classes():
     label = np.array([[0, 12], [255, 15]], dtype=np.uint8)
-    check_label(label, (2, 2), (12, 15))
+    check_label(label, (2, 2), (12, 15), VOC)
     with pytest.raises(ValueError, match=r"2x2 \(WxH\) but the image is 3x2"):
-        check_label(label, (2, 3), (12, 15))
-    with pytest.raises(ValueError, match=r"\[42\] are not VOC classes"):
-        check_label(np.array([[42, 0]], np.uint8), (1, 2), (12,))
+        check_label(label, (2, 3), (12, 15), VOC)
+    with pytest.raises(ValueError, match=r"\[42\] are not classes \(valid: 0-20 and 255\)"):
+        check_label(np.array([[42, 0]], np.uint8), (1, 2), (12,), VOC)
     with pytest.raises(ValueError, match=r"15 \(person\) not among the image's labels 12 \(dog\)"):
-        check_label(label, (2, 2), (12,))
+        check_label(label, (2, 2), (12,), VOC)
 
 
 def test_import_step_checks_before_queueing(tmp_path):
@@ -200,7 +201,7 @@ def test_png_folder_imports_good_files_and_names_the_bad_ones(tiny_voc, tmp_path
     for image_id, message in errors.items():
         assert message.startswith(str(folder / f"{image_id}.png")), message
     assert "(WxH) but the image is" in errors[ids[0]]
-    assert "[42] are not VOC classes" in errors[ids[1]]
+    assert "[42] are not classes (valid: 0-20 and 255)" in errors[ids[1]]
     assert "1 (aeroplane) not among the image's labels" in errors[ids[2]]
     assert "missing" in errors[ids[3]]
     assert "cannot decode" in errors[ids[4]]
@@ -210,7 +211,7 @@ def test_png_folder_imports_good_files_and_names_the_bad_ones(tiny_voc, tmp_path
     for image_id, label in written.items():
         assert np.array_equal(read_label_map(cache_dir / rows[image_id][0]), label)
         assert rows[image_id][1] is None  # a PNG has no scores
-        for class_id, (tp, fp, fn) in enumerate(confusion_counts(masks[image_id], label).tolist()):
+        for class_id, (tp, fp, fn) in enumerate(confusion_counts(masks[image_id], label, VOC.num_classes).tolist()):
             if tp or fp or fn:
                 expected.append((image_id, class_id, tp, fp, fn))
     assert counts == sorted(expected)
@@ -218,7 +219,7 @@ def test_png_folder_imports_good_files_and_names_the_bad_ones(tiny_voc, tmp_path
 
 def _irn_dict(mask: np.ndarray) -> dict:
     """What IRN make_cam.py saves for a mask's classes: 0.8 on the class, 0.05 elsewhere."""
-    labels = image_labels(mask)
+    labels = image_labels(mask, VOC)
     high_res = np.stack([np.where(mask == c, 0.8, 0.05) for c in labels]).astype(np.float32)
     strided = torch.from_numpy(high_res[:, ::4, ::4].copy())
     return {"keys": torch.tensor([c - 1 for c in labels]), "cam": strided, "high_res": high_res}
@@ -251,7 +252,7 @@ def test_npy_folder_imports_labels_and_scores_and_reimport_queues_nothing(tiny_v
         assert np.array_equal(read_label_map(cache_dir / label_path), expected[image_id])
         classes, scores = read_scores(cache_dir / scores_path)
         mask = dict(images)[image_id]
-        assert classes == (0, *image_labels(mask))
+        assert classes == (0, *image_labels(mask, VOC))
         assert max(scores.shape[1:]) == 128 and scores.min() >= 0 and scores.max() <= 1
         background = 0.5 if image_id == images[0][0] else 0.15
         assert np.allclose(scores[0], background, atol=1e-3)

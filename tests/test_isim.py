@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cache.classes import VOC
 from engine.core import registry
 from engine.core.registry import Role, training_key
 from engine.core.types import Cancelled, RunContext
@@ -153,14 +154,15 @@ def test_registered_variants_share_config_and_trained_model(tmp_path):
     paper = cam_plugin.make_config(isim.PAPER_PARAMS)
     assert (paper.epochs, paper.warmup_epochs, paper.regenerate_every, paper.crop_size) == (50, 5, 10, 320)
     assert paper.pseudo_threshold == 0.3 and paper.scales == (1.0, 0.5, 1.5, 2.0) and paper.crf_max_side is None
-    ctx = RunContext(items=[], todo=[], workdir=tmp_path)
+    ctx = RunContext(classes=VOC, items=[], todo=[], workdir=tmp_path)
     # Inference settings share the model directory, training settings do not.
     inference = replace(TINY, scales=(1.0,), flip=True, decoder_scales=(1.0, 2.0), decoder_flip=True,
                         bg_threshold=0.5, score_max_side=16)
-    assert ctx.model_dir("isim", training_key(inference)) == ctx.model_dir("isim", training_key(TINY))
+    key = training_key(TINY, classes=list(VOC.names))
+    assert ctx.model_dir("isim", training_key(inference, classes=list(VOC.names))) == ctx.model_dir("isim", key)
     for change in ({"pseudo_threshold": 0.4}, {"crf_max_side": 80}, {"decoder_lr_mult": 0.1}):
-        assert ctx.model_dir("isim", training_key(replace(TINY, **change))) != \
-            ctx.model_dir("isim", training_key(TINY))
+        assert ctx.model_dir("isim", training_key(replace(TINY, **change), classes=list(VOC.names))) != \
+            ctx.model_dir("isim", training_key(TINY, classes=list(VOC.names)))
     with pytest.raises(ValueError, match="warmup_epochs"):
         ISIMConfig(epochs=2, warmup_epochs=2)
     with pytest.raises(ValueError, match="multiple of output_stride"):
@@ -168,7 +170,7 @@ def test_registered_variants_share_config_and_trained_model(tmp_path):
 
 
 def test_encoder_and_head_hold_the_imagenet_weights_and_cams_match_logits():
-    net = isim.build_net(TINY)
+    net = isim.build_net(TINY, VOC.num_classes)
     imagenet = load_imagenet_model(TINY.backbone, TINY.output_stride).state_dict()
     encoder = net.seg.encoder.model.state_dict()
     head = {k.replace("0.", "conv_head.", 1).replace("1.", "bn2.", 1): v for k, v in net.head.state_dict().items()}
@@ -199,18 +201,18 @@ def test_both_variants_share_one_trained_model(tiny_voc, tmp_path):
     todo = [*split_items(tiny_voc, "val")[:2], items[0]]
     models = tmp_path / "models"
     first = Reports()
-    ctx = RunContext(items=items, todo=todo, workdir=tmp_path / "a", report=first, models=models, processes=2)
+    ctx = RunContext(classes=VOC, items=items, todo=todo, workdir=tmp_path / "a", report=first, models=models, processes=2)
     cam_results = list(isim.run_cam(TINY, ctx))
     assert first.done("warm-up") == [1, 2, 3]
     assert first.done("pseudo-labels round 1") == first.done("pseudo-labels round 2") == list(range(1, 13))
     assert first.done("self-training") == [1, 2, 3, 4, 5, 6]
-    model_dir = ctx.model_dir("isim", training_key(TINY))
+    model_dir = ctx.model_dir("isim", training_key(TINY, classes=list(VOC.names)))
     assert sorted(p.name for p in model_dir.iterdir()) == [f"{isim.FAMILY}_model.pt"]  # checkpoint + pseudo-labels gone
 
     # The decoder variant with other inference settings loads the same model: no training at all.
     second = Reports()
     decoder_cfg = replace(TINY, decoder_flip=True, bg_threshold=0.4)
-    decoder_results = list(isim.run_decoder(decoder_cfg, RunContext(
+    decoder_results = list(isim.run_decoder(decoder_cfg, RunContext(classes=VOC,
         items=items, todo=todo, workdir=tmp_path / "b", report=second, models=models, processes=2)))
     assert second.calls == []
 
@@ -235,10 +237,10 @@ def test_killed_regeneration_and_training_resume(tiny_voc, tmp_path, monkeypatch
     monkeypatch.setattr(isim, "PSEUDO_CHUNK", 4)  # 3 pseudo-label files of 4 images per round
     items = split_items(tiny_voc, "train")
     workdir = tmp_path / "work"
-    model_dir = RunContext(items=items, todo=[], workdir=workdir).model_dir("isim", training_key(TINY))
+    model_dir = RunContext(classes=VOC, items=items, todo=[], workdir=workdir).model_dir("isim", training_key(TINY, classes=list(VOC.names)))
 
     def run(reports: Reports) -> list:
-        ctx = RunContext(items=items, todo=items[:1], workdir=workdir, report=reports, processes=1)
+        ctx = RunContext(classes=VOC, items=items, todo=items[:1], workdir=workdir, report=reports, processes=1)
         return list(isim.run_cam(TINY, ctx))
 
     # Killed during the first regeneration, after image 6: the file of images 1-4 is kept.

@@ -6,13 +6,14 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
+from cache.classes import VOC
 from engine.ops.metrics import confusion_counts, iou_from_counts
 
 
 def test_counts_on_a_3x3_map_worked_out_by_hand():
     gt = np.array([[0, 0, 8], [0, 8, 8], [255, 8, 12]], np.uint8)
     pred = np.array([[0, 8, 8], [0, 0, 8], [8, 255, 8]], np.uint8)
-    counts = confusion_counts(gt, pred)
+    counts = confusion_counts(gt, pred, VOC.num_classes)
     # background: TP (0,0),(1,0); FP (1,1) predicted 0 on a cat; FN (0,1) predicted cat
     assert counts[0].tolist() == [2, 1, 1]
     # cat: TP (0,2),(1,2); FP (0,1),(2,2); FN (1,1) -> 0, (2,1) -> 255
@@ -35,7 +36,7 @@ def test_counts_match_sklearn_on_real_masks(voc_root):
         pred = gt.copy()
         noise = rng.random(gt.shape) < 0.2
         pred[noise] = rng.choice([0, 8, 12, 255], size=noise.sum())
-        total += confusion_counts(gt, pred)
+        total += confusion_counts(gt, pred, VOC.num_classes)
         gts.append(gt.ravel())
         preds.append(pred.ravel())
     gt, pred = np.concatenate(gts), np.concatenate(preds)

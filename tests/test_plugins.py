@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cache.classes import VOC
 from cache.labelmaps import write_label_map, write_scores
 from engine.core import registry
 from engine.core.registry import Offer, Plugin, Role, inference_fields
@@ -98,7 +99,7 @@ def test_an_untrained_plugin_labels_two_real_images(plugin: Plugin, two_images, 
         for item in items:
             shutil.copy(store / f"{item.image_id}.png", folder)
         params = {"folder": str(folder)}
-    ctx = RunContext(items=items, todo=items, workdir=tmp_path, processes=1,
+    ctx = RunContext(classes=VOC, items=items, todo=items, workdir=tmp_path, processes=1,
                      source=source if not plugin.role.starts_chain else None, variants=lambda v: source)
     results = list(plugin.run(plugin.make_config(params), ctx))
     assert [r.image_id for r in results] == [item.image_id for item in items]

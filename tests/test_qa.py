@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from cache import qa, queries
+from cache.classes import VOC
 from cache.db import connect
 from cache.labelmaps import write_label_map
 from cache.rows import Variant
@@ -53,7 +54,7 @@ def qa_cache(voc_root, tmp_path_factory) -> Path:
                 for i in TRAIN[:-1]}
     merge = {i: np.where(_fg(shift[i]), shift[i], recolour[i]) for i in recolour}
     with connect(cache_dir) as con:
-        queries.upsert_dataset(con, "d1", "animals", str(voc_root))
+        queries.upsert_dataset(con, "d1", "animals", str(voc_root), VOC, "vocdevkit")
         queries.replace_split_images(con, "d1", "train", [row(i) for i in TRAIN] + [row(PROBLEM, "x.jpg: corrupt")])
         queries.replace_split_images(con, "d1", "val", [row(i) for i in VAL])
         for n, (vid, maps) in enumerate({"shift": shift, "recolour": recolour, "merge": merge}.items()):
@@ -64,7 +65,7 @@ def qa_cache(voc_root, tmp_path_factory) -> Path:
             for i, label in maps.items():
                 write_label_map(cache_dir / "labels" / vid / f"{i}.png", label)
                 rows.label_maps.append((i, f"labels/{vid}/{i}.png", None))
-                rows.counts.extend((i, c, *n3) for c, n3 in enumerate(confusion_counts(masks[i], label).tolist())
+                rows.counts.extend((i, c, *n3) for c, n3 in enumerate(confusion_counts(masks[i], label, VOC.num_classes).tolist())
                                    if any(n3))
                 if vid == "merge":
                     s, r = shift[i], recolour[i]
@@ -338,22 +339,22 @@ def picture(voc_root) -> tuple[np.ndarray, np.ndarray]:
 
 def test_overlay_paints_classes_in_voc_colours_and_leaves_background(picture):
     image, mask = picture
-    full = overlay(image, mask, opacity=1.0)
+    full = overlay(image, mask, VOC, opacity=1.0)
     assert all((full[mask == value] == colour).all() for value, colour in COLOURS.items() if value != 0)
-    blended = overlay(image, mask, opacity=0.6).astype(np.float32)
+    blended = overlay(image, mask, VOC, opacity=0.6).astype(np.float32)
     assert (blended[mask == 0] == image[mask == 0]).all()
     assert np.abs(blended[mask == DOG] - (0.4 * image[mask == DOG] + 0.6 * np.array(COLOURS[DOG]))).max() <= 0.501
-    np.testing.assert_array_equal(overlay(image, mask, opacity=0.0), image)
-    only_dog = overlay(image, mask, opacity=1.0, classes={DOG})
+    np.testing.assert_array_equal(overlay(image, mask, VOC, opacity=0.0), image)
+    only_dog = overlay(image, mask, VOC, opacity=1.0, only={DOG})
     assert (only_dog[mask == DOG] == COLOURS[DOG]).all() and (only_dog[mask != DOG] == image[mask != DOG]).all()
-    small = overlay(image, np.asarray(Image.fromarray(mask).resize((125, 94), Image.Resampling.NEAREST)), 1.0)
+    small = overlay(image, np.asarray(Image.fromarray(mask).resize((125, 94), Image.Resampling.NEAREST)), VOC, 1.0)
     assert small.shape == image.shape  # a thumbnail-sized label map is fitted to the image
     assert abs((small == COLOURS[DOG]).all(axis=2).mean() - (mask == DOG).mean()) < 0.01
 
 
 def test_wipe_puts_a_white_seam_at_the_position(picture):
     image, mask = picture
-    left, right = overlay(image, mask, 1.0), image
+    left, right = overlay(image, mask, VOC, 1.0), image
     out = wipe(left, right, 0.3)  # 0.3 * 500 = column 150: white columns 149 and 150
     assert (out[:, :149] == left[:, :149]).all() and (out[:, 149:151] == 255).all()
     assert (out[:, 151:] == right[:, 151:]).all()
@@ -379,7 +380,7 @@ def test_legend_counts_pixels_and_iou_per_label_map(picture):
     erased = np.where(gt == 9, 0, gt).astype(np.uint8)  # the chair missed
     person = gt.copy()
     person[:20, :30] = PERSON  # a person where the image has none
-    rows = legend(gt, {"erased": erased, "person": person})
+    rows = legend(gt, {"erased": erased, "person": person}, VOC)
     assert [(r["class_id"], r["class"], r["colour"]) for r in rows] == [
         (0, "background", "#000000"), (9, "chair", "#c00000"), (12, "dog", "#400080"), (15, "person", "#c08080")]
     for r in rows:

@@ -16,9 +16,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from cache import qa, queries
+from cache.classes import VOC
 from cache.db import connect
 from cache.labelmaps import read_label_map
-from cache.voc import VOC_CLASSES
 from engine.core.chains import dataset_id_for
 from engine.core.dataset import read_mask
 from engine.isle import assignments
@@ -63,7 +63,7 @@ def _grid(at: AppTest) -> list[str]:
 
 
 def _class_iou(pair: tuple[np.ndarray, np.ndarray], class_id: int) -> float:
-    return iou_from_counts(confusion_counts(*pair))[class_id]
+    return iou_from_counts(confusion_counts(*pair, VOC.num_classes))[class_id]
 
 
 def test_grid_sorts_and_filters_agree_with_the_decoded_label_maps(qa_env):
@@ -74,7 +74,7 @@ def test_grid_sorts_and_filters_agree_with_the_decoded_label_maps(qa_env):
     assert _grid(at) == sorted(images)  # default: every usable image, by id
 
     # Per-image IoU of the most common class, lowest first: the order numpy gives from the files.
-    class_id = max(range(1, 21), key=lambda c: sum(c in r.labels for r in images.values()))
+    class_id = max(VOC.foreground, key=lambda c: sum(c in r.labels for r in images.values()))
     at.selectbox(key="qa_sort").set_value("iou").run()
     at.selectbox(key="qa_variant").set_value(cam_id).run()
     at.selectbox(key="qa_class").set_value(class_id).run()
@@ -106,7 +106,7 @@ def test_grid_sorts_and_filters_agree_with_the_decoded_label_maps(qa_env):
         (gt, a), (_, b) = cam[i], dcrf[i]
         keep = gt != 255  # counts ignore the ground truth's 255 pixels
         total = 0
-        for c in range(21):
+        for c in range(VOC.num_classes):
             truth = keep & (gt == c)
             total += abs(int((truth & (a == c)).sum()) - int((truth & (b == c)).sum()))
             total += abs(int((keep & ~truth & (a == c)).sum()) - int((keep & ~truth & (b == c)).sum()))
@@ -124,15 +124,15 @@ def test_grid_sorts_and_filters_agree_with_the_decoded_label_maps(qa_env):
 def test_a_heatmap_link_opens_the_cells_images_worst_first(qa_env):
     cache_dir, dataset_id, images, variants = qa_env
     cam_id, cam = variants["cam"]
-    class_id = max(range(1, 21), key=lambda c: sum(c in r.labels for r in images.values()))
+    class_id = max(VOC.foreground, key=lambda c: sum(c in r.labels for r in images.values()))
     # What app_pages/per_class_iou.py sends on a click on the (CAM, class) cell.
-    at = _page(split="train", variant=cam_id, sort="errors", **{"class": VOC_CLASSES[class_id]}).run()
+    at = _page(split="train", variant=cam_id, sort="errors", **{"class": VOC.name(class_id)}).run()
     assert not at.exception
     assert at.selectbox(key="qa_sort").value == "errors" and at.selectbox(key="qa_variant").value == cam_id
     assert at.selectbox(key="qa_class").value == class_id and at.toggle(key="qa_descending").value is True
     errors = {}
     for i, pair in cam.items():
-        counts = confusion_counts(*pair)[class_id]
+        counts = confusion_counts(*pair, VOC.num_classes)[class_id]
         if counts.sum():
             errors[i] = int(counts[1] + counts[2])
     assert _grid(at) == sorted(errors, key=lambda i: (-errors[i], i))
@@ -153,18 +153,18 @@ def test_open_an_image_flag_it_and_keep_it_out_of_the_isle_selection(qa_env):
     gt, label = cam[image_id]
     cam_name = at.selectbox(key="qa_layer_a").format_func(cam_id)
     legend = at.dataframe[0].value
-    counts = confusion_counts(gt, label)
+    counts = confusion_counts(gt, label, VOC.num_classes)
     for _, row in legend.iterrows():
-        c = VOC_CLASSES.index(row["class"])
+        c = VOC.index(row["class"])
         assert row["ground truth px"] == int(((gt == c)).sum())
         assert row[f"{cam_name} px"] == int(counts[c, 0] + counts[c, 1])
-    assert set(legend["class"]) == {VOC_CLASSES[c] for c in range(21) if (gt == c).any() or (label == c).any()}
+    assert set(legend["class"]) == {VOC.name(c) for c in range(VOC.num_classes) if (gt == c).any() or (label == c).any()}
 
     # CAM stored class scores: the heatmap offers each stored class of this image.
     scores_class = at.selectbox(key="qa_scores_class")
     assert at.selectbox(key="qa_scores_variant").value == cam_id
-    assert set(scores_class.options) <= {VOC_CLASSES[c] for c in (0, *images[image_id].labels)}
-    assert VOC_CLASSES[images[image_id].labels[-1]] == scores_class.options[scores_class.index]
+    assert set(scores_class.options) <= {VOC.name(c) for c in (0, *images[image_id].labels)}
+    assert VOC.name(images[image_id].labels[-1]) == scores_class.options[scores_class.index]
 
     # The comparison slider with the ground truth as layer B draws one picture.
     at.selectbox(key="qa_layer_b").set_value("gt").run()

@@ -7,7 +7,7 @@ import numpy as np
 from cache import queries, reports
 from cache.db import connect
 from cache.rows import Variant
-from cache.voc import NUM_CLASSES
+from cache.classes import VOC
 
 # (id, name, source id, IoU of classes 0, 1, 3) on a split whose images hold classes 0, 1 and 3
 # (class 2 has none, so it is NaN everywhere). The table order is the query's (creation time).
@@ -23,12 +23,12 @@ A, B, C, D, E, F = 2, 0, 3, 1, 4, 5  # row indices
 
 
 def _table(rows=ROWS) -> reports.IoUTable:
-    iou = np.full((len(rows), NUM_CLASSES), np.nan)
+    iou = np.full((len(rows), VOC.num_classes), np.nan)
     iou[:, [0, 1, 3]] = [r[3] for r in rows]
     zeros = np.zeros(iou.shape, np.int64)
     return reports.IoUTable(
-        variant_ids=[r[0] for r in rows], names=[r[1] for r in rows], source_ids=[r[2] for r in rows],
-        labelled=np.full(len(rows), 8), iou=iou, tp=zeros, fp=zeros, fn=zeros,
+        classes=VOC, variant_ids=[r[0] for r in rows], names=[r[1] for r in rows], source_ids=[r[2] for r in rows],
+        labelled=np.full(len(rows), 8), with_truth=np.full(len(rows), 8), iou=iou, tp=zeros, fp=zeros, fn=zeros,
         n_images=np.where(np.isfinite(iou), 1, 0), miou=np.nanmean(iou, axis=1),
     )
 
@@ -52,19 +52,19 @@ def test_gain_is_refined_minus_source_per_class():
                 (0.05, -0.10, np.nan),  # CAM → dCRF vs CAM: class 3 not met by the refinement yet
                 (0.05, 0.30, np.nan)]  # CAM → dCRF → dCRF vs CAM → dCRF: class 3 not met by the source
     assert np.allclose(gain.gain[:, [0, 1, 3]], expected, equal_nan=True)
-    assert np.isnan(gain.gain[:, [2, *range(4, NUM_CLASSES)]]).all()  # no images: no gain, not 0
+    assert np.isnan(gain.gain[:, [2, *range(4, VOC.num_classes)]]).all()  # no images: no gain, not 0
     # mIoU: SVM 0.4 vs CAM 0.4; dCRF (0.85 + 0.10) / 2 = 0.475 vs 0.4; dCRF → dCRF 0.6 vs 0.475
     assert np.allclose(gain.miou_gain, [0.0, 0.075, 0.125])
 
 
 def test_gain_of_a_table_without_refinements_is_empty():
     gain = reports.gain_table(_table(ROWS[1:3]))  # TKP and CAM
-    assert gain.rows.tolist() == [] and gain.gain.shape == (0, NUM_CLASSES) and gain.miou_gain.shape == (0,)
+    assert gain.rows.tolist() == [] and gain.gain.shape == (0, VOC.num_classes) and gain.miou_gain.shape == (0,)
 
 
 def test_iou_table_carries_the_source_of_each_variant(tmp_path):
     with connect(tmp_path) as con:
-        queries.upsert_dataset(con, "d1", "toy", "/toy")
+        queries.upsert_dataset(con, "d1", "toy", "/toy", VOC, "vocdevkit")
         queries.replace_split_images(con, "d1", "train", [("a", "/a.jpg", "/a.png", 3, 3, [8], None)])
         for vid, name, source, created in [("v1", "CAM", None, 1.0), ("v2", "CAM → dCRF", "v1", 2.0)]:
             queries.insert_variant(con, Variant(id=vid, dataset_id="d1", name=name, method="cam",

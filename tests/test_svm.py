@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cache.classes import VOC
 from cache.labelmaps import write_label_map, write_scores
 from engine.core import registry
 from engine.core.dataset import read_mask
@@ -188,7 +189,7 @@ def test_oracle_plugin_on_real_images_and_bad_files(tiny_voc: Path, tmp_path: Pa
     write_label_map(unlabelled, np.full((items[2].height, items[2].width), 255, np.uint8))
     nothing = Item("nothing", items[2].image_path, unlabelled, items[2].labels, items[2].height, items[2].width)
     todo = [items[0], broken, items[1], no_mask, nothing, items[2]]
-    ctx = RunContext(items=todo, todo=todo, workdir=tmp_path / "work", processes=2)
+    ctx = RunContext(classes=VOC, items=todo, todo=todo, workdir=tmp_path / "work", processes=2)
     results = list(plugin.run(plugin.make_config(TINY), ctx))
     assert [r.image_id for r in results] == [it.image_id for it in todo]
     by_id = {r.image_id: r for r in results}
@@ -238,7 +239,7 @@ def test_seed_plugin_expands_a_real_source(seed_source, with_scores: bool):
     (tmp_path / "scores" / "broken.npz").write_bytes((tmp_path / "scores" / f"{items[0].image_id}.npz").read_bytes())
     write_label_map(tmp_path / "labels" / "broken.png", np.zeros((items[0].height, items[0].width), np.uint8))
     todo = [items[0], broken, *items[1:]]
-    ctx = RunContext(items=todo, todo=todo, workdir=tmp_path / "work", source=source, processes=1)
+    ctx = RunContext(classes=VOC, items=todo, todo=todo, workdir=tmp_path / "work", source=source, processes=1)
     results = list(plugin.run(plugin.make_config(TINY), ctx))
     assert [r.image_id for r in results] == [it.image_id for it in todo]
     assert results[1].label is None and str(tmp_path / "nowhere.jpg") in results[1].error

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from cache.classes import VOC
 from engine.core import registry
 from engine.core.registry import Role
 from engine.core.types import Cancelled, Item, RunContext
@@ -89,10 +90,10 @@ def test_patch_contrastive_error_by_hand():
 
 
 def test_image_target_has_background_always_on():
-    target = image_target((8, 15))
+    target = image_target((8, 15), VOC.num_classes)
     assert target.shape == (21,) and target.dtype == np.float32
     assert np.flatnonzero(target).tolist() == [0, 8, 15]
-    assert np.flatnonzero(image_target(())).tolist() == [0]
+    assert np.flatnonzero(image_target((), VOC.num_classes)).tolist() == [0]
 
 
 def test_pseudo_label_keeps_only_the_image_classes_by_hand():
@@ -135,10 +136,10 @@ def test_registered_with_config_and_paper_preset():
     with pytest.raises(ValueError, match="unknown parameter"):
         plugin.make_config({"k": 6})
     # Inference settings and the unused encoder field do not change the trained model.
-    params = tkp_pcl.training_params(default)
+    params = tkp_pcl.training_params(default, VOC)
     assert "score_max_side" not in params and "vit_name" not in params and params["backbone"] == "efficientnet_lite0"
-    assert tkp_pcl.training_params(replace(default, vit_name="vit_small_patch16_224")) == params
-    assert "backbone" not in tkp_pcl.training_params(replace(default, vit_weights="/w.pth"))
+    assert tkp_pcl.training_params(replace(default, vit_name="vit_small_patch16_224"), VOC) == params
+    assert "backbone" not in tkp_pcl.training_params(replace(default, vit_weights="/w.pth"), VOC)
 
 
 # ---------------------------------------------------------------- real encoders, training, labels
@@ -167,20 +168,20 @@ def test_run_end_to_end_with_the_efficientnet_default(tiny_voc, tmp_path):
     broken.write_bytes(b"not a jpeg")
     todo = [*split_items(tiny_voc, "val"), Item("broken", broken, None, (8,), 10, 10), *train_items[:3]]
     reports = Reports()
-    ctx = RunContext(items=train_items, todo=todo, workdir=tmp_path / "work", report=reports)
+    ctx = RunContext(classes=VOC, items=train_items, todo=todo, workdir=tmp_path / "work", report=reports)
     results = list(tkp_pcl.run(TINY, ctx))
 
     assert reports.stage("features") == [(8, 12), (12, 12)]  # ENCODE_BATCH images at a time
     assert reports.stage("train") == [(1, 3), (2, 3), (3, 3)]
     _check_results(todo, results, TINY)
-    model_dir = ctx.model_dir("tkp-pcl", tkp_pcl.training_params(TINY))
+    model_dir = ctx.model_dir("tkp-pcl", tkp_pcl.training_params(TINY, VOC))
     assert (model_dir / final_path(Path(), tkp_pcl.NAME).name).is_file() and not (model_dir / checkpoint_path(Path(), tkp_pcl.NAME).name).exists()
     features = np.load(ctx.model_dir("tkp-pcl-features", tkp_pcl.feature_params(TINY)) / tkp_pcl.FEATURES_NAME)
     assert features.shape == (12, 2, 8, 8, 320) and features.dtype == np.float16  # 128 / 16 = 8 patches a side
 
     # An image outside the store is encoded at labelling time; it matches the stored embeddings of
     # the same image up to float16 rounding (batch sizes differ), and so do the labels.
-    again = list(tkp_pcl.run(TINY, RunContext(items=train_items, todo=[replace(train_items[0], image_id="copy")],
+    again = list(tkp_pcl.run(TINY, RunContext(classes=VOC, items=train_items, todo=[replace(train_items[0], image_id="copy")],
                                               workdir=tmp_path / "work")))
     np.testing.assert_allclose(again[0].scores.astype(np.float32), results[-3].scores.astype(np.float32), atol=1e-2)
     assert (again[0].label == results[-3].label).mean() > 0.99
@@ -209,7 +210,7 @@ def test_run_end_to_end_with_a_vit_weights_file(tiny_voc, tmp_path):
 
     train_items = split_items(tiny_voc, "train")
     todo = [*split_items(tiny_voc, "val")[:2], train_items[0]]
-    ctx = RunContext(items=train_items, todo=todo, workdir=tmp_path / "work")
+    ctx = RunContext(classes=VOC, items=train_items, todo=todo, workdir=tmp_path / "work")
     results = list(tkp_pcl.run(cfg, ctx))
     _check_results(todo, results, cfg)
 
@@ -230,31 +231,31 @@ def test_killed_feature_extraction_and_training_resume(tiny_voc, tmp_path):
     items = split_items(tiny_voc, "train")
     cfg = replace(TINY, epochs=2)  # 6 steps, checkpoints after steps 2, 3, 4, 6
     workdir = tmp_path / "work"
-    probe = RunContext(items=items, todo=[], workdir=workdir)
-    model_dir = probe.model_dir("tkp-pcl", tkp_pcl.training_params(cfg))
+    probe = RunContext(classes=VOC, items=items, todo=[], workdir=workdir)
+    model_dir = probe.model_dir("tkp-pcl", tkp_pcl.training_params(cfg, VOC))
     feature_dir = probe.model_dir("tkp-pcl-features", tkp_pcl.feature_params(cfg))
 
     first = Reports(cancel_at=("features", 8))
     with pytest.raises(Cancelled):
-        list(tkp_pcl.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=first)))
+        list(tkp_pcl.run(cfg, RunContext(classes=VOC, items=items, todo=items[:2], workdir=workdir, report=first)))
     assert json.loads((feature_dir / tkp_pcl.FEATURES_INDEX).read_text())["done"] == 8
 
     second = Reports(cancel_at=("train", 5))
     with pytest.raises(Cancelled):
-        list(tkp_pcl.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=second)))
+        list(tkp_pcl.run(cfg, RunContext(classes=VOC, items=items, todo=items[:2], workdir=workdir, report=second)))
     assert second.stage("features") == [(12, 12)]  # the first 8 images were not encoded again
     assert second.stage("train") == [(d, 6) for d in range(1, 6)]
     assert (model_dir / checkpoint_path(Path(), tkp_pcl.NAME).name).is_file() and not (model_dir / final_path(Path(), tkp_pcl.NAME).name).exists()
 
     third = Reports()
-    resumed = list(tkp_pcl.run(cfg, RunContext(items=items, todo=items[:2], workdir=workdir, report=third)))
+    resumed = list(tkp_pcl.run(cfg, RunContext(classes=VOC, items=items, todo=items[:2], workdir=workdir, report=third)))
     assert third.stage("features") == [] and third.stage("train") == [(5, 6), (6, 6)]  # after the step-4 checkpoint
     assert (model_dir / final_path(Path(), tkp_pcl.NAME).name).is_file() and not (model_dir / checkpoint_path(Path(), tkp_pcl.NAME).name).exists()
 
     # Same batches, views, dropout masks and optimiser state: equal to an uninterrupted run.
     straight = tmp_path / "straight"
-    list(tkp_pcl.run(cfg, RunContext(items=items, todo=[], workdir=straight)))
-    straight_dir = RunContext(items=items, todo=[], workdir=straight).model_dir("tkp-pcl", tkp_pcl.training_params(cfg))
+    list(tkp_pcl.run(cfg, RunContext(classes=VOC, items=items, todo=[], workdir=straight)))
+    straight_dir = RunContext(classes=VOC, items=items, todo=[], workdir=straight).model_dir("tkp-pcl", tkp_pcl.training_params(cfg, VOC))
     a = torch.load(model_dir / final_path(Path(), tkp_pcl.NAME).name, weights_only=True)["model"]
     b = torch.load(straight_dir / final_path(Path(), tkp_pcl.NAME).name, weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -262,6 +263,6 @@ def test_killed_feature_extraction_and_training_resume(tiny_voc, tmp_path):
     # Once trained, a rerun (other inference settings) only loads: no features, no steps, same labels.
     fourth = Reports()
     again = list(tkp_pcl.run(replace(cfg, score_max_side=32),
-                             RunContext(items=items, todo=items[:2], workdir=workdir, report=fourth)))
+                             RunContext(classes=VOC, items=items, todo=items[:2], workdir=workdir, report=fourth)))
     assert fourth.calls == []
     assert all(np.array_equal(x.label, y.label) for x, y in zip(resumed, again))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from cache.classes import VOC
 from cache import queries
 from cache.db import connect
 from cache.labelmaps import read_label_map
@@ -34,7 +35,7 @@ def _gt_source(items) -> SourceVariant:
 
 
 def _ctx(tmp_path, train_items, val_items, report=None) -> RunContext:
-    return RunContext(items=val_items, todo=val_items, workdir=tmp_path / "work", source=_gt_source(train_items),
+    return RunContext(classes=VOC, items=val_items, todo=val_items, workdir=tmp_path / "work", source=_gt_source(train_items),
                       source_items=train_items, models=tmp_path / "models", processes=1,
                       report=report or (lambda *a: None))
 
@@ -45,7 +46,7 @@ def test_label_from_probs_takes_the_argmax_and_keeps_likely_classes():
     probs[8, 0, 0], probs[0, 0, 0] = 0.8, 0.1  # cat wins one pixel
     probs[12, 1, 2] = 0.06  # dog never wins but reaches keep_prob
     probs[15, 1, 1] = 0.01  # person stays below it
-    result = label_from_probs(probs, "x", keep_prob=0.05, max_side=128)
+    result = label_from_probs(probs, "x", keep_prob=0.05, max_side=128, classes=VOC)
     np.testing.assert_array_equal(result.label, [[8, 0, 0], [0, 0, 0]])
     assert result.score_classes == (0, 8, 12) and result.scores.shape == (3, 2, 3)
 
@@ -149,11 +150,11 @@ def test_unknown_label_sets_and_bad_settings_are_refused(baseline_cache, tiny_vo
 def test_other_encoders_load_a_local_weights_file_or_fail_clearly(tmp_path):
     from engine.final.deeplab import build_net
 
-    random_init = build_net(DeepLabConfig(encoder="resnet18", seed=1))
+    random_init = build_net(DeepLabConfig(encoder="resnet18", seed=1), VOC.num_classes)
     assert not random_init.pretrained
     weights = tmp_path / "resnet18_encoder.pt"
     torch.save(random_init.seg.encoder.state_dict(), weights)
-    loaded = build_net(DeepLabConfig(encoder="resnet18", encoder_weights=str(weights), seed=2))
+    loaded = build_net(DeepLabConfig(encoder="resnet18", encoder_weights=str(weights), seed=2), VOC.num_classes)
     assert loaded.pretrained
     for name, value in random_init.seg.encoder.state_dict().items():
         torch.testing.assert_close(loaded.seg.encoder.state_dict()[name], value, msg=name)
@@ -190,9 +191,9 @@ def test_a_training_killed_with_its_worker_resumes_from_the_checkpoint(baseline_
 def test_the_aspp_pooling_branch_uses_group_norm_by_default():
     from engine.final.deeplab import build_net
 
-    pooling = build_net(DeepLabConfig()).seg.decoder.aspp[0].convs[-1]
+    pooling = build_net(DeepLabConfig(), VOC.num_classes).seg.decoder.aspp[0].convs[-1]
     assert isinstance(pooling[2], torch.nn.GroupNorm) and pooling[2].num_groups == 32
-    batch = build_net(DeepLabConfig(pool_norm="batch")).seg.decoder.aspp[0].convs[-1]
+    batch = build_net(DeepLabConfig(pool_norm="batch"), VOC.num_classes).seg.decoder.aspp[0].convs[-1]
     assert isinstance(batch[2], torch.nn.BatchNorm2d)
     # GroupNorm normalises each image alone: an image's output does not depend on its batch.
     pooling.train()

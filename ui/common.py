@@ -67,28 +67,46 @@ def read(fn: Callable[..., T], *args) -> T:
     return _read(directory, _state(directory), f"{fn.__module__}.{fn.__qualname__}", fn, *args)
 
 
-def pick_dataset() -> Dataset | None:
-    """A dataset select box (the bundled one first); None when nothing is registered yet."""
+def _describe(dataset: Dataset) -> str:
+    """The picker's text: name, root and class count ("… (N classes)")."""
+    return f"{dataset.name}  ({dataset.root}; {dataset.classes.num_classes} classes)"
+
+
+def pick_dataset(select: str | None = None) -> Dataset | None:
+    """A dataset select box (the bundled one first); None when nothing is registered yet.
+
+    Each dataset carries its class set (``Dataset.classes``): pages take names and colours from
+    the returned dataset. select: a dataset id to switch the picker to (a link's ``?dataset=``);
+    an unknown id leaves it as it is.
+    """
     found = read(queries.datasets)
     if not found:
         return None
     default_id = dataset_id_for(default_voc_root())
     found = sorted(found, key=lambda d: d.id != default_id)
-    return st.selectbox("Dataset", found, format_func=lambda d: f"{d.name}  ({d.root})", key="dataset")
+    chosen = next((d for d in found if d.id == select), None)
+    if chosen is not None:
+        st.session_state["dataset"] = chosen
+    elif (current := st.session_state.get("dataset")) is not None and current not in found:
+        # A stored pick whose row changed (re-registered with another class set): match by id.
+        st.session_state["dataset"] = next((d for d in found if d.id == getattr(current, "id", None)), found[0])
+    return st.selectbox("Dataset", found, format_func=_describe, key="dataset")
 
 
 def pick_split(dataset_id: str) -> str | None:
     splits = read(queries.splits, dataset_id)
     if not splits:
         return None
+    if st.session_state.get("split") not in (None, *splits):  # a split of the dataset picked before
+        st.session_state.pop("split")
     return st.selectbox("Split (the subset the IoU is computed over)", splits,
                         index=splits.index("train") if "train" in splits else 0, key="split")
 
 
-def pick_dataset_and_split(nothing: str) -> tuple[Dataset, str]:
+def pick_dataset_and_split(nothing: str, select: str | None = None) -> tuple[Dataset, str]:
     """The dataset and split pickers; shows ``nothing`` and stops the page when there is no
-    scanned dataset yet."""
-    dataset = pick_dataset() if cache_exists() else None
+    scanned dataset yet. select: as for ``pick_dataset``."""
+    dataset = pick_dataset(select) if cache_exists() else None
     split = pick_split(dataset.id) if dataset else None
     if split is None:
         st.info(nothing)

@@ -1,8 +1,9 @@
-"""Pictures of the QA page as pure numpy (presentation only): label maps in VOC colours over the
-image, a wipe between two overlays, a class score as a heatmap, and one image's class legend.
+"""Pictures of the QA page as pure numpy (presentation only): label maps in the dataset's colours
+over the image, a wipe between two overlays, a class score as a heatmap, and one image's class legend.
 
-Images are ``(H, W, 3) uint8`` RGB; label maps ``(h, w) uint8`` with 0-20 and 255 (ignore); a label
-map of another size than the image (a thumbnail rounding) is resized by nearest neighbour.
+Images are ``(H, W, 3) uint8`` RGB; label maps ``(h, w) uint8`` label values of the dataset's class
+set (``cache.classes.ClassSet``: index into ``classes.names``, 255 = ignore); a label map of another
+size than the image (a thumbnail rounding) is resized by nearest neighbour.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 from PIL import Image
 from plotly.colors import sample_colorscale, unlabel_rgb
 
-from cache.voc import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, VOC_PALETTE
+from cache.classes import IGNORE_INDEX, ClassSet
 from engine.ops.metrics import confusion_counts, iou_from_counts
 
 # Plotly's Jet sampled at 256 levels: the usual CAM colouring (blue = low, red = high).
@@ -26,19 +27,20 @@ def _fit(label: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(label).resize((shape[1], shape[0]), Image.Resampling.NEAREST))
 
 
-def overlay(image: np.ndarray, label: np.ndarray, opacity: float = 0.6,
-            classes: Collection[int] | None = None) -> np.ndarray:
-    """``image`` with the label map's classes painted over it in VOC colours, ``(H, W, 3) uint8``.
+def overlay(image: np.ndarray, label: np.ndarray, classes: ClassSet, opacity: float = 0.6,
+            only: Collection[int] | None = None) -> np.ndarray:
+    """``image`` with the label map's classes painted over it in ``classes.palette``, ``(H, W, 3) uint8``.
 
-    opacity in [0, 1]. Background (0) is left unpainted so the image shows through; ignore (255)
-    is painted in the VOC cream. classes: paint only these class ids (None: every class).
+    opacity in [0, 1]. Background (``classes.background``; none in a set without one) is left
+    unpainted so the image shows through; ignore (255) is painted in the palette's cream.
+    only: paint only these label values (None: every class).
     """
     label = _fit(label, image.shape[:2])
-    painted = label != 0
-    if classes is not None:
-        painted &= np.isin(label, list(classes))
+    painted = label != classes.background if classes.has_background else np.ones(label.shape, bool)
+    if only is not None:
+        painted &= np.isin(label, list(only))
     out = image.astype(np.float32)
-    out[painted] = (1 - opacity) * out[painted] + opacity * VOC_PALETTE[label[painted]]
+    out[painted] = (1 - opacity) * out[painted] + opacity * classes.palette[label[painted]]
     return out.round().astype(np.uint8)
 
 
@@ -68,24 +70,40 @@ def score_overlay(image: np.ndarray, score: np.ndarray, opacity: float = 0.5) ->
     return ((1 - opacity) * image + opacity * colours).round().astype(np.uint8)
 
 
-def legend(gt: np.ndarray, labels: dict[str, np.ndarray]) -> list[dict]:
+def _pixels(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(num_classes,) int64`` pixels per class of a label map, 255 excluded."""
+    return np.bincount(label[label != IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes].astype(np.int64)
+
+
+def legend(gt: np.ndarray | None, labels: dict[str, np.ndarray], classes: ClassSet) -> list[dict]:
     """One row per class present in the ground truth or any of ``labels`` ({name: label map}),
-    ``(H, W) uint8`` each of the ground truth's size: class id and name, its VOC colour as
-    ``#rrggbb``, ground-truth pixels (255 excluded), and per label map its pixels and IoU in
-    this image (None where neither has the class). Counting follows ``engine.ops.metrics``."""
-    counts = {name: confusion_counts(gt, label) for name, label in labels.items()}
-    gt_pixels = np.bincount(gt[gt != IGNORE_INDEX].ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+    ``(H, W) uint8`` each of the ground truth's size: class id and name, its palette colour as
+    ``#rrggbb``, ground-truth pixels (255 excluded), and per label map its pixels and IoU in this
+    image (None where neither has the class). Counting follows ``engine.ops.metrics``.
+
+    gt: None for an image without ground truth: its pixels and every IoU are then None, and a
+    label map's pixels are its own (255 excluded).
+    """
+    n = classes.num_classes
+    if gt is None:
+        counts = None
+        pixels = {name: _pixels(label, n) for name, label in labels.items()}
+        gt_pixels = np.zeros(n, np.int64)
+    else:
+        counts = {name: confusion_counts(gt, label, n) for name, label in labels.items()}
+        pixels = {name: c[:, 0] + c[:, 1] for name, c in counts.items()}
+        gt_pixels = _pixels(gt, n)
     present = gt_pixels > 0
-    for c in counts.values():
-        present |= (c[:, 0] + c[:, 1]) > 0
+    for p in pixels.values():
+        present |= p > 0
     rows = []
     for class_id in np.flatnonzero(present):
-        r, g, b = VOC_PALETTE[class_id]
-        row = {"class_id": int(class_id), "class": VOC_CLASSES[class_id], "colour": f"#{r:02x}{g:02x}{b:02x}",
-               "ground truth px": int(gt_pixels[class_id])}
-        for name, c in counts.items():
-            iou = iou_from_counts(c)[class_id]
-            row[f"{name} px"] = int(c[class_id, 0] + c[class_id, 1])
+        r, g, b = classes.palette[class_id]
+        row = {"class_id": int(class_id), "class": classes.name(int(class_id)), "colour": f"#{r:02x}{g:02x}{b:02x}",
+               "ground truth px": None if gt is None else int(gt_pixels[class_id])}
+        for name in labels:
+            row[f"{name} px"] = int(pixels[name][class_id])
+            iou = np.nan if counts is None else iou_from_counts(counts[name])[class_id]
             row[f"{name} IoU"] = None if np.isnan(iou) else float(iou)
         rows.append(row)
     return rows

@@ -55,7 +55,7 @@ def is_default_candidate(variant: Variant) -> bool:
 
 def complete_variants(con: queries.Con, dataset_id: str, split: str) -> list[Complete]:
     """Variants with a label map for every usable image of the split, in ``queries.variants`` order."""
-    usable = len(queries.usable_images(con, dataset_id, split))
+    usable = len(queries.usable_image_ids(con, dataset_id, split))
     labelled = queries.labelled_in_split(con, dataset_id, split)
     return [Complete(v, is_default_candidate(v)) for v in queries.variants(con, dataset_id)
             if usable and labelled.get(v.id, 0) >= usable]

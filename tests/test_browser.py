@@ -86,10 +86,22 @@ def _sidebar_links(browser, url: str) -> list[str] | None:
         return None
 
 
+def _wait(browser, seconds: float) -> WebDriverWait:
+    """A wait that retries a condition whose elements a Streamlit rerun replaced meanwhile."""
+    return WebDriverWait(browser, seconds, ignored_exceptions=(StaleElementReferenceException,))
+
+
+def _texts(browser, css: str) -> list[str]:
+    """The text of every element matching ``css``, read in one script call so a rerun cannot
+    replace an element between finding it and reading it."""
+    return browser.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText)", css)
+
+
 def _follow_sidebar(browser, url: str, page: str) -> WebDriverWait:
     """Open the app and click the sidebar link to ``page``, as a user does."""
     browser.get(url)
-    wait = WebDriverWait(browser, 90)
+    wait = _wait(browser, 90)
     link = wait.until(EC.element_to_be_clickable((By.PARTIAL_LINK_TEXT, page)))
     # The sidebar can be ready before the page body: wait for the title rather than assume it.
     wait.until(lambda d: any("ISLE Workbench" in h.text for h in d.find_elements(By.TAG_NAME, "h1")))
@@ -109,7 +121,7 @@ def test_every_page_url_opens_cleanly_as_a_fresh_servers_first_request(path, bas
     server, url = _serve(*baseline_cache)
     try:
         browser.get(url + path)
-        wait = WebDriverWait(browser, 90)
+        wait = _wait(browser, 90)
         wait.until(lambda d: any(h.text == DEEP_LINKS[path] for h in d.find_elements(By.TAG_NAME, "h1")))
         wait.until(lambda d: _sidebar_links(d, url) == ROUTER_LINKS)  # app.py's router
         time.sleep(1)  # a "Page not found" dialog would come with the first script run's messages
@@ -132,7 +144,7 @@ def test_heatmap_page_renders_in_chromium(served_app, browser, tmp_path):
     assert "No image of aeroplane" in page_text
     assert "Per-class IoU" in page_text and "Traceback" not in page_text and "Page not found" not in page_text
     assert browser.current_url.endswith("/per-class-iou")
-    WebDriverWait(browser, 30).until(lambda d: _sidebar_links(d, served_app) == ROUTER_LINKS)  # app.py's router
+    _wait(browser, 30).until(lambda d: _sidebar_links(d, served_app) == ROUTER_LINKS)  # app.py's router
     shot = tmp_path / "heatmap.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 20_000
@@ -169,9 +181,10 @@ def test_ensemble_page_renders_and_an_override_updates_the_prediction(served_app
     assert browser.current_url.endswith("/ensemble")
 
     def predicted() -> str:
-        metrics = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]')
-        return next(m.find_element(By.CSS_SELECTOR, '[data-testid="stMetricValue"]').text
-                    for m in metrics if "ISLE predicted" in m.text)
+        return browser.execute_script(
+            "const m = Array.from(document.querySelectorAll('[data-testid=\"stMetric\"]'))"
+            ".find(e => e.innerText.includes('ISLE predicted'));"
+            "return m ? m.querySelector('[data-testid=\"stMetricValue\"]').innerText : null;")
 
     assert predicted() == f"{summary.miou.selection.predicted:.2f}"
     body = browser.find_element(By.TAG_NAME, "body").text
@@ -229,9 +242,14 @@ def test_a_heatmap_cell_opens_its_worst_images_and_the_overlay_renders(served_ap
     wait.until(lambda d: "/pseudo-label-qa?" in d.current_url)
     assert f"class={VOC.name(class_id)}" in browser.current_url and "sort=errors" in browser.current_url
     wait.until(lambda d: len(d.find_elements(By.XPATH, "//button[normalize-space()='Open']")) == worst.total)
-    captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]')
-                if c.text.split(" ")[0] in {r["image_id"] for r in worst.rows}]
-    assert [c.split(" ")[0] for c in captions] == [r["image_id"] for r in worst.rows]  # most error pixels first
+    ids = {r["image_id"] for r in worst.rows}
+
+    def caption_ids() -> list[str]:
+        return [c.split(" ")[0] for c in _texts(browser, '[data-testid="stCaptionContainer"]')
+                if c.split(" ")[0] in ids]
+
+    wait.until(lambda d: len(caption_ids()) == len(worst.rows))
+    assert caption_ids() == [r["image_id"] for r in worst.rows]  # most error pixels first
 
     # Open the worst image: CAM's overlay next to the ground truth's, and the class legend.
     browser.find_elements(By.XPATH, "//button[normalize-space()='Open']")[0].click()

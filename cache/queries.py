@@ -348,10 +348,11 @@ def save_assignment(con: Con, row: dict[str, Any]) -> int:
     """Add a version of a named assignment (see ``assignments`` in schema.py); returns its id."""
     return con.execute(
         """INSERT INTO assignments (dataset_id, split, name, candidates, selection, rule, choice, auto,
-                                    note, created_at)
+                                    note, created_at, assign)
            VALUES ($dataset_id, $split, $name, $candidates, $selection, $rule, $choice, $auto, $note,
-                   $created_at) RETURNING id""",
-        {**row, "created_at": row.get("created_at") or time.time(), "note": row.get("note")},
+                   $created_at, $assign) RETURNING id""",
+        {**row, "created_at": row.get("created_at") or time.time(), "note": row.get("note"),
+         "assign": row.get("assign")},
     ).fetchone()[0]
 
 

@@ -128,3 +128,49 @@ def gain_table(table: IoUTable) -> GainTable:
     sources = np.array([index[table.source_ids[row]] for row in rows], np.int64)
     return GainTable(rows=rows, sources=sources, gain=table.iou[rows] - table.iou[sources],
                      miou_gain=table.miou[rows] - table.miou[sources])
+
+
+@dataclass(frozen=True)
+class ImageCounts:
+    """Dense per-image counts of chosen variants: what cross-validation and the bootstrap of an
+    ISLE assignment resample (``engine/isle/validation.py``).
+
+    image_ids: the N usable images with ground truth, in the order asked (id order by default);
+    variant_ids: the V variants, in the order asked; counts: ``(N, V, C, 3) int64`` TP, FP, FN
+    pixels per image, variant and class (0 where the cache stores no row: nothing predicted or
+    true), N * V * C * 24 bytes.
+    """
+
+    classes: ClassSet
+    image_ids: list[str]
+    variant_ids: list[str]
+    counts: np.ndarray
+
+
+def image_counts(con: Con, dataset_id: str, split: str, variant_ids: Sequence[str],
+                 image_ids: Sequence[str] | None = None) -> ImageCounts:
+    """The per-image counts of ``variant_ids`` over the split's usable images with ground truth
+    (only those of ``image_ids`` when given, in that order), from one scan of the counts rows.
+    Raises ``KeyError`` for a variant without a label map on every chosen image."""
+    classes = queries.get_dataset(con, dataset_id).classes
+    truth = [r[0] for r in con.execute(
+        "SELECT image_id FROM images WHERE dataset_id = ? AND split = ? AND problem IS NULL "
+        "AND mask_path IS NOT NULL ORDER BY image_id", [dataset_id, split]).fetchall()]
+    if image_ids is not None:
+        keep = set(truth)
+        truth = [i for i in image_ids if i in keep]
+    variant_ids = list(variant_ids)
+    labelled = queries.labelled_in_split(con, dataset_id, split, truth, with_truth=True)
+    short = [v for v in variant_ids if labelled.get(v, 0) < len(truth)]
+    if short:
+        raise KeyError(f"variant(s) {short} lack label maps on some of the {len(truth)} images")
+    rows = con.execute(
+        """WITH chosen AS (SELECT unnest(?::VARCHAR[]) AS image_id, unnest(range(?)) AS n),
+                wanted AS (SELECT unnest(?::VARCHAR[]) AS variant_id, unnest(range(?)) AS v)
+           SELECT chosen.n, wanted.v, c.class_id::INTEGER AS class_id, c.tp, c.fp, c.fn
+           FROM counts c JOIN chosen USING (image_id) JOIN wanted USING (variant_id)""",
+        [truth, len(truth), variant_ids, len(variant_ids)]).fetchnumpy()
+    counts = np.zeros((len(truth), len(variant_ids), classes.num_classes, 3), np.int64)
+    at = (rows["n"].astype(np.int64), rows["v"].astype(np.int64), rows["class_id"].astype(np.int64))
+    counts[at] = np.stack([rows["tp"], rows["fp"], rows["fn"]], axis=1)
+    return ImageCounts(classes=classes, image_ids=truth, variant_ids=variant_ids, counts=counts)

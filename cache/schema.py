@@ -11,8 +11,9 @@ from enum import Enum
 import duckdb
 
 # 2: conflicts, assignments; 3: train_log; 4: flags; 5: datasets.classes, layout;
-# 6: count_totals (per-split sums of counts), built once from the counts of an older cache
-SCHEMA_VERSION = 6
+# 6: count_totals (per-split sums of counts), built once from the counts of an older cache;
+# 7: assignments.assign (the assignment rule), added to an older cache's table
+SCHEMA_VERSION = 7
 TOTALS_SINCE = 6  # the version that added count_totals
 
 STATEMENTS = (
@@ -72,12 +73,13 @@ STATEMENTS = (
     "CREATE SEQUENCE IF NOT EXISTS assignment_ids START 1",
     # A saved ISLE class-to-variant assignment. Saving under an existing name adds a row, so the
     # rows of one (dataset, split, name) are its history, oldest first. choice / auto: JSON
-    # {"<class id>": variant id}; candidates: JSON [variant id]; selection: JSON Subset fields.
+    # {"<class id>": variant id}; candidates: JSON [variant id]; selection: JSON Subset fields;
+    # assign: JSON AssignRule fields (the rule before overrides), NULL for Algorithm 2.
     """CREATE TABLE IF NOT EXISTS assignments (
         id BIGINT PRIMARY KEY DEFAULT nextval('assignment_ids'), dataset_id VARCHAR NOT NULL,
         split VARCHAR NOT NULL, name VARCHAR NOT NULL, candidates VARCHAR NOT NULL,
         selection VARCHAR NOT NULL, rule VARCHAR NOT NULL, choice VARCHAR NOT NULL,
-        auto VARCHAR NOT NULL, note VARCHAR, created_at DOUBLE NOT NULL)""",
+        auto VARCHAR NOT NULL, note VARCHAR, created_at DOUBLE NOT NULL, assign VARCHAR)""",
     # Training curves of a variant that trains a network (DeepLabV3+): name is "loss" (per step)
     # or "val_miou" (per epoch, on the first images of the job's split); step counts from 1.
     """CREATE TABLE IF NOT EXISTS train_log (
@@ -112,7 +114,8 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create missing tables; refuse a cache written by a newer schema.
 
     A cache of schema 5 or older gets its ``count_totals`` built once from its counts (one
-    aggregation; in the caller's transaction, so an interrupted upgrade leaves the old version).
+    aggregation), one of schema 6 or older the ``assignments.assign`` column (NULL: Algorithm 2);
+    in the caller's transaction, so an interrupted upgrade leaves the old version.
     """
     for statement in STATEMENTS:
         con.execute(statement)
@@ -121,10 +124,12 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
     elif int(row[0]) > SCHEMA_VERSION:
         raise RuntimeError(f"cache schema version {row[0]} is newer than this code ({SCHEMA_VERSION})")
-    elif int(row[0]) < TOTALS_SINCE:
-        from cache.queries import rebuild_count_totals  # here: cache.queries imports this module
+    elif int(row[0]) < SCHEMA_VERSION:
+        if int(row[0]) < TOTALS_SINCE:
+            from cache.queries import rebuild_count_totals  # here: cache.queries imports this module
 
-        rebuild_count_totals(con)
+            rebuild_count_totals(con)
+        con.execute("ALTER TABLE assignments ADD COLUMN IF NOT EXISTS assign VARCHAR")
         con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
 
 

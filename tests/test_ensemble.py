@@ -5,17 +5,15 @@ assignment history, and an export that imports back as an identical variant."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
 
 from cache.classes import VOC
 from cache import queries
 from cache.db import connect
-from cache.labelmaps import read_label_map, write_label_map
+from cache.labelmaps import read_label_map
 from engine.core.chains import Step, dataset_id_for
 from engine.isle import assignments
 from engine.isle.export import ExportError, export_assignment, export_variant
@@ -207,42 +205,6 @@ def test_subset_split_is_stable_complementary_and_honours_exclusions():
 
 
 # --- the real worker on real images ----------------------------------------------------------
-
-
-def _grown(mask: np.ndarray, size: int = 15) -> np.ndarray:
-    """A ground-truth mask with every object class grown by a ``size`` max filter into the
-    background (255 read as background): an over-reaching pseudo-label."""
-    label = np.where(mask == 255, 0, mask).astype(np.uint8)
-    out = label.copy()
-    for c in np.unique(label[label > 0]):
-        near = np.asarray(Image.fromarray((label == c).astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(size))) > 0
-        out[near & (out == 0)] = c
-    return out
-
-
-@pytest.fixture
-def cache_copy(baseline_cache, tmp_path) -> tuple[Path, Path, str, list[str]]:
-    """A writable copy of the baseline cache (CAM and CAM -> dCRF on 8 real train images, 4 of
-    them with 2-3 classes) with two more candidates imported from PNG folders (no scores): the
-    ground truth ("GT") and the ground truth grown by 7 pixels ("GT grown"), so that choosing a
-    class from "GT grown" and its neighbour from "GT" makes real overlaps."""
-    cache_dir, root = baseline_cache
-    copy = tmp_path / "cache"
-    shutil.copytree(cache_dir, copy)
-    dataset_id = dataset_id_for(root)
-    ids = (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
-    for name, transform in (("GT", lambda m: np.where(m == 255, 0, m).astype(np.uint8)), ("GT grown", _grown)):
-        folder = tmp_path / name.replace(" ", "_")
-        folder.mkdir()
-        for image_id in ids:
-            mask = np.asarray(Image.open(root / "SegmentationClassAug" / f"{image_id}.png"))
-            write_label_map(folder / f"{image_id}.png", transform(mask))
-        submit_chain(copy, root, "train", [import_step(folder, name)])
-    serve(WorkerConfig(copy, until_idle=True, poll_seconds=0.05, processes=1))
-    with connect(copy, read_only=True) as con:
-        candidates = [c.variant.id for c in assignments.complete_variants(con, dataset_id, "train") if c.default]
-    assert len(candidates) == 4
-    return copy, root, dataset_id, candidates
 
 
 def _run(cache_dir: Path, root: Path, step: Step, processes: int = 1) -> str:

@@ -23,6 +23,7 @@ from engine.core import registry
 from engine.core.chains import Step, chain_variants
 from engine.core.registry import Role
 
+from . import validation
 from .numerics import (
     OVERLAP_RULES,
     AutoAssignment,
@@ -35,7 +36,42 @@ from .numerics import (
 )
 
 MERGE, NAIVE = "isle", "isle-naive"  # the ensemble plugins of engine/isle/merge.py
+ASSIGN_RULES = ("algorithm2", "stable")
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AssignRule:
+    """How the automatic choice is made before any override.
+
+    name: "algorithm2" (ISLE Algorithm 2: each class's best candidate on the selection images) or
+    "stable" (``validation.stable_choice``: a class leaves the best single candidate only when
+    the lower end of its bootstrap interval for the IoU gain is above ``margin``, IoU units).
+    resamples, level, seed: the stable rule's bootstrap (B, interval coverage, RNG seed).
+    Raises ``ValueError`` for an unknown name or bad bootstrap settings.
+    """
+
+    name: str = "algorithm2"
+    margin: float = 0.0
+    resamples: int = 1000
+    level: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in ASSIGN_RULES:
+            raise ValueError(f"assignment rule must be one of {ASSIGN_RULES}, got {self.name!r}")
+        if self.resamples < 1 or not 0.0 < self.level < 1.0:
+            raise ValueError(f"bootstrap needs resamples >= 1 and a level in (0, 1), got {self.resamples}, {self.level}")
+
+    def label(self) -> str:
+        """"Algorithm 2" or "stable (margin 0.00)", for pages and the command line."""
+        return "Algorithm 2" if self.name == "algorithm2" else f"stable (margin {self.margin:+.2f})"
+
+    def rule(self, variant_ids: Sequence[str], classes: ClassSet) -> validation.Rule:
+        """The rule as a function of per-image counts (``validation.Rule``)."""
+        if self.name == "algorithm2":
+            return validation.algorithm2(variant_ids, classes)
+        return validation.stable(variant_ids, classes, self.margin, self.resamples, self.level, self.seed)
 
 
 @dataclass(frozen=True)
@@ -100,7 +136,9 @@ class Plan:
     candidates / names: the V candidate variant ids and names. selection / report: their
     ``IoUTable`` over the selection and report image subsets (report None when every image
     selects). auto: Algorithm 2 on the selection subset. choice: ``(C,)`` candidate row per class
-    after the overrides (-1 for the background). overridden: class ids whose choice differs from auto.
+    after the overrides (-1 for the background). assign: the rule that made ``base``, the choice
+    before overrides (Algorithm 2's ``auto.choice``, or the stable rule's). overridden: class ids
+    whose choice differs from ``base``.
     priority: class ids by the chosen variants' precision (overlap rule "precision" and ties).
     predicted: the ensemble's predicted figures per subset ("selection", "report").
     """
@@ -116,6 +154,8 @@ class Plan:
     selection: IoUTable
     report: IoUTable | None
     auto: AutoAssignment
+    assign: AssignRule
+    base: np.ndarray
     choice: np.ndarray
     overridden: tuple[int, ...]
     priority: tuple[int, ...]
@@ -144,11 +184,11 @@ class Plan:
 
 def build_plan(con: queries.Con, dataset_id: str, split: str, candidates: Sequence[str],
                subset: Subset = Subset(), overrides: Mapping[int, str] | None = None,
-               rule: str = "score") -> Plan:
-    """Algorithm 2 over ``candidates`` on the selection subset, then ``overrides`` ``{class id:
-    variant id}``, and the predicted figures. Raises ``ValueError`` for no candidate, an unknown
-    rule, or an override naming a non-candidate; ``KeyError`` for a candidate without label maps
-    on the subset."""
+               rule: str = "score", assign: AssignRule = AssignRule()) -> Plan:
+    """Algorithm 2 (or the ``assign`` rule) over ``candidates`` on the selection subset, then
+    ``overrides`` ``{class id: variant id}``, and the predicted figures. rule: the overlap rule of
+    the merge. Raises ``ValueError`` for no candidate, an unknown rule, or an override naming a
+    non-candidate; ``KeyError`` for a candidate without label maps on the subset."""
     candidates = list(dict.fromkeys(candidates))
     if not candidates:
         raise ValueError("ISLE needs at least one candidate variant")
@@ -165,7 +205,11 @@ def build_plan(con: queries.Con, dataset_id: str, split: str, candidates: Sequen
     rows = _rows(selection, candidates)
     classes = selection.classes
     auto = auto_assignment(selection.iou[rows], selection.miou[rows], candidates, classes)
-    choice = auto.choice.copy()
+    base = auto.choice.copy()
+    if assign.name != "algorithm2":
+        counts = reports.image_counts(con, dataset_id, split, candidates, selection_ids).counts
+        base = assign.rule(candidates, classes)(counts)
+    choice = base.copy()
     for class_id, variant_id in (overrides or {}).items():
         if variant_id not in candidates:
             raise ValueError(f"override for {classes.name(int(class_id))}: {variant_id!r} is not a candidate")
@@ -182,8 +226,8 @@ def build_plan(con: queries.Con, dataset_id: str, split: str, candidates: Sequen
     names = [selection.names[r] for r in rows]
     return Plan(dataset_id=dataset_id, split=split, candidates=candidates, names=names, subset=subset,
                 rule=rule, selection_ids=selection_ids, report_ids=report_ids, selection=selection,
-                report=report, auto=auto, choice=choice,
-                overridden=tuple(int(c) for c in classes.foreground if choice[c] != auto.choice[c]),
+                report=report, auto=auto, assign=assign, base=base, choice=choice,
+                overridden=tuple(int(c) for c in classes.foreground if choice[c] != base[c]),
                 priority=priority, predicted=predicted)
 
 
@@ -220,6 +264,7 @@ def save(con: queries.Con, plan: Plan, name: str, note: str | None = None) -> in
         "candidates": json.dumps(plan.candidates), "selection": json.dumps(asdict(plan.subset)),
         "rule": plan.rule, "choice": json.dumps(plan.choice_dict()),
         "auto": json.dumps(plan.choice_dict(plan.auto.choice)), "note": note,
+        "assign": json.dumps(asdict(plan.assign)),
     })
 
 
@@ -236,6 +281,7 @@ class Saved:
     auto: dict[int, str]
     note: str | None
     created_at: float
+    assign: AssignRule = AssignRule()
 
 
 def decode(row: Mapping[str, Any]) -> Saved:
@@ -246,13 +292,14 @@ def decode(row: Mapping[str, Any]) -> Saved:
                                exclude=tuple(selection["exclude"])),
                  rule=row["rule"], choice={int(c): v for c, v in json.loads(row["choice"]).items()},
                  auto={int(c): v for c, v in json.loads(row["auto"]).items()}, note=row["note"],
-                 created_at=row["created_at"])
+                 created_at=row["created_at"],
+                 assign=AssignRule(**json.loads(row["assign"])) if row.get("assign") else AssignRule())
 
 
 def rebuild(con: queries.Con, dataset_id: str, split: str, saved: Saved) -> Plan:
     """The plan of a saved version: its candidates, subset and rule, its choice as overrides of
     today's Algorithm 2 (so the stored choice is restored exactly even if counts changed)."""
-    return build_plan(con, dataset_id, split, saved.candidates, saved.subset, saved.choice, saved.rule)
+    return build_plan(con, dataset_id, split, saved.candidates, saved.subset, saved.choice, saved.rule, saved.assign)
 
 
 def lost_pixels(conflicts: Sequence[Mapping[str, Any]], classes: ClassSet) -> np.ndarray:
@@ -449,3 +496,130 @@ def plan_view(con: queries.Con, dataset_id: str, split: str, candidates: tuple[s
     merge_id = step_variant_id(dataset_id, merge_step(plan, name))
     naive_id = step_variant_id(dataset_id, naive_step(plan))
     return PlanView(plan, summary(con, plan, merge_id, naive_id), merge_id, naive_id)
+
+
+# --- off-sample figures: cross-validation, per-class confidence, the budget curve -------------
+
+
+@dataclass(frozen=True)
+class ClassConfidence:
+    """How sure the choice of one object class is, from the image-level bootstrap.
+
+    rival: the candidate the chosen one beats least often (None: nothing competes or no resample
+    holds the class); share: the share of resamples in which the chosen one has the higher IoU,
+    in [0, 1]; low, high: the interval of its IoU gain over the rival, in IoU points (percent);
+    verdict: "sure" (share >= 0.95), "likely" (>= 0.75), "coin flip", "only candidate" or
+    "no images".
+    """
+
+    class_id: int
+    class_name: str
+    variant: str
+    rival: str | None
+    rival_name: str | None
+    share: float | None
+    low: float | None
+    high: float | None
+    verdict: str
+
+
+@dataclass(frozen=True)
+class CVFigure:
+    """k-fold cross-validation of an assignment rule: the mean held-out mIoU (%) of the rule's
+    ensemble and of the best single candidate chosen on the same folds, the gain's mean and its
+    spread (standard deviation over the folds), and each fold's gain."""
+
+    rule: str
+    k: int
+    isle: float
+    single: float
+    gain: float
+    spread: float
+    gains: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What survives off-sample, shown beside the in-sample figures.
+
+    images: selection images with ground truth (what is resampled and folded); classes: one
+    ``ClassConfidence`` per object class of the plan's current choice; cv: Algorithm 2 and the
+    stable rule (the plan's margin, else 0), in that order; in_sample_gain: predicted ISLE minus
+    the best single candidate on the selection images (%).
+    """
+
+    images: int
+    resamples: int
+    level: float
+    seed: int
+    classes: tuple[ClassConfidence, ...]
+    cv: tuple[CVFigure, ...]
+    in_sample_gain: float | None
+
+
+def _cv_figure(label: str, cv: validation.CrossValidation) -> CVFigure:
+    return CVFigure(rule=label, k=cv.k, isle=percent(cv.isle.mean()), single=percent(cv.single.mean()),
+                    gain=percent(cv.gain.mean()), spread=percent(cv.gain.std()),
+                    gains=tuple(percent(g) for g in cv.gain))
+
+
+def validate(con: queries.Con, plan: Plan, k: int = 5, seed: int = 0, resamples: int = 1000,
+             level: float = 0.95) -> Validation:
+    """The bootstrap of ``plan``'s choice and the k-fold cross-validation of Algorithm 2 and of
+    the stable rule, over the plan's selection images with ground truth (one read of their
+    per-image counts). Raises ``ValueError`` when k exceeds those images."""
+    data = reports.image_counts(con, plan.dataset_id, plan.split, plan.candidates, plan.selection_ids)
+    counts, classes, ids = data.counts, plan.classes, plan.candidates
+    if not len(counts):
+        raise ValueError(f"no selection image of {plan.split} has ground truth")
+    iou = validation.resampled_iou(counts, validation.bootstrap_weights(len(counts), resamples, seed))
+    conf = validation.confidence(iou, plan.choice, classes, level)
+    rows = []
+    for c in classes.foreground:
+        rival = conf.rival(c)
+        rows.append(ClassConfidence(
+            class_id=c, class_name=classes.name(c), variant=plan.chosen(c),
+            rival=None if rival is None else ids[rival], rival_name=None if rival is None else plan.names[rival],
+            share=None if rival is None else round(float(conf.share[c, rival]), 3),
+            low=None if rival is None else percent(conf.low[c, rival]),
+            high=None if rival is None else percent(conf.high[c, rival]), verdict=conf.verdict(c)))
+    stable = plan.assign if plan.assign.name == "stable" else AssignRule("stable", resamples=resamples,
+                                                                          level=level, seed=seed)
+    fold = validation.folds(data.image_ids, k, seed)
+    cv = tuple(_cv_figure(rule.label(), validation.cross_validate(counts, fold, rule.rule(ids, classes), ids, classes))
+               for rule in (AssignRule(), stable))
+    best = plan.selection.miou[_rows(plan.selection, ids)][plan.best_single()]
+    gain = percent(plan.predicted["selection"].miou - best)
+    return Validation(images=len(counts), resamples=resamples, level=level, seed=seed, classes=tuple(rows),
+                      cv=cv, in_sample_gain=gain)
+
+
+@dataclass(frozen=True)
+class BudgetRow:
+    """One size of the labelled-budget curve: n selection images drawn, and per rule ("Algorithm
+    2", the stable rule's label, "best single") the mean and standard deviation over the draws of
+    the report-subset mIoU (%)."""
+
+    n: int
+    mean: dict[str, float]
+    spread: dict[str, float]
+
+
+def budget_curve(con: queries.Con, plan: Plan, sizes: Sequence[int | None] = validation.BUDGET_SIZES,
+                 draws: int = 20, seed: int = 0, margin: float = 0.0,
+                 resamples: int = 1000) -> tuple[BudgetRow, ...]:
+    """Algorithm 2, the stable rule (``margin``) and the best single candidate chosen on n images
+    drawn from ``plan``'s selection images, scored on its report subset (held fixed), for each n
+    of ``sizes`` over ``draws`` seeded draws. Raises ``ValueError`` when the plan has no report
+    subset (a selection fraction of 1)."""
+    if not plan.report_ids:
+        raise ValueError("the budget curve needs a report subset: choose a selection fraction below 1")
+    ids, classes = plan.candidates, plan.classes
+    pool = reports.image_counts(con, plan.dataset_id, plan.split, ids, plan.selection_ids).counts
+    report = reports.image_counts(con, plan.dataset_id, plan.split, ids, plan.report_ids).counts
+    stable = AssignRule("stable", margin=margin, resamples=resamples, seed=seed)
+    rules = {"Algorithm 2": AssignRule().rule(ids, classes), stable.label(): stable.rule(ids, classes)}
+    curve = validation.budget_curve(pool, report, rules, ids, classes, sizes, draws, seed)
+    return tuple(BudgetRow(n=int(n), mean={r: percent(v[s].mean()) for r, v in curve.miou.items()},
+                           spread={r: percent(v[s].std()) for r, v in curve.miou.items()})
+                 for s, n in enumerate(curve.sizes))

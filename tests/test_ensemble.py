@@ -299,6 +299,10 @@ def test_export_reimports_as_an_identical_variant(cache_copy, tmp_path):
     assert [c["id"] for c in details["candidates"]] == candidates
     assert details["miou"]["selection"]["exact"] is not None
     assert len(details["classes"]) == 20
+    assert details["assignment"]["rule"]["name"] == "algorithm2"
+    off = details["off_sample"]  # beside the in-sample figures: cross-validation and confidence
+    assert off["images"] == 8 and [f["rule"] for f in off["cv"]] == ["Algorithm 2", "stable (margin +0.0 pt)"]
+    assert len(off["classes"]) == 20 and all(len(f["gains"]) == 5 for f in off["cv"])
     # Exporting over a foreign non-empty folder is refused; over a previous export it replaces it.
     with pytest.raises(ExportError, match="not empty"):
         export_variant(cache_dir, merged, root)

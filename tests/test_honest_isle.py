@@ -166,7 +166,7 @@ def test_stable_plan_with_margin_minus_inf_is_algorithm2_and_saves_as_its_own_ru
     for c in stable.classes.foreground:  # the stable choice is Algorithm 2's or the best single
         assert stable.choice[c] in (auto.choice[c], best)
     assert stable.overridden == ()
-    assert [f.rule for f in checked.cv] == ["Algorithm 2", "stable (margin +0.00)"]
+    assert [f.rule for f in checked.cv] == ["Algorithm 2", "stable (margin +0.0 pt)"]
     assert checked.images == 8 and all(f.k == 4 and len(f.gains) == 4 for f in checked.cv)
     assert {c.verdict for c in checked.classes} <= {"sure", "likely", "coin flip", "no images"}
     with connect(cache_dir) as con:
@@ -190,4 +190,32 @@ def test_budget_curve_of_a_real_plan_needs_a_report_subset(cache_copy):
         rows = assignments.budget_curve(con, half, sizes=(1, 2, None), draws=3, resamples=100)
     pool = len(half.selection_ids)
     assert [r.n for r in rows] == sorted({1, 2, pool}) and rows[-1].spread["best single"] == 0.0
-    assert set(rows[0].mean) == {"Algorithm 2", "stable (margin +0.00)", "best single"}
+    assert set(rows[0].mean) == {"Algorithm 2", "stable (margin +0.0 pt)", "best single"}
+
+
+def test_command_line_saves_a_stable_assignment_and_prints_the_off_sample_figures(cache_copy, capsys):
+    from cache import queries
+    from engine.runtime.cli import main
+
+    cache_dir, root, dataset_id, candidates = cache_copy
+    common = ["--cache", str(cache_dir), "--root", str(root)]
+    main([*common, "isle", "--name", "steady", "--rule", "stable", "--cv", "4", "--overlap", "precision"])
+    out = capsys.readouterr().out
+    with connect(cache_dir, read_only=True) as con:
+        (row,) = queries.assignment_history(con, dataset_id, "train", "steady")
+        saved = assignments.decode(row)
+        checked = assignments.validate(con, assignments.rebuild(con, dataset_id, "train", saved), k=4)
+    assert saved.assign == assignments.AssignRule("stable") and saved.rule == "precision"
+    assert "assignment 'steady' (stable (margin +0.0 pt)) saved" in out
+    for f in checked.cv:
+        assert f"4-fold cross-validated, {f.rule}: ISLE {f.isle:9.2f} vs best single {f.single:9.2f}, " \
+               f"gain {f.gain:+.2f} ± {f.spread:.2f}" in out
+    assert f"in-sample gain of ISLE over the best single: {checked.in_sample_gain:+.2f}" in out
+    assert sum(c.verdict in out for c in checked.classes) >= 1
+
+    main([*common, "isle", "--fraction", "0.5", "--budget-curve", "--draws", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("labelled-budget curve: chosen on n of the")
+    assert "Algorithm 2" in lines[1] and "best single" in lines[1] and len(lines) >= 3
+    with pytest.raises(SystemExit, match="report subset"):
+        main([*common, "isle", "--budget-curve"])

@@ -64,8 +64,8 @@ class AssignRule:
             raise ValueError(f"bootstrap needs resamples >= 1 and a level in (0, 1), got {self.resamples}, {self.level}")
 
     def label(self) -> str:
-        """"Algorithm 2" or "stable (margin 0.00)", for pages and the command line."""
-        return "Algorithm 2" if self.name == "algorithm2" else f"stable (margin {self.margin:+.2f})"
+        """"Algorithm 2" or "stable (margin +0.0 pt)" (IoU points), for pages and the command line."""
+        return "Algorithm 2" if self.name == "algorithm2" else f"stable (margin {100 * self.margin:+.1f} pt)"
 
     def rule(self, variant_ids: Sequence[str], classes: ClassSet) -> validation.Rule:
         """The rule as a function of per-image counts (``validation.Rule``)."""
@@ -489,10 +489,11 @@ class PlanView:
 
 
 def plan_view(con: queries.Con, dataset_id: str, split: str, candidates: tuple[str, ...], subset: Subset,
-              overrides: tuple[tuple[int, str], ...], rule: str, name: str) -> PlanView:
+              overrides: tuple[tuple[int, str], ...], rule: str, name: str,
+              assign: AssignRule = AssignRule()) -> PlanView:
     """``build_plan`` with ``overrides`` as ``((class id, variant id), ...)``, and its summary with
     the merge named ``name``; the arguments are hashable so the page can cache the result."""
-    plan = build_plan(con, dataset_id, split, candidates, subset, dict(overrides), rule)
+    plan = build_plan(con, dataset_id, split, candidates, subset, dict(overrides), rule, assign)
     merge_id = step_variant_id(dataset_id, merge_step(plan, name))
     naive_id = step_variant_id(dataset_id, naive_step(plan))
     return PlanView(plan, summary(con, plan, merge_id, naive_id), merge_id, naive_id)
@@ -623,3 +624,16 @@ def budget_curve(con: queries.Con, plan: Plan, sizes: Sequence[int | None] = val
     return tuple(BudgetRow(n=int(n), mean={r: percent(v[s].mean()) for r, v in curve.miou.items()},
                            spread={r: percent(v[s].std()) for r, v in curve.miou.items()})
                  for s, n in enumerate(curve.sizes))
+
+
+def validation_view(con: queries.Con, dataset_id: str, split: str, candidates: tuple[str, ...], subset: Subset,
+                    overrides: tuple[tuple[int, str], ...], assign: AssignRule = AssignRule(),
+                    k: int = 5) -> Validation:
+    """``validate`` of the plan ``plan_view`` builds from the same (hashable) arguments."""
+    return validate(con, build_plan(con, dataset_id, split, candidates, subset, dict(overrides), assign=assign), k)
+
+
+def budget_view(con: queries.Con, dataset_id: str, split: str, candidates: tuple[str, ...], subset: Subset,
+                margin: float = 0.0, draws: int = 20) -> tuple[BudgetRow, ...]:
+    """``budget_curve`` of Algorithm 2's plan over ``subset`` (which needs a report subset)."""
+    return budget_curve(con, build_plan(con, dataset_id, split, candidates, subset), draws=draws, margin=margin)

@@ -9,8 +9,11 @@ Layout written under ``dest`` (what IRN, PuzzleCAM and mmsegmentation's VOC-aug 
     JPEGImages/<id>.jpg                 symlinks to the dataset's images (``images="copy"``: copies;
                                         ``"none"``: left out)
     provenance.json                     the variant, its chain, and the caller's details (for ISLE:
-                                        candidates, assignment, overlap rule, predicted and exact
-                                        per-class IoU, conflict counts; ``assignments.summary``)
+                                        candidates, assignment and its rule, overlap rule, predicted
+                                        and exact per-class IoU, conflict counts (``assignments.
+                                        summary``), cross-validated gain and per-class confidence
+                                        (``assignments.validate``))
+
 
 The label PNGs are the cached files copied byte for byte, so importing ``SegmentationClassAug``
 back (``python -m engine import``) gives a variant with identical label maps and counts.
@@ -30,7 +33,7 @@ from typing import Any
 from cache import queries
 from cache.db import connect
 
-from .assignments import Saved, merge_step, rebuild, step_variant_id, summary
+from .assignments import Saved, merge_step, rebuild, step_variant_id, summary, validate
 
 IMAGE_MODES = ("link", "copy", "none")
 LABEL_FOLDER = "SegmentationClassAug"
@@ -121,7 +124,8 @@ def _json_default(value: Any) -> Any:
 def export_assignment(cache_dir: Path, dataset_id: str, split: str, saved: Saved, dest: Path,
                       images: str = "link") -> Exported:
     """Export the exact merge of a saved ISLE assignment with its ``summary`` (candidates,
-    assignment, rule, predicted and exact IoU, conflicts) as provenance.
+    assignment, rules, predicted and exact IoU, conflicts) and its off-sample figures
+    (``validate``: cross-validated gain, per-class confidence) as provenance.
 
     Raises ``ExportError`` when that merge has not run on every image of the split yet.
     """
@@ -134,6 +138,7 @@ def export_assignment(cache_dir: Path, dataset_id: str, split: str, saved: Saved
             raise ExportError(f"the exact merge of assignment {saved.name!r} has {labelled} of {total} "
                               f"label maps on {split}: run it first")
         details = {"assignment": {"id": saved.id, "name": saved.name, "note": saved.note,
-                                  "saved_at": saved.created_at},
-                   **dataclasses.asdict(summary(con, plan, variant_id))}
+                                  "saved_at": saved.created_at, "rule": dataclasses.asdict(saved.assign)},
+                   **dataclasses.asdict(summary(con, plan, variant_id)),
+                   "off_sample": dataclasses.asdict(validate(con, plan))}
     return export_variant(cache_dir, variant_id, dest, details, images)

@@ -232,7 +232,17 @@ def _add_isle(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--candidates", nargs="+", default=None, metavar="VARIANT_ID",
                    help="default: every variant complete on --split, oracles and ensembles excepted")
     p.add_argument("--name", default="auto", help="save the assignment under this name (a new version)")
-    p.add_argument("--rule", choices=OVERLAP_RULES, default="score", help="overlap rule")
+    p.add_argument("--overlap", choices=OVERLAP_RULES, default="score", help="overlap rule of the merge")
+    p.add_argument("--rule", choices=assignments.ASSIGN_RULES, default="algorithm2",
+                   help="assignment rule: ISLE Algorithm 2, or stable (a class leaves the best single "
+                        "candidate only when its bootstrap gain is sure, see --margin)")
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="stable rule: the lower end of the gain's 95%% interval must exceed this, in IoU points")
+    p.add_argument("--cv", type=int, default=5, metavar="K",
+                   help="print the K-fold cross-validated gain beside the in-sample one (0: skip)")
+    p.add_argument("--budget-curve", action="store_true",
+                   help="only print the labelled-budget curve (needs --fraction < 1: the report subset)")
+    p.add_argument("--draws", type=int, default=20, help="budget curve: seeded draws per size")
     p.add_argument("--fraction", type=float, default=1.0, help="share of images that select (rest: report)")
     p.add_argument("--seed", type=int, default=0, help="seed of the selection/report split")
     p.add_argument("--set", action="append", default=[], metavar="CLASS=VARIANT_ID", help="override a class")
@@ -247,6 +257,7 @@ def _add_isle(sub: argparse._SubParsersAction) -> None:
 
 def _isle(args: argparse.Namespace) -> None:
     dataset_id, split = dataset_id_for(args.root), args.split
+    assign = assignments.AssignRule(args.rule, margin=args.margin / 100)
     with connect(args.cache, read_only=True) as con:
         exclude = () if args.exclude_flagged is None else qa.flagged_ids(con, dataset_id, args.exclude_flagged or None)
         subset = Subset(fraction=args.fraction, seed=args.seed, exclude=tuple(exclude))
@@ -258,10 +269,14 @@ def _isle(args: argparse.Namespace) -> None:
         if dataset is None:
             raise SystemExit(f"{args.root}: not registered yet (run a method on it first)")
         overrides = _overrides(args.set, dataset.classes)
-        plan = assignments.build_plan(con, dataset_id, split, candidates, subset, overrides, args.rule)
+        plan = assignments.build_plan(con, dataset_id, split, candidates, subset, overrides, args.overlap, assign)
+        if args.budget_curve:
+            _print_budget(assignments.budget_curve(con, plan, draws=args.draws, seed=args.seed,
+                                                   margin=assign.margin), plan)
+            return
     with connect(args.cache) as con:
         version = assignments.save(con, plan, args.name)
-    print(f"assignment {args.name!r} saved (version id {version}) over {len(candidates)} candidates")
+    print(f"assignment {args.name!r} ({assign.label()}) saved (version id {version}) over {len(candidates)} candidates")
     steps = [assignments.merge_step(plan, args.name)] + ([assignments.naive_step(plan)] if args.naive else [])
     for step in steps:
         _queue_and_work(args, [step], None, work=True, status=False)
@@ -270,9 +285,40 @@ def _isle(args: argparse.Namespace) -> None:
         plan = assignments.rebuild(con, dataset_id, split, saved)
         ids = [assignments.step_variant_id(dataset_id, step) for step in steps]
         _print_summary(assignments.summary(con, plan, *ids))
+        if args.cv:
+            _print_validation(assignments.validate(con, plan, k=args.cv, seed=args.seed))
     if args.export:
         done = export_assignment(args.cache, dataset_id, split, saved, args.export, args.images)
         print(f"exported {done.images} label maps to {done.dest}")
+
+
+def _print_validation(v: assignments.Validation) -> None:
+    print(f"\noff-sample, over the {v.images} selection images with ground truth (mIoU %):")
+    print(f"in-sample gain of ISLE over the best single: {_signed(v.in_sample_gain)}")
+    for f in v.cv:
+        print(f"{f.k}-fold cross-validated, {f.rule}: ISLE {_cell(f.isle)} vs best single {_cell(f.single)}, "
+              f"gain {_signed(f.gain)} ± {f.spread:.2f} (folds: {', '.join(_signed(g) for g in f.gains)})")
+    print(f"per-class confidence ({v.resamples} bootstrap resamples; interval {100 * v.level:.0f}% of the IoU "
+          f"gain over the rival, the candidate the choice beats least often):")
+    for c in v.classes:
+        if c.rival is None:
+            print(f"  {c.class_name:12} {c.verdict}")
+        else:
+            print(f"  {c.class_name:12} {c.verdict:9} wins {100 * c.share:5.1f}% vs {c.rival_name[:40]:40} "
+                  f"gain {_signed(c.low)} to {_signed(c.high)}")
+
+
+def _print_budget(rows: tuple[assignments.BudgetRow, ...], plan: assignments.Plan) -> None:
+    print(f"labelled-budget curve: chosen on n of the {len(plan.selection_ids)} selection images, "
+          f"scored on the {len(plan.report_ids)} report images (report mIoU %, mean ± spread over the draws)")
+    rules = list(rows[0].mean)
+    print(f"{'n':>6} " + " ".join(f"{r[:24]:>24}" for r in rules))
+    for row in rows:
+        print(f"{row.n:>6} " + " ".join(f"{_cell(row.mean[r]):>15} ± {row.spread[r]:5.2f}" for r in rules))
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

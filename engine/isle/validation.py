@@ -48,9 +48,9 @@ BUDGET_SIZES = (10, 25, 50, 100, 200, 400, None)  # None: every image of the poo
 
 
 def present(counts: np.ndarray) -> np.ndarray:
-    """``(N, C) bool``: the ground truth of image n holds class c (TP + FN > 0 for any candidate;
-    every candidate sees the same ground truth)."""
-    return ((counts[..., 0] + counts[..., 2]) > 0).any(axis=1)
+    """``(N, C) bool``: the ground truth of image n holds class c (TP + FN > 0; TP + FN are the
+    class's ground-truth pixels, the same for every candidate, so the first one's are read)."""
+    return (counts[:, 0, :, 0] + counts[:, 0, :, 2]) > 0
 
 
 def figures(sums: np.ndarray, n_present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,9 +103,14 @@ def bootstrap_weights(n: int, resamples: int, seed: int) -> np.ndarray:
     images with replacement (seeded ``numpy.random.default_rng``)."""
     if n < 1 or resamples < 1:
         raise ValueError(f"a bootstrap needs images and resamples, got {n} images and {resamples} resamples")
-    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    flat = (np.arange(resamples)[:, None] * n + draws).ravel()
-    return np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    weights = np.empty((resamples, n), np.float64)
+    step = 100  # resamples drawn at once: few calls, and no (B, N) index array beside the result
+    for start in range(0, resamples, step):
+        rows = min(step, resamples - start)
+        drawn = rng.integers(0, n, size=(rows, n)) + n * np.arange(rows)[:, None]
+        weights[start:start + rows] = np.bincount(drawn.ravel(), minlength=rows * n).reshape(rows, n)
+    return weights
 
 
 def resampled_iou(counts: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -161,15 +166,13 @@ def confidence(iou: np.ndarray, choice: np.ndarray, classes: ClassSet, level: fl
     low, high, share = (np.full((c, v), np.nan) for _ in range(3))
     for k in classes.foreground:
         own = iou[:, choice[k], k]
-        held = ~np.isnan(own)
+        held = ~np.isnan(own)  # a resample holding the class gives every candidate an IoU for it
         if not held.any():
             continue
-        for other in range(v):
-            if other == choice[k]:
-                continue
-            gain = own[held] - iou[held, other, k]
-            low[k, other], high[k, other] = np.percentile(gain, [50 * (1 - level), 50 * (1 + level)])
-            share[k, other] = float(np.mean(gain > 0))
+        gain = own[held, None] - iou[held, :, k]
+        low[k], high[k] = np.percentile(gain, [50 * (1 - level), 50 * (1 + level)], axis=0)
+        share[k] = np.mean(gain > 0, axis=0)
+        low[k, choice[k]] = high[k, choice[k]] = share[k, choice[k]] = np.nan
     return Confidence(choice=np.asarray(choice), low=low, high=high, share=share, resamples=b, level=level)
 
 
@@ -194,11 +197,21 @@ def stable(variant_ids: Sequence[str], classes: ClassSet, margin: float = 0.0, r
 
     def choose(counts: np.ndarray) -> np.ndarray:
         auto = pick(counts)
-        if margin == -np.inf:
-            return auto
         best = best_single(figures(counts.sum(axis=0), present(counts).sum(axis=0))[1], variant_ids)
-        iou = resampled_iou(counts, bootstrap_weights(len(counts), resamples, seed))
-        return stable_choice(auto, best, confidence(iou, auto, classes, level).low, classes, margin)
+        moved = np.array([c for c in classes.foreground if auto[c] != best], np.int64)
+        if margin == -np.inf or not len(moved):
+            return auto
+        # Only the gains of the classes Algorithm 2 moves, over the best single, are resampled:
+        # (N, 2, M, 3) counts of (chosen, best) per moved class, a fraction of all V x C.
+        pair = np.stack([counts[:, auto[moved], moved], counts[:, np.full_like(moved, best), moved]], axis=1)
+        iou = resampled_iou(pair, bootstrap_weights(len(counts), resamples, seed))
+        low = np.full((classes.num_classes, len(variant_ids)), np.nan)
+        for m, c in enumerate(moved):
+            gain = iou[:, 0, m] - iou[:, 1, m]
+            held = ~np.isnan(gain)
+            if held.any():
+                low[c, best] = np.percentile(gain[held], 50 * (1 - level))
+        return stable_choice(auto, best, low, classes, margin)
 
     return choose
 

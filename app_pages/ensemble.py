@@ -1,14 +1,18 @@
-"""ISLE ensemble: pick candidate variants, let Algorithm 2 choose the best one per object class,
-override any class, watch the predicted IoU, run the exact merge (Algorithm 3), save named
-assignments with history, compare with naive ISLE, and export the ensemble as a VOCdevkit folder.
+"""ISLE ensemble: pick candidate variants, let Algorithm 2 (or the stable rule) choose the best
+one per object class, override any class, watch the predicted IoU beside its cross-validated gain
+and each class's bootstrap confidence, run the exact merge (Algorithm 3), save named assignments
+with history, compare with naive ISLE, and export the ensemble as a VOCdevkit folder.
 
 Ostrowski & Shafique, ISVC'23 (shared/papers/isle-class-wise-ensemble.md), Sec. 3. The numbers
-are ``engine.isle.assignments.plan_view`` (cached per-class counts, no label map decoded); the
-merges are chain steps the worker runs.
+are ``engine.isle.assignments.plan_view`` (cached per-class counts, no label map decoded) and,
+for what survives off-sample, ``validation_view`` and ``budget_view`` (``engine/isle/validation.py``);
+the merges are chain steps the worker runs.
 
 The editor's state lives in ``st.session_state``: the widgets' keys ("candidates", "subset_mode",
-"fraction", "seed", "rule", "choice_<class id>", "assignment_name") and "overrides" ``{class id:
-variant id}``, the classes the user set apart from Algorithm 2's choice.
+"fraction", "seed", "rule" (overlap rule), "assign_rule" and "assign_margin" (the assignment rule,
+margin in IoU points), "choice_<class id>", "assignment_name") and "overrides" ``{class id:
+variant id}``, the classes the user set apart from the assignment rule's choice; "budget_shown"
+once the budget curve was asked for.
 """
 
 from __future__ import annotations
@@ -23,15 +27,22 @@ import streamlit as st
 from cache import qa, queries
 from cache.db import connect
 from engine.isle import assignments
-from engine.isle.assignments import ClassSummary
+from engine.isle.assignments import AssignRule, ClassConfidence, ClassSummary
 from engine.isle.export import IMAGE_MODES, ExportError, export_assignment
 from engine.isle.numerics import OVERLAP_RULES, Subset
+from ui.charts import budget_chart
 from ui.common import cache_dir, has_active_jobs, jobs_panel, pick_dataset_and_split, queue_chain, read, refresh
 
 RULES = {"score": "score: the class whose variant is more confident at the pixel (precision where "
                   "a variant stored no scores)",
          "precision": "precision: the class whose chosen variant has the higher per-class precision "
                       "TP / (TP + FP) on the selection images"}
+ASSIGN_RULES = {"algorithm2": "Algorithm 2: each class's best candidate on the selection images (the paper)",
+                "stable": "stable: a class leaves the best single candidate only where the bootstrap "
+                          "interval of its IoU gain lies above a margin"}
+VERDICTS = {"sure": "green", "likely": "blue", "coin flip": "orange", "only candidate": "gray", "no images": "gray"}
+CV_FOLDS = 5  # k of the cross-validation (fewer when the selection has fewer images with ground truth)
+BUDGET_DRAWS = 20  # seeded draws per size of the labelled-budget curve
 SUBSETS = {"whole": "whole split (as in the paper)", "fraction": "a seeded fraction selects, the rest reports"}
 IMAGES = {"link": "symlink the JPEGs", "copy": "copy the JPEGs", "none": "labels only"}
 CONFLICT_ROWS = 15
@@ -41,13 +52,13 @@ CONFLICT_ROWS = 15
 
 
 def _override(class_id: int) -> None:
-    """A class's select box changed: remember the pick (pruned below if it equals the auto choice)."""
+    """A class's select box changed: remember the pick (pruned below if it equals the rule's choice)."""
     st.session_state.setdefault("overrides", {})[class_id] = st.session_state[f"choice_{class_id}"]
 
 
 def _restore(versions: dict[int, dict]) -> None:
     """Put the version picked in "restore_version" (an id of ``versions``) back into the editor:
-    candidates, subset, rule and its exact choice."""
+    candidates, subset, overlap and assignment rules and its exact choice."""
     saved = assignments.decode(versions[st.session_state["restore_version"]])
     st.session_state["candidates"] = list(saved.candidates)
     st.session_state["subset_mode"] = "whole" if saved.subset.fraction >= 1.0 else "fraction"
@@ -56,6 +67,8 @@ def _restore(versions: dict[int, dict]) -> None:
     st.session_state["seed"] = int(saved.subset.seed)
     st.session_state["exclude"] = tuple(saved.subset.exclude)
     st.session_state["rule"] = saved.rule
+    st.session_state["assign_rule"] = saved.assign.name
+    st.session_state["assign_margin"] = round(100 * saved.assign.margin, 6)
     # The whole stored choice as overrides reproduces it exactly even if today's counts would make
     # Algorithm 2 choose otherwise; overrides equal to today's auto choice are pruned after.
     st.session_state["overrides"] = dict(saved.choice)
@@ -63,10 +76,10 @@ def _restore(versions: dict[int, dict]) -> None:
     st.session_state["restored"] = f"Restored {saved.name!r} (id {saved.id}) into the editor."
 
 
-def _pct(value: float | None, signed: bool = False) -> str:
+def _pct(value: float | None, signed: bool = False, decimals: int = 2) -> str:
     if value is None:
         return "—"
-    return f"{value:+.2f}".replace("-", "\u2212") if signed else f"{value:.2f}"
+    return f"{value:+.{decimals}f}".replace("-", "\u2212") if signed else f"{value:.{decimals}f}"
 
 
 def _delta(value: float | None, reference: float | None) -> str | None:
@@ -84,13 +97,26 @@ def _chip(text: str, pct: float | None, title: str, chosen: bool = False, auto: 
             f'background:rgba(31,119,70,{alpha:.2f});color:{colour}">{"★" if auto else ""}{text}</span>')
 
 
-def _heat_row(entry: ClassSummary, candidates: list[str], names: list[str]) -> str:
+def _confidence(conf: ClassConfidence | None) -> str:
+    """A class's bootstrap verdict as a coloured badge (a coin flip marked ⚠), then the share of
+    resamples its choice beats its closest rival and the interval of the IoU gain over it (points)."""
+    if conf is None:
+        return "—"
+    badge = f":{VERDICTS[conf.verdict]}-badge[{'⚠ ' if conf.verdict == 'coin flip' else ''}{conf.verdict}]"
+    if conf.rival is None:
+        return badge
+    return (f"{badge} :small[wins {conf.share:.0%} vs {conf.rival_name}, "
+            f"{_pct(conf.low, True, 1)} to {_pct(conf.high, True, 1)}]")
+
+
+def _heat_row(entry: ClassSummary, candidates: list[str], names: list[str], auto: str) -> str:
+    """The candidates' IoU chips of a class; auto: the assignment rule's choice (★)."""
     chips = []
     for k, (variant_id, name) in enumerate(zip(candidates, names), start=1):
         pct = entry.candidate_iou[variant_id]
         tie = " (tied best)" if variant_id in entry.tied else ""
         chips.append(_chip("—" if pct is None else f"{pct:.0f}", pct, f"#{k} {name}: {_pct(pct)}{tie}",
-                           chosen=variant_id == entry.variant, auto=variant_id == entry.auto_variant))
+                           chosen=variant_id == entry.variant, auto=variant_id == auto))
     return "".join(chips)
 
 
@@ -150,6 +176,16 @@ with left:
 with right:
     rule = st.radio("Overlap rule (a pixel two chosen classes both claim)", OVERLAP_RULES,
                     format_func=RULES.get, key="rule")
+    assign_name = st.radio("Assignment rule (the choice before overrides)", list(ASSIGN_RULES),
+                           format_func=ASSIGN_RULES.get, key="assign_rule")
+    margin = 0.0
+    if assign_name == "stable":
+        state.setdefault("assign_margin", 0.0)
+        margin = st.number_input("Margin (IoU points)", min_value=-100.0, max_value=100.0, step=0.5,
+                                 format="%.1f", key="assign_margin",
+                                 help="A class leaves the best single candidate only when the lower end of "
+                                      "the 95% bootstrap interval of its IoU gain over it is above this.")
+    assign = AssignRule(assign_name, margin / 100)
 
 if not candidates:
     st.info("Pick at least one candidate variant.")
@@ -157,9 +193,10 @@ if not candidates:
 
 overrides = {c: v for c, v in state.get("overrides", {}).items() if v in candidates}
 name = state.get("assignment_name", "auto").strip() or "auto"
+subset = Subset(fraction, seed, exclude)
 try:
-    view = read(assignments.plan_view, dataset.id, split, tuple(candidates), Subset(fraction, seed, exclude),
-                tuple(sorted(overrides.items())), rule, name)
+    view = read(assignments.plan_view, dataset.id, split, tuple(candidates), subset,
+                tuple(sorted(overrides.items())), rule, name, assign)
 except (KeyError, ValueError) as exc:
     st.error(str(exc))
     st.stop()
@@ -171,9 +208,15 @@ if not with_truth:
     st.info(f"No ground truth: {int(max(plan.selection.labelled, default=0)):,} label maps per candidate, 0 images "
             "with masks on the selection subset — the per-class IoU that chooses and predicts needs masks.")
     st.stop()
-# Keep only real overrides: a pick equal to Algorithm 2's choice follows it from now on.
+# Keep only real overrides: a pick equal to the assignment rule's choice follows it from now on.
 state["overrides"] = {c: v for c, v in overrides.items() if c in plan.overridden}
 report = plan.report is not None
+# Off-sample figures of the current choice and rule: the bootstrap and k-fold cross-validation
+# over the selection images with ground truth (k-fold needs at least two of them).
+folds = min(CV_FOLDS, with_truth)
+checked = (read(assignments.validation_view, dataset.id, split, tuple(candidates), subset,
+                tuple(sorted(state["overrides"].items())), assign, folds) if folds >= 2 else None)
+confidence = {c.class_id: c for c in checked.classes} if checked else {}
 
 st.subheader("Assignment")
 st.caption(
@@ -183,38 +226,46 @@ st.caption(
     + (f"; report subset: {summary.subset.report_images} image(s)" if report else "")
     + ". Chips: every candidate's IoU (%) for the class on the selection subset, in this order: "
     + " · ".join(f"#{k} {n}" for k, n in enumerate(plan.names, start=1))
-    + ". ★ = automatic choice (Algorithm 2), red outline = current choice; hover for the name."
+    + f". ★ = automatic choice ({assign.label()}), red outline = current choice; hover for the name. "
+    + ("Confidence: the share of image-level bootstrap resamples "
+       f"({checked.resamples:,} over {checked.images:,} images) in which the current choice beats its closest "
+       f"rival, and the {checked.level:.0%} interval of its IoU gain over it (points)." if checked else
+       "Confidence needs at least two selection images with ground truth.")
 )
 if restored := state.pop("restored", None):
     st.success(restored)
-WIDTHS = [1.3, 3.8, 1.7, 2.3, 1.1, 1.3]
+WIDTHS = [1.3, 3.0, 1.6, 2.1, 2.4, 1.1, 1.3]
 header = st.columns(WIDTHS)
 for column, title in zip(header, ["Class (images)", "Candidates' IoU", "Automatic choice", "Chosen variant",
-                                  "Predicted IoU", "Exact IoU (Δ)"]):
+                                  "Confidence", "Predicted IoU", "Exact IoU (Δ)"]):
     column.markdown(f"**{title}**")
 for entry in summary.classes:
     c = entry.class_id
     row = st.columns(WIDTHS, vertical_alignment="center")
     mark = " :orange-badge[overridden]" if entry.overridden else ""
     row[0].markdown(f"{entry.class_name} ({entry.images}){mark}")
-    row[1].markdown(_heat_row(entry, plan.candidates, plan.names), unsafe_allow_html=True)
+    base = plan.candidates[plan.base[c]]
+    row[1].markdown(_heat_row(entry, plan.candidates, plan.names, base), unsafe_allow_html=True)
     if not entry.images:
         row[2].caption("no images in the selection subset (best mIoU)")
+    elif base != entry.auto_variant:
+        row[2].caption(f"{names[base]} (Algorithm 2: {names[entry.auto_variant]})")
     else:
         tied = f" (tie of {len(entry.tied)})" if entry.tied else ""
-        row[2].caption(names[entry.auto_variant] + tied)
+        row[2].caption(names[base] + tied)
     state[f"choice_{c}"] = entry.variant
     row[3].selectbox(f"{entry.class_name} variant", plan.candidates, format_func=names.get, key=f"choice_{c}",
                      label_visibility="collapsed", on_change=_override, args=(c,))
+    row[4].markdown(_confidence(confidence.get(c)))
     predicted = _pct(entry.predicted_iou.selection)
     if report:
         predicted += f" / {_pct(entry.predicted_iou.report)}"
-    row[4].markdown(predicted)
+    row[5].markdown(predicted)
     if entry.exact_iou.selection is None:
-        row[5].markdown("—")
+        row[6].markdown("—")
     else:
         delta = entry.exact_iou.selection - (entry.predicted_iou.selection or 0.0)
-        row[5].markdown(f"{_pct(entry.exact_iou.selection)} ({_pct(delta, signed=True)})")
+        row[6].markdown(f"{_pct(entry.exact_iou.selection)} ({_pct(delta, signed=True)})")
 if report:
     st.caption("Predicted IoU: selection / report subset. Exact IoU: on the selection subset.")
 
@@ -235,6 +286,36 @@ for key, m in (("selection", summary.miou.selection), ("report", summary.miou.re
                       "Delta: versus the best single candidate.")
     st.caption(f"Background IoU: predicted {_pct(m.predicted_background_iou)}, "
                f"exact {_pct(m.exact_background_iou)}.")
+    if key == "selection" and checked:
+        cv = next(f for f in checked.cv if f.rule == assign.label())  # the current rule's
+        in_sample, held_out, rules = st.columns([1, 1, 2])
+        in_sample.metric("ISLE gain, in-sample", _pct(checked.in_sample_gain, signed=True),
+                         help="ISLE predicted minus the best single candidate, both chosen and scored on "
+                              "the same selection images.")
+        held_out.metric(f"ISLE gain, cross-validated (k = {cv.k})",
+                        f"{_pct(cv.gain, signed=True)} ± {_pct(cv.spread)}",
+                        help=f"{cv.rule}: mean ± standard deviation over the folds of the held-out gain.")
+        rules.dataframe([{"assignment rule": f.rule, "ISLE": f.isle, "best single": f.single,
+                          "gain": f"{_pct(f.gain, signed=True)} ± {_pct(f.spread)}"} for f in checked.cv],
+                        hide_index=True, key="cv_table")
+        st.caption(f"Cross-validated: the {checked.images:,} selection images with ground truth in {cv.k} "
+                   "folds; the rule and the best single candidate choose on k − 1 folds and are scored on the "
+                   "held-out one (mIoU %). Overrides are not part of a rule, so they are not cross-validated.")
+if report:
+    with st.expander("Labelled-budget curve"):
+        st.caption(f"Report-subset mIoU when only n selection images are labelled: Algorithm 2, the stable rule "
+                   f"(margin {margin:g} points) and the best single candidate chosen on n images drawn from the "
+                   f"selection subset ({BUDGET_DRAWS} seeded draws per n), mean ± standard deviation over the draws.")
+        if st.button("Compute the curve", key="budget"):
+            state["budget_shown"] = True
+        if state.get("budget_shown"):
+            try:
+                curve = read(assignments.budget_view, dataset.id, split, tuple(candidates), subset, margin / 100,
+                             BUDGET_DRAWS)
+            except ValueError as exc:  # e.g. no report image with ground truth
+                st.info(str(exc))
+            else:
+                st.plotly_chart(budget_chart(curve), key="budget_curve")
 st.caption("Predicted from cached counts: an object class's IoU is its chosen variant's IoU, except for "
            "pixels it loses to another class where two chosen slices overlap (only the exact merge counts "
            "those). Background is estimated: the chosen classes' false positives are taken to lie on "
@@ -291,9 +372,12 @@ else:
     decoded = [assignments.decode(r) for r in history]
     st.dataframe(
         [{"version": k, "id": s.id, "saved at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_at)),
-          "note": s.note, "candidates": len(s.candidates), "rule": s.rule,
+          "note": s.note, "candidates": len(s.candidates), "assignment rule": s.assign.label(),
+          "overlap rule": s.rule,
           "selection": "whole split" if s.subset.fraction >= 1 else f"{s.subset.fraction:g} (seed {s.subset.seed})",
-          "overridden": ", ".join(classes.name(c) for c, v in sorted(s.choice.items()) if s.auto.get(c) != v) or "—"}
+          # The stored automatic choice is Algorithm 2's: for a stable version this lists what the rule moved too.
+          "differs from Algorithm 2": ", ".join(classes.name(c) for c, v in sorted(s.choice.items())
+                                                if s.auto.get(c) != v) or "—"}
          for k, s in enumerate(decoded, start=1)],
         hide_index=True,
     )
@@ -302,8 +386,9 @@ else:
                            format_func=lambda i: f"version {list(by_id).index(i) + 1} (id {i})")
     st.button("Restore", key="restore", on_click=_restore, args=(by_id,))
     latest = decoded[-1]
-    if (latest.candidates, latest.rule, latest.choice, (latest.subset.fraction, latest.subset.seed)) != (
-            plan.candidates, plan.rule, {int(c): v for c, v in plan.choice_dict().items()}, (fraction, seed)):
+    if (latest.candidates, latest.rule, latest.assign, latest.choice, (latest.subset.fraction, latest.subset.seed)) != (
+            plan.candidates, plan.rule, plan.assign, {int(c): v for c, v in plan.choice_dict().items()},
+            (fraction, seed)):
         st.caption("The editor differs from the latest saved version: save to keep the changes.")
 
 st.subheader("Conflicts")

@@ -1,4 +1,5 @@
-"""A real ``streamlit run app.py`` in headless Chromium: the heatmap page renders the cache."""
+"""A real ``streamlit run app.py`` in headless Chromium: the heatmap page renders the cache, the
+ISLE page its assignment with the per-class confidence and the cross-validated gain."""
 
 from __future__ import annotations
 
@@ -175,18 +176,40 @@ def test_ensemble_page_renders_and_an_override_updates_the_prediction(served_app
     other = next(v for v in plan.candidates if v != entry.variant)
     with connect(cache_dir, read_only=True) as con:
         overridden = assignments.build_plan(con, dataset_id, "train", candidates, overrides={entry.class_id: other})
+        checked = assignments.validate(con, plan, k=5)
 
     wait = _follow_sidebar(browser, served_app, "ISLE ensemble")
     wait.until(lambda d: "ISLE predicted" in d.find_element(By.TAG_NAME, "body").text)
     assert browser.current_url.endswith("/ensemble")
 
-    def predicted() -> str:
+    def metric(label: str) -> str | None:
         return browser.execute_script(
             "const m = Array.from(document.querySelectorAll('[data-testid=\"stMetric\"]'))"
-            ".find(e => e.innerText.includes('ISLE predicted'));"
-            "return m ? m.querySelector('[data-testid=\"stMetricValue\"]').innerText : null;")
+            ".find(e => e.innerText.includes(arguments[0]));"
+            "return m ? m.querySelector('[data-testid=\"stMetricValue\"]').innerText : null;", label)
+
+    def predicted() -> str | None:
+        return metric("ISLE predicted")
+
+    def signed(value: float, decimals: int = 2) -> str:
+        return f"{value:+.{decimals}f}".replace("-", "\u2212")
 
     assert predicted() == f"{summary.miou.selection.predicted:.2f}"
+    # Beside it the gain in-sample and cross-validated, and per class row the bootstrap's verdict.
+    cv = checked.cv[0]
+    wait.until(lambda d: metric("ISLE gain, cross-validated (k = 5)") == f"{signed(cv.gain)} ± {cv.spread:.2f}")
+    assert metric("ISLE gain, in-sample") == signed(checked.in_sample_gain)
+    rows = browser.execute_script(
+        "return Array.from(document.querySelectorAll('[data-testid=\"stHorizontalBlock\"]'),"
+        " b => Array.from(b.querySelectorAll(':scope > [data-testid=\"stColumn\"]'), c => c.innerText))"
+        ".filter(cells => cells.length === 7);")
+    confidence = {cells[0].split(" (")[0]: cells[4] for cells in rows}
+    for conf in checked.classes:
+        cell = confidence[conf.class_name]
+        assert conf.verdict in cell and ("⚠" in cell) == (conf.verdict == "coin flip")
+        if conf.rival is not None:
+            assert f"wins {conf.share:.0%} vs {conf.rival_name}" in cell
+            assert f"{signed(conf.low, 1)} to {signed(conf.high, 1)}" in cell
     body = browser.find_element(By.TAG_NAME, "body").text
     assert all(f"{e.class_name} ({e.images})" in body for e in summary.classes)
     assert "Traceback" not in body and "overridden" not in body

@@ -1,5 +1,5 @@
-"""Plotly figures of the pages (presentation only; the numbers come from ``cache.reports`` and
-``engine.runtime.trainings``).
+"""Plotly figures of the pages (presentation only; the numbers come from ``cache.reports``,
+``engine.runtime.trainings`` and ``engine.isle.assignments``).
 
 The per-class heatmaps have one column per class of the dataset's class set (``IoUTable.classes``;
 label value = column of the table's ``(V, C)`` arrays) and a frozen mIoU column: mIoU is a panel
@@ -19,6 +19,7 @@ from plotly.subplots import make_subplots
 
 from cache.classes import ClassSet
 from cache.reports import GainTable, IoUTable, tree_order
+from engine.isle.assignments import BudgetRow
 from engine.runtime.trainings import TrainingRow
 
 COLUMN_SORTS = {"label": "label value", "iou_low": "IoU, lowest first", "iou_high": "IoU, highest first",
@@ -418,4 +419,21 @@ def miou_bars(rows: list[TrainingRow], title: str) -> go.Figure:
     figure.update_layout(height=140 + 40 * len(rows), margin={"l": 10, "r": 10, "t": 30, "b": 10},
                          barmode="group", xaxis_title="val mIoU %", yaxis={"autorange": "reversed"},
                          legend={"orientation": "h", "y": -0.2})
+    return figure
+
+
+# --- the labelled-budget curve (app_pages/ensemble.py) ------------------------------------------
+
+
+def budget_chart(rows: Sequence[BudgetRow]) -> go.Figure:
+    """Report-subset mIoU (%) against the n labelled selection images (log axis): one line per rule
+    of ``BudgetRow.mean`` (Algorithm 2, the stable rule, best single), error bars ± the spread
+    over the draws."""
+    figure = go.Figure()
+    for rule in rows[0].mean if rows else ():
+        figure.add_scatter(x=[r.n for r in rows], y=[r.mean[rule] for r in rows], mode="lines+markers", name=rule,
+                           error_y={"type": "data", "array": [r.spread[rule] for r in rows], "visible": True})
+    figure.update_layout(height=320, margin={"l": 10, "r": 10, "t": 30, "b": 10}, title="Labelled-budget curve",
+                         xaxis={"title": "labelled selection images n", "type": "log"},
+                         yaxis_title="report mIoU %", legend={"orientation": "h", "y": -0.25})
     return figure

@@ -40,7 +40,8 @@ RULES = {"score": "score: the class whose variant is more confident at the pixel
 ASSIGN_RULES = {"algorithm2": "Algorithm 2: each class's best candidate on the selection images (the paper)",
                 "stable": "stable: a class leaves the best single candidate only where the bootstrap "
                           "interval of its IoU gain lies above a margin"}
-VERDICTS = {"sure": "green", "likely": "blue", "coin flip": "orange", "only candidate": "gray", "no images": "gray"}
+VERDICTS = {"sure": "green", "likely": "blue", "coin flip": "orange", "tied": "gray", "only candidate": "gray",
+            "no images": "gray"}
 CV_FOLDS = 5  # k of the cross-validation (fewer when the selection has fewer images with ground truth)
 BUDGET_DRAWS = 20  # seeded draws per size of the labelled-budget curve
 SUBSETS = {"whole": "whole split (as in the paper)", "fraction": "a seeded fraction selects, the rest reports"}

@@ -67,6 +67,10 @@ def test_confidence_interval_and_share_worked_out_by_hand():
     np.testing.assert_allclose([conf.low[1, 1], conf.high[1, 1]], np.percentile([0.1, 0.3, -0.1, 0.5], [25, 75]))
     assert np.isnan(conf.share[1, 0]) and conf.rival(1) == 1 and conf.verdict(1) == "likely"
     assert conf.rival(2) is None and conf.verdict(2) == "no images"  # dog held by no resample
+    iou[:, 1, 1] = 0.0
+    iou[:, 0, 1] = 0.0  # both miss the class in every resample: a tie, not a coin flip
+    assert validation.confidence(iou, choice, THREE).verdict(1) == "tied"
+    iou[:, 0, 1] = [0.6, 0.7, 0.4, 0.9]
     iou[:, 1, 1] = iou[:, 0, 1] + [0.1, -0.1, 0.1, 0.1]
     assert validation.confidence(iou, choice, THREE).verdict(1) == "coin flip"  # wins 1 of 4
 
@@ -168,7 +172,7 @@ def test_stable_plan_with_margin_minus_inf_is_algorithm2_and_saves_as_its_own_ru
     assert stable.overridden == ()
     assert [f.rule for f in checked.cv] == ["Algorithm 2", "stable (margin +0.0 pt)"]
     assert checked.images == 8 and all(f.k == 4 and len(f.gains) == 4 for f in checked.cv)
-    assert {c.verdict for c in checked.classes} <= {"sure", "likely", "coin flip", "no images"}
+    assert {c.verdict for c in checked.classes} <= {"sure", "likely", "coin flip", "tied", "no images"}
     with connect(cache_dir) as con:
         version = assignments.save(con, stable, "stable")
     with connect(cache_dir, read_only=True) as con:

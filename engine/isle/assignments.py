@@ -509,8 +509,8 @@ class ClassConfidence:
     rival: the candidate the chosen one beats least often (None: nothing competes or no resample
     holds the class); share: the share of resamples in which the chosen one has the higher IoU,
     in [0, 1]; low, high: the interval of its IoU gain over the rival, in IoU points (percent);
-    verdict: "sure" (share >= 0.95), "likely" (>= 0.75), "coin flip", "only candidate" or
-    "no images".
+    verdict: "sure" (share >= 0.95), "likely" (>= 0.75), "coin flip", "tied" (equal IoU in
+    every resample), "only candidate" or "no images".
     """
 
     class_id: int

@@ -145,12 +145,15 @@ class Confidence:
 
     def verdict(self, class_id: int) -> str:
         """"sure", "likely" or "coin flip" by the share against the rival ("only candidate"
-        when nothing competes, "no images" when no resample holds the class)."""
+        when nothing competes, "no images" when no resample holds the class, "tied" when the
+        rival's IoU equals the chosen one's in every resample, e.g. both 0)."""
         if self.share.shape[1] == 1:
             return "only candidate"
         rival = self.rival(class_id)
         if rival is None:
             return "no images"
+        if self.low[class_id, rival] == self.high[class_id, rival] == 0.0:
+            return "tied"
         share = self.share[class_id, rival]
         return "sure" if share >= SURE else "likely" if share >= LIKELY else "coin flip"
 

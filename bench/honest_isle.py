@@ -22,7 +22,7 @@ Two cases, each read through one read-only connection (``cache.db.connect``):
   1 / rank^0.8), per candidate and class a skill around the candidate's quality (so classes
   choose different candidates), object recall ~ Beta around it (5 % missed), false positives on
   held classes and, in 15 % of the images, on one class the image does not hold; background
-  rows absorb both. ``bench.coco_scale.synth`` is not reused: its 80 COCO classes are constants.
+  rows absorb both (the rows of one variant: ``bench.coco_scale.variant_counts``).
 
 Timed per case (``time.perf_counter``; best of ``--repeats``, the two slow whole calls once):
 the load (``reports.image_counts`` of the split, one query); the bootstrap
@@ -61,6 +61,7 @@ from typing import TypeVar
 import numpy as np
 import pyarrow as pa
 
+from bench.coco_scale import variant_counts
 from cache import queries, reports
 from cache.classes import VOC
 from cache.db import connect, default_cache_dir, db_path
@@ -122,34 +123,11 @@ def synth(n_images: int, n_variants: int, seed: int = 0) -> dict[str, pa.Table]:
     offsets = np.concatenate([[0], np.cumsum(n_objects)]).astype(np.int32)
     images = pa.table({"img": np.arange(n_images), "height": height, "width": width,
                        "labels": pa.ListArray.from_arrays(offsets, pa.array(obj_cls.astype(np.uint8)))})
-    held = np.zeros((n_images, VOC.num_classes), bool)
-    held[obj_img, obj_cls] = True
     parts = []
     for v in range(n_variants):
         skill = np.clip(0.35 + 0.4 * v / max(1, n_variants - 1) + 0.12 * rng.standard_normal(VOC.num_classes),
                         0.05, 0.95)[obj_cls]
-        recall = rng.beta(8 * skill, 8 * (1 - skill)) * (rng.random(obj_img.size) >= 0.05)
-        tp = (area * recall).astype(np.int64)
-        fn = area - tp
-        fp = (area * rng.uniform(0, 1.2, obj_img.size) * (1 - skill)).astype(np.int64)
-        ex_img = np.flatnonzero(rng.random(n_images) < 0.15)
-        ex_cls = rng.integers(1, VOC.num_classes, ex_img.size)
-        keep = ~held[ex_img, ex_cls]
-        ex_img, ex_cls = ex_img[keep], ex_cls[keep]
-        ex_fp = (valid[ex_img] * rng.uniform(0.005, 0.05, ex_img.size)).astype(np.int64)
-        fn0 = np.minimum(g0, np.bincount(obj_img, fp, n_images).astype(np.int64)
-                         + np.bincount(ex_img, ex_fp, n_images).astype(np.int64))
-        fp0 = np.bincount(obj_img, fn, n_images).astype(np.int64)
-        img = np.concatenate([np.arange(n_images), obj_img, ex_img])
-        cls = np.concatenate([np.zeros(n_images, np.int64), obj_cls, ex_cls])
-        c_tp = np.concatenate([g0 - fn0, tp, np.zeros(ex_img.size, np.int64)])
-        c_fp = np.concatenate([fp0, fp, ex_fp])
-        c_fn = np.concatenate([fn0, fn, np.zeros(ex_img.size, np.int64)])
-        order = np.lexsort((cls, img))
-        order = order[(c_tp + c_fp + c_fn)[order] > 0]
-        parts.append(pa.table({"v": np.full(order.size, v, np.int8), "img": img[order],
-                               "class_id": cls[order].astype(np.uint8), "tp": c_tp[order],
-                               "fp": c_fp[order], "fn": c_fn[order]}))
+        parts.append(variant_counts(rng, v, skill, VOC.num_classes, valid, g0, obj_img, obj_cls, area))
     return {"images": images, "counts": pa.concat_tables(parts)}
 
 

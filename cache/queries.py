@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -164,11 +165,13 @@ class ResultRows:
     errors: list[tuple[str, str]]  # (image_id, message)
     conflicts: list[tuple[str, int, int, int]] = field(default_factory=list)  # (image_id, winner, loser, pixels)
     curve: list[tuple[str, int, float]] = field(default_factory=list)  # (name, step, value) of train_log
+    sweep: list[tuple[str, float, int, int, int, int, int]] = field(default_factory=list)  # sweep_counts columns after variant_id
+    confusion: list[tuple[str, int, int, int]] = field(default_factory=list)  # (image_id, gt, pred, pixels)
 
 
 def record_results(con: Con, job_id: int, variant_id: str, rows: ResultRows) -> None:
     """Record one flush of a job. A re-recorded image (in ``rows.label_maps``) replaces its old
-    counts and conflicts. ``count_totals`` follow exactly, without a scan of ``counts``: the
+    counts, conflicts, sweep counts and confusion cells. ``count_totals`` follow exactly, without a scan of ``counts``: the
     deleted rows (returned by the DELETE) are taken away, the inserted ones added."""
     now = time.time()
     deleted: list[tuple] = []
@@ -178,7 +181,8 @@ def record_results(con: Con, job_id: int, variant_id: str, rows: ResultRows) -> 
         deleted = con.execute(
             """DELETE FROM counts WHERE variant_id = ? AND image_id IN (SELECT unnest(?))
                RETURNING image_id, class_id, tp, fp, fn""", [variant_id, ids]).fetchall()
-        con.execute("DELETE FROM conflicts WHERE variant_id = ? AND image_id IN (SELECT unnest(?))", [variant_id, ids])
+        for table in ("conflicts", "sweep_counts", "confusion"):
+            con.execute(f"DELETE FROM {table} WHERE variant_id = ? AND image_id IN (SELECT unnest(?))", [variant_id, ids])
         _insert(con, "label_maps", ("VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "DOUBLE"),
                 [(variant_id, image_id, path, scores, now) for image_id, path, scores in rows.label_maps],
                 replace=True)
@@ -187,6 +191,10 @@ def record_results(con: Con, job_id: int, variant_id: str, rows: ResultRows) -> 
     _update_totals(con, variant_id, deleted, rows.counts)
     _insert(con, "conflicts", ("VARCHAR", "VARCHAR", "UTINYINT", "UTINYINT", "BIGINT"),
             [(variant_id, *r) for r in rows.conflicts])
+    _insert(con, "sweep_counts", ("VARCHAR", "VARCHAR", "DOUBLE", "UTINYINT", "BIGINT", "BIGINT", "BIGINT", "BIGINT"),
+            [(variant_id, *r) for r in rows.sweep])
+    _insert(con, "confusion", ("VARCHAR", "VARCHAR", "UTINYINT", "UTINYINT", "BIGINT"),
+            [(variant_id, *r) for r in rows.confusion])
     _insert(con, "train_log", ("VARCHAR", "VARCHAR", "BIGINT", "DOUBLE", "DOUBLE"),
             [(variant_id, name, step, value, now) for name, step, value in rows.curve], replace=True)
     _insert(con, "image_errors", ("BIGINT", "VARCHAR", "VARCHAR", "VARCHAR", "DOUBLE"),
@@ -545,3 +553,89 @@ def cache_state(con: Con) -> tuple:
                   (SELECT count(*) FROM flags), (SELECT max(created_at) FROM flags),
                   (SELECT max(id) FROM assignments)"""
     ).fetchone()
+
+
+# --- diagnostics: threshold sweeps and the class confusion ---------------------------------
+
+
+def _chosen_images(image_ids: Sequence[str] | None) -> tuple[str, list]:
+    """The CTE ``chosen``: the usable images of (dataset, split) in ``image_ids`` (None: all)."""
+    where, args = _subset(image_ids, "image_id")
+    return (f"""chosen AS (SELECT image_id FROM images
+                          WHERE dataset_id = ? AND split = ? AND problem IS NULL AND {where})""", args)
+
+
+def sweep_sums(con: Con, dataset_id: str, split: str, variant_id: str,
+               image_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """A variant's threshold sweep summed over the split's usable images (in ``image_ids``):
+    dicts (threshold, class_id, tp, fp, fn, fp_bg, n_images) by threshold and class; n_images
+    counts the images whose ground truth holds the class. Empty when the variant has no sweep."""
+    chosen, args = _chosen_images(image_ids)
+    return _dicts(con.execute(
+        f"""WITH {chosen}
+            SELECT s.threshold, s.class_id::INTEGER AS class_id, sum(s.tp) AS tp, sum(s.fp) AS fp,
+                   sum(s.fn) AS fn, sum(s.fp_bg) AS fp_bg, count(*) FILTER (WHERE s.tp + s.fn > 0) AS n_images
+            FROM sweep_counts s SEMI JOIN chosen USING (image_id)
+            WHERE s.variant_id = ?
+            GROUP BY s.threshold, s.class_id ORDER BY s.threshold, s.class_id""",
+        [dataset_id, split, *args, variant_id]))
+
+
+def swept_variants(con: Con, dataset_id: str) -> list[str]:
+    """The ids of the dataset's variants that have threshold-sweep rows, in variant order."""
+    return [r[0] for r in con.execute(
+        """SELECT v.id FROM variants v WHERE v.dataset_id = ?
+           AND EXISTS (SELECT 1 FROM sweep_counts s WHERE s.variant_id = v.id)
+           ORDER BY v.created_at, v.id""", [dataset_id]).fetchall()]
+
+
+def confusion_sums(con: Con, dataset_id: str, split: str, variant_id: str,
+                   image_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """A variant's class confusion summed over the split's usable images (in ``image_ids``):
+    dicts (gt, pred, pixels, n_images) by gt then pred; pred 255 = undecided. Empty when the
+    variant has no confusion rows (recorded before schema 8)."""
+    chosen, args = _chosen_images(image_ids)
+    return _dicts(con.execute(
+        f"""WITH {chosen}
+            SELECT c.gt::INTEGER AS gt, c.pred::INTEGER AS pred, sum(c.pixels) AS pixels, count(*) AS n_images
+            FROM confusion c SEMI JOIN chosen USING (image_id)
+            WHERE c.variant_id = ?
+            GROUP BY c.gt, c.pred ORDER BY c.gt, c.pred""",
+        [dataset_id, split, *args, variant_id]))
+
+
+def undecided_sums(con: Con, dataset_id: str, split: str,
+                   image_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Per variant and ground-truth class, the pixels labelled 255 (undecided) over the split's
+    usable images (in ``image_ids``): dicts (variant_id, class_id, pixels)."""
+    chosen, args = _chosen_images(image_ids)
+    return _dicts(con.execute(
+        f"""WITH {chosen}
+            SELECT c.variant_id, c.gt::INTEGER AS class_id, sum(c.pixels) AS pixels
+            FROM confusion c SEMI JOIN chosen USING (image_id)
+            WHERE c.pred = 255
+            GROUP BY c.variant_id, c.gt""",
+        [dataset_id, split, *args]))
+
+
+def confused_variants(con: Con, dataset_id: str) -> list[str]:
+    """The ids of the dataset's variants that have confusion rows (recorded since schema 8)."""
+    return [r[0] for r in con.execute(
+        """SELECT v.id FROM variants v WHERE v.dataset_id = ?
+           AND EXISTS (SELECT 1 FROM confusion c WHERE c.variant_id = v.id)
+           ORDER BY v.created_at, v.id""", [dataset_id]).fetchall()]
+
+
+def mask_folder(con: Con, dataset_id: str) -> str | None:
+    """The folder of the dataset's ground-truth masks relative to its root (e.g.
+    "SegmentationClassAug"), read from one registered image; None without masks."""
+    row = con.execute(
+        """SELECT d.root, i.mask_path FROM images i JOIN datasets d ON d.id = i.dataset_id
+           WHERE i.dataset_id = ? AND i.mask_path IS NOT NULL LIMIT 1""", [dataset_id]).fetchone()
+    if row is None:
+        return None
+    root, mask = Path(row[0]), Path(row[1])
+    try:
+        return str(mask.parent.relative_to(root))
+    except ValueError:
+        return str(mask.parent)

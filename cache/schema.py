@@ -12,8 +12,9 @@ import duckdb
 
 # 2: conflicts, assignments; 3: train_log; 4: flags; 5: datasets.classes, layout;
 # 6: count_totals (per-split sums of counts), built once from the counts of an older cache;
-# 7: assignments.assign (the assignment rule), added to an older cache's table
-SCHEMA_VERSION = 7
+# 7: assignments.assign (the assignment rule), added to an older cache's table;
+# 8: sweep_counts and confusion (variants recorded before have no rows in them)
+SCHEMA_VERSION = 8
 TOTALS_SINCE = 6  # the version that added count_totals
 
 STATEMENTS = (
@@ -52,6 +53,22 @@ STATEMENTS = (
         variant_id VARCHAR NOT NULL, image_id VARCHAR NOT NULL, class_id UTINYINT NOT NULL,
         tp BIGINT NOT NULL, fp BIGINT NOT NULL, fn BIGINT NOT NULL,
         PRIMARY KEY (variant_id, image_id, class_id))""",
+    # A variant's counts at other background thresholds, from the same per-pixel scores as its
+    # label (engine.ops.sweep): per image, threshold of the grid and class, as ``counts`` (GT 255
+    # ignored) plus fp_bg, the FP pixels whose ground truth is background. Only variants of a
+    # plugin with a threshold sweep have rows; only rows with tp + fp + fn > 0 are stored.
+    """CREATE TABLE IF NOT EXISTS sweep_counts (
+        variant_id VARCHAR NOT NULL, image_id VARCHAR NOT NULL, threshold DOUBLE NOT NULL,
+        class_id UTINYINT NOT NULL, tp BIGINT NOT NULL, fp BIGINT NOT NULL, fn BIGINT NOT NULL,
+        fp_bg BIGINT NOT NULL,
+        PRIMARY KEY (variant_id, image_id, threshold, class_id))""",
+    # Per image, pixels of ground-truth class gt labelled as class pred (pred 255: undecided);
+    # GT 255 pixels are not counted; only non-zero cells are stored. Per class they sum to
+    # ``counts``: TP = (c, c), FN = the other cells of gt c, FP = the other cells of pred c.
+    """CREATE TABLE IF NOT EXISTS confusion (
+        variant_id VARCHAR NOT NULL, image_id VARCHAR NOT NULL, gt UTINYINT NOT NULL,
+        pred UTINYINT NOT NULL, pixels BIGINT NOT NULL,
+        PRIMARY KEY (variant_id, image_id, gt, pred))""",
     # The sums of ``counts`` per (dataset, split, variant, class) over the split's usable images
     # (problem IS NULL) of that dataset: the full-split IoU table reads these instead of every
     # per-image row. Kept exact in the same transaction as the rows they sum, by

@@ -66,6 +66,11 @@ class Plugin:
     # True when it makes background from a score threshold or trains on a background label, so
     # a class set without background (label 0 a real class) cannot serve it.
     needs_background: bool = False
+    # True when its label is its best class score against a background threshold (config fields
+    # ``bg_threshold`` and ``class_thresholds``) and its results carry ``LabelResult.peak``: the
+    # worker records a threshold sweep, and a variant at another threshold is the same chain
+    # with those fields changed (no retraining: both are ``inference`` fields).
+    threshold_sweep: bool = False
 
     def refusal(self, classes: ClassSet) -> str | None:
         """Why this plugin cannot run on a dataset with ``classes``; None when it can."""
@@ -96,15 +101,20 @@ _REGISTRY: dict[str, Plugin] = {}
 
 def register(name: str, *, role: Role, config: type, title: str,
              offers: frozenset[Offer] | set[Offer] = frozenset(),
-             needs_background: bool = False) -> Callable[[RunFn], RunFn]:
-    """Decorator adding ``run`` as plugin ``name``; ``ValueError`` when the name is taken."""
+             needs_background: bool = False, threshold_sweep: bool = False) -> Callable[[RunFn], RunFn]:
+    """Decorator adding ``run`` as plugin ``name``; ``ValueError`` when the name is taken, the
+    config is not a dataclass, or a ``threshold_sweep`` config lacks its threshold fields."""
 
     def decorate(run: RunFn) -> RunFn:
         if name in _REGISTRY:
             raise ValueError(f"plugin {name!r} registered twice")
         if not dataclasses.is_dataclass(config):
             raise ValueError(f"plugin {name!r}: config {config!r} is not a dataclass")
-        _REGISTRY[name] = Plugin(name, Role(role), config, run, title, frozenset(offers), needs_background)
+        fields = {f.name for f in dataclasses.fields(config)}
+        if threshold_sweep and not {"bg_threshold", "class_thresholds"} <= fields:
+            raise ValueError(f"plugin {name!r}: a threshold sweep needs config fields bg_threshold and class_thresholds")
+        _REGISTRY[name] = Plugin(name, Role(role), config, run, title, frozenset(offers), needs_background,
+                                 threshold_sweep)
         return run
 
     return decorate

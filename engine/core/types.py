@@ -57,6 +57,10 @@ class LabelResult:
     conflicts: ``(C, C) int64`` for a merge (ISLE), C = the number of classes: pixels class w
         won from class l at ``[w, l]``; row 0 counts pixels of classes absent from the image's
         labels (dropped).
+    peak: for a label made by a constant background threshold (a plugin registered with
+        ``threshold_sweep``): ``((H, W) float32 best object score, (H, W) uint8 its class)`` at
+        full resolution, from which the worker records the threshold sweep
+        (``engine.ops.sweep``).
     """
 
     image_id: str
@@ -65,6 +69,7 @@ class LabelResult:
     score_classes: tuple[int, ...] = ()
     error: str | None = None
     conflicts: np.ndarray | None = None
+    peak: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class SourceVariant:

@@ -70,6 +70,9 @@ class CAMConfig:
     scales: tuple[float, ...] = inference((1.0, 0.5))  # IRN/isim: (1.0, 0.5, 1.5, 2.0)
     flip: bool = inference(True)  # add horizontally flipped copies at every scale
     bg_threshold: float = inference(0.3)  # constant background score (isim: 0.3, IRN: 0.15)
+    # One background threshold per object class (entry c - 1 for class c) instead of bg_threshold,
+    # e.g. the per-class best of a threshold sweep; () = bg_threshold for every class.
+    class_thresholds: tuple[float, ...] = inference(())
     score_max_side: int = inference(128)  # stored scores are downsampled so max(h, w) <= this
 
 
@@ -172,9 +175,11 @@ def train(cfg: CAMConfig, ctx: RunContext) -> CAMNet:
     return net
 
 
-@register("cam", role=Role.METHOD, config=CAMConfig, title="CAM", offers={Offer.QUEUE}, needs_background=True)
+@register("cam", role=Role.METHOD, config=CAMConfig, title="CAM", offers={Offer.QUEUE}, needs_background=True,
+          threshold_sweep=True)
 def run(cfg: CAMConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Train on ``ctx.items`` (or load the trained model), then one result per ``ctx.todo`` image."""
     net = train(cfg, ctx)
     yield from label_each(ctx.todo, lambda rgb, item: cam_result(
-        net, rgb, item, cfg.scales, cfg.flip, cfg.bg_threshold, cfg.score_max_side, ctx.device))
+        net, rgb, item, cfg.scales, cfg.flip, cfg.bg_threshold, cfg.score_max_side, ctx.device,
+        cfg.class_thresholds))

@@ -105,6 +105,7 @@ class ISIMConfig:
     decoder_scales: tuple[float, ...] = inference((1.0,))  # "isim-decoder" input scales (probabilities averaged)
     decoder_flip: bool = inference(False)  # "isim-decoder" flipped copies: doubles its cost
     bg_threshold: float = inference(0.3)  # "isim-cam" constant background score (the training threshold)
+    class_thresholds: tuple[float, ...] = inference(())  # "isim-cam": one per object class (as CAM's)
     score_max_side: int = inference(128)  # stored scores are downsampled so max(h, w) <= this
 
     def __post_init__(self) -> None:
@@ -501,11 +502,12 @@ def _label_all(cfg: ISIMConfig, ctx: RunContext, label_fn) -> Iterator[LabelResu
 
 
 def _cam_label_image(net: DeepLabCAM, rgb: np.ndarray, item: Item, cfg: ISIMConfig, device: str) -> LabelResult:
-    return cam_result(net, rgb, item, cfg.scales, cfg.flip, cfg.bg_threshold, cfg.score_max_side, device)
+    return cam_result(net, rgb, item, cfg.scales, cfg.flip, cfg.bg_threshold, cfg.score_max_side, device,
+                      cfg.class_thresholds)
 
 
 @register("isim-cam", role=Role.METHOD, config=ISIMConfig, title="ISIM CAM", offers={Offer.QUEUE},
-          needs_background=True)
+          needs_background=True, threshold_sweep=True)
 def run_cam(cfg: ISIMConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Train ISIM (or load it), then each ``ctx.todo`` image's CAM pseudo-label (``cam_result``:
     scales ``cfg.scales``, background at ``cfg.bg_threshold``) with the normalised CAMs as scores."""

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from engine.core.types import Item, LabelResult
 from engine.ops.backbone import to_input
 from engine.ops.scores import argmax_label, downsample_scores, strided_to_image
+from engine.ops.sweep import label_at, peak
+
 
 def _check_classes(classes: Sequence[int], num_objects: int) -> None:
     if any(not 1 <= c <= num_objects for c in classes):
@@ -112,13 +114,37 @@ def multiscale_cams(net: torch.nn.Module, rgb: np.ndarray, classes: Sequence[int
     return total.numpy()
 
 
+def class_threshold_vector(bg_threshold: float, class_thresholds: Sequence[float]) -> np.ndarray:
+    """``(256,) float32`` background threshold by class id: ``bg_threshold`` everywhere, or
+    ``class_thresholds[c - 1]`` for object class c when given (one per object class of the class
+    set). Raises ``ValueError`` for a threshold outside [0, 1]."""
+    values = (bg_threshold, *class_thresholds)
+    if any(not 0.0 <= float(t) <= 1.0 for t in values):
+        raise ValueError(f"background thresholds must be in [0, 1], got {list(values)}")
+    vector = np.full(256, bg_threshold, dtype=np.float32)
+    vector[1:len(class_thresholds) + 1] = class_thresholds
+    return vector
+
+
 def cam_result(net: torch.nn.Module, rgb: np.ndarray, item: Item, scales: Sequence[float], flip: bool,
-               bg_threshold: float, score_max_side: int, device: str = "cpu") -> LabelResult:
-    """One image's CAM pseudo-label ``(H, W) uint8`` (``cams_to_label`` at ``bg_threshold``) and
-    its scores ``(K + 1, h, w) float16`` (channel 0 the constant background, long side
-    ``score_max_side``), for the image-level classes of ``item``."""
+               bg_threshold: float, score_max_side: int, device: str = "cpu",
+               class_thresholds: Sequence[float] = ()) -> LabelResult:
+    """One image's CAM pseudo-label ``(H, W) uint8`` and its scores ``(K + 1, h, w) float16``
+    (channel 0 the constant background ``bg_threshold``, long side ``score_max_side``), for the
+    image-level classes of ``item``, with the full-resolution ``peak`` the worker sweeps.
+
+    The label is ``cams_to_label`` at ``bg_threshold``, or with ``class_thresholds`` (one per
+    object class, ``class_threshold_vector``) a pixel keeps its best class c only when the
+    score exceeds c's threshold. Raises ``ValueError`` when ``class_thresholds`` is shorter than
+    an image class needs."""
     classes = tuple(item.labels)
     cams = normalise_cams(multiscale_cams(net, rgb, classes, scales, flip, device))
-    label = cams_to_label(cams, classes, bg_threshold)
+    score, best = peak(cams, classes)
+    if class_thresholds:
+        if classes and max(classes) > len(class_thresholds):
+            raise ValueError(f"class_thresholds has {len(class_thresholds)} entries, class {max(classes)} needs one")
+        label = label_at(score, best, class_threshold_vector(bg_threshold, class_thresholds))
+    else:
+        label = cams_to_label(cams, classes, bg_threshold)
     scores = downsample_scores(with_background(cams, bg_threshold), score_max_side)
-    return LabelResult(item.image_id, label=label, scores=scores, score_classes=(0, *classes))
+    return LabelResult(item.image_id, label=label, scores=scores, score_classes=(0, *classes), peak=(score, best))

@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine {submit,run,import,worker,isle,export,train,flags,status,cancel}``.
+"""Command line: ``python -m engine {submit,run,import,worker,isle,export,train,flags,status,sweep,confusion,cancel}``.
 
     python -m engine run cam dcrf            # queue CAM and CAM -> dCRF on train, work until done
     python -m engine submit cam --param cam.epochs=3
@@ -6,6 +6,10 @@
     python -m engine import ~/irn/result/cam --name "IRN CAM" --format npy --param import.bg_threshold=0.2
     python -m engine worker                  # the background worker the app relies on
     python -m engine status                  # jobs, and mIoU per variant
+    python -m engine status --metric precision --undecided ignore   # another figure and protocol
+    python -m engine sweep 129b11ceecef --make-per-class   # CAM at every background threshold; tuned
+                                                 # on half the images, reported on the other half
+    python -m engine confusion 129b11ceecef  # which class was labelled as which
     python -m engine isle --name auto --naive    # ISLE: Algorithm 2 on every complete variant,
                                                  # exact merge + naive baseline, predicted vs exact
     python -m engine isle --name mine --set cat=325fc03886c8 --fraction 0.5   # override, report subset
@@ -26,9 +30,10 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from cache import qa, queries
+from cache import diagnostics, qa, queries, reports
 from cache.db import connect, default_cache_dir
 from cache.rows import Job
 from cache.classes import ClassSet
@@ -38,7 +43,7 @@ from engine.isle import assignments
 from engine.isle.export import IMAGE_MODES, ExportError, export_assignment, export_variant
 from engine.isle.numerics import OVERLAP_RULES, Subset
 from engine.methods.imported import FORMATS, import_step
-from engine.runtime.jobs import cancel, submit_chain
+from engine.runtime.jobs import cancel, submit_chain, threshold_step
 from engine.runtime.trainings import final_plugin, submit_training, trainings
 from engine.runtime.worker import WorkerConfig, serve
 
@@ -85,6 +90,8 @@ def _cell(value: float | None) -> str:
 
 
 def _print_status(args: argparse.Namespace) -> None:
+    metric = getattr(args, "metric", "iou")
+    undecided = getattr(args, "undecided", "miss")
     with connect(args.cache, read_only=True) as con:
         for job in reversed(queries.recent_jobs(con, limit=20)):
             print(f"job {job.id:>3} {job.kind:5} {job.variant_name or '':24} {job.status:9} "
@@ -94,24 +101,31 @@ def _print_status(args: argparse.Namespace) -> None:
         dataset = queries.get_dataset(con, dataset_id)
         if dataset is None:
             return
-        names = {v.id: v.name for v in queries.variants(con, dataset_id)}
-        labelled = queries.labelled_in_split(con, dataset_id, args.split)
-        with_truth = queries.labelled_in_split(con, dataset_id, args.split, with_truth=True)
-        per_variant: dict[str, list] = {}
-        for row in queries.class_counts(con, dataset_id, args.split):
-            if row["iou"] is not None:
-                per_variant.setdefault(row["variant_id"], []).append((row["class_id"], row["iou"]))
-    for variant_id, n in labelled.items():
-        ious = per_variant.get(variant_id, [])
-        truth = with_truth.get(variant_id, 0)
-        head = f"{names.get(variant_id, variant_id):24} {args.split} images={n}"
-        if not ious:
-            print(f"{head} mIoU: no ground truth ({truth} of {n} images have masks)")
+        table = reports.iou_table(con, dataset_id, args.split)
+        missing = diagnostics.undecided(con, dataset_id, args.split, table.variant_ids, dataset.classes.num_classes)
+        truth_images = int(table.with_truth.max()) if table.with_truth.size else 0
+        caption = diagnostics.protocol(con, dataset_id, args.split, truth_images, undecided).caption
+    tp, fp, fn, coverage = diagnostics.apply_undecided(table.tp, table.fp, table.fn, missing.pixels, undecided)
+    values = np.where(table.n_images > 0, diagnostics.metric_values(tp, fp, fn, metric), np.nan)
+    label = "mIoU" if metric == "iou" else f"mean {metric}"
+    if table.names:
+        print(caption)
+    for row, variant_id in enumerate(table.variant_ids):
+        truth, n = int(table.with_truth[row]), int(table.labelled[row])
+        head = f"{table.names[row]:24} {args.split} images={n}"
+        held = np.flatnonzero(table.n_images[row] > 0)
+        if not held.size:
+            print(f"{head} {label}: no ground truth ({truth} of {n} images have masks)")
             continue
-        miou = 100 * sum(i for _, i in ious) / len(ious)
-        detail = " ".join(f"{dataset.classes.name(c)}={100 * i:.1f}" for c, i in ious)
-        print(f"{head} mIoU={miou:.2f} over {len(ious)} classes and the {truth} images with ground truth"
-              f" | {detail}")
+        mean = 100 * float(np.nanmean(values[row, held]))
+        detail = " ".join(f"{dataset.classes.name(int(c))}=" + ("-" if np.isnan(values[row, c]) else f"{100 * values[row, c]:.1f}")
+                          for c in held)
+        cover = ""
+        if undecided == "ignore":
+            cover = (f" coverage={100 * coverage[row]:.1f}%" if missing.known[row]
+                     else " coverage unknown (no confusion rows: recorded before schema 8)")
+        print(f"{head} {label}={mean:.2f} over {held.size} classes and the {truth} images with ground truth"
+              f"{cover} | {detail}")
 
 
 def _queue_and_work(args: argparse.Namespace, steps: list[Step], source: str | None, work: bool,
@@ -398,8 +412,117 @@ def _add_flags(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="jobs, and per-class IoU of every variant on --split")
+    p = sub.add_parser("status", help="jobs, and per-class IoU (or another metric) of every variant on --split")
+    p.add_argument("--metric", choices=tuple(diagnostics.METRICS), default="iou", help="the per-class figure")
+    p.add_argument("--undecided", choices=tuple(diagnostics.UNDECIDED), default="miss",
+                   help="a predicted 255: a miss of the true class (default) or ignored (coverage printed)")
     p.set_defaults(func=_print_status)
+
+
+def _variant(con, args: argparse.Namespace, variant_id: str):
+    """The variant ``variant_id`` of the command's dataset; ``SystemExit`` naming the valid ids."""
+    variant = queries.get_variant(con, variant_id)
+    if variant is None or variant.dataset_id != dataset_id_for(args.root):
+        valid = ", ".join(f"{v.id} ({v.name})" for v in queries.variants(con, dataset_id_for(args.root)))
+        raise SystemExit(f"no variant {variant_id!r} on {args.root}; valid: {valid or 'none'}")
+    return variant
+
+
+def _percent(values) -> str:
+    return " ".join("    -" if np.isnan(v) else f"{100 * v:5.1f}" for v in values)
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    def handle(args: argparse.Namespace) -> None:
+        dataset_id = dataset_id_for(args.root)
+        with connect(args.cache, read_only=True) as con:
+            variant = _variant(con, args, args.variant)
+            table = diagnostics.sweep_table(con, dataset_id, args.split, variant.id)
+            if table is None:
+                raise SystemExit(f"{variant.name}: no threshold sweep recorded (only a method with a threshold, "
+                                 "e.g. CAM, made by this version's worker has one)")
+            ids = queries.usable_image_ids(con, dataset_id, args.split)
+            selection_ids, report_ids = Subset(args.fraction, args.seed).split(ids)
+            selection = diagnostics.sweep_table(con, dataset_id, args.split, variant.id, selection_ids)
+            report = diagnostics.sweep_table(con, dataset_id, args.split, variant.id, report_ids) if report_ids else None
+            caption = diagnostics.protocol(con, dataset_id, args.split, len(ids)).caption
+        classes = table.classes
+        held = np.flatnonzero(table.has_class)
+        print(f"{variant.name} ({variant.id}): background-threshold sweep on {args.split}, {caption}")
+        print(f"{'threshold':>9} {'mIoU':>5} | " + " ".join(f"{classes.name(int(c))[:5]:>5}" for c in held))
+        iou = table.metric("iou")
+        for j, t in enumerate(table.thresholds):
+            print(f"{t:9.2f} {100 * table.miou[j]:5.1f} | {_percent(iou[j, held])}")
+        own = variant.params.get("bg_threshold")
+        best = diagnostics.best_threshold(table)
+        print(f"best threshold on the split's images: {table.thresholds[best]:.2f} "
+              f"(mIoU {100 * table.miou[best]:.2f}; the variant's own {own}: "
+              + (f"{100 * table.miou[np.isclose(table.thresholds, own)][0]:.2f})" if own is not None
+                 and np.isclose(table.thresholds, own).any() else "not on the grid)"))
+        tuned = None
+        if report is not None and own is not None and np.isclose(table.thresholds, own).any():
+            tuned = diagnostics.tune(selection, report, own)
+            print(f"\nchosen on the selection subset ({len(selection_ids)} images, fraction {args.fraction}, "
+                  f"seed {args.seed}), reported on the other {len(report_ids)}:")
+            for name, row in (("default", 0), ("best uniform", 1), ("per class", 2)):
+                what = (f"{table.thresholds[tuned.default]:.2f}" if row == 0 else
+                        f"{table.thresholds[tuned.uniform]:.2f}" if row == 1 else "tuned per class")
+                print(f"{name:>13} ({what}): selection mIoU {100 * tuned.selection_miou[row]:.2f}, "
+                      f"report mIoU {100 * tuned.report_miou[row]:.2f}")
+            print("per-class thresholds: " + " ".join(
+                f"{classes.name(int(c))}={tuned.thresholds[c]:.2f}" for c in held if c != classes.background))
+        elif args.make_per_class:
+            raise SystemExit("--make-per-class needs a report subset (--fraction < 1) and the variant's threshold on the grid")
+        if args.make is not None:
+            _queue_and_work(args, [threshold_step(variant, bg_threshold=args.make)], None, work=True, status=False)
+        if args.make_per_class and tuned is not None:
+            per_class = [float(tuned.thresholds[c]) for c in range(1, classes.num_classes)]
+            _queue_and_work(args, [threshold_step(variant, class_thresholds=per_class)], None, work=True, status=False)
+
+    p = sub.add_parser("sweep", help="per-class IoU of a CAM-like variant at every background threshold of its grid")
+    p.add_argument("variant", help="variant id (python -m engine status lists them)")
+    p.add_argument("--fraction", type=float, default=0.5,
+                   help="share of images that choose the thresholds (rest: report), as the ISLE subsets")
+    p.add_argument("--seed", type=int, default=0, help="seed of the selection/report split")
+    p.add_argument("--make", type=float, default=None, metavar="T",
+                   help="then make the variant at background threshold T (an ordinary variant)")
+    p.add_argument("--make-per-class", action="store_true",
+                   help="then make the variant at the per-class thresholds tuned on the selection subset")
+    p.set_defaults(func=handle)
+
+
+def _add_confusion(sub: argparse._SubParsersAction) -> None:
+    def handle(args: argparse.Namespace) -> None:
+        dataset_id = dataset_id_for(args.root)
+        with connect(args.cache, read_only=True) as con:
+            variant = _variant(con, args, args.variant)
+            matrix = diagnostics.confusion_matrix(con, dataset_id, args.split, variant.id)
+            images = len(queries.usable_image_ids(con, dataset_id, args.split))
+            caption = diagnostics.protocol(con, dataset_id, args.split, images).caption
+        if matrix is None:
+            raise SystemExit(f"{variant.name}: no confusion rows (recorded before schema 8: make the variant again)")
+        shares = matrix.normalised()
+        size = matrix.classes.num_classes
+        print(f"{variant.name} ({variant.id}): ground-truth class labelled as another, on {args.split}, {caption}")
+        cells = [(int(g), int(p)) for g, p in zip(*np.nonzero(matrix.pixels)) if g != p]
+        cells.sort(key=lambda cell: -matrix.pixels[cell])
+        print(f"{'ground truth':>14} -> {'labelled as':<16} {'pixels':>11} {'row share':>9} {'images':>6}")
+        for g, p in cells[:args.top]:
+            print(f"{matrix.classes.name(g):>14} -> {matrix.column_label(p):<16} {matrix.pixels[g, p]:11,d} "
+                  f"{100 * shares[g, p]:8.1f}% {matrix.images[g, p]:6d}")
+        if args.matrix:
+            rows = [c for c in range(size) if matrix.pixels[c].any()]
+            columns = [c for c in range(size + 1) if matrix.pixels[:, c].any()]
+            print("\nrow-normalised (%), rows = ground truth, columns = labelled as:")
+            print(f"{'':>12} " + " ".join(f"{matrix.column_label(c)[:5]:>5}" for c in columns))
+            for g in rows:
+                print(f"{matrix.classes.name(g)[:12]:>12} {_percent(shares[g, columns])}")
+
+    p = sub.add_parser("confusion", help="which ground-truth class a variant labelled as which (top confusions)")
+    p.add_argument("variant", help="variant id")
+    p.add_argument("--top", type=int, default=15, help="how many off-diagonal cells to list, most pixels first")
+    p.add_argument("--matrix", action="store_true", help="also print the row-normalised matrix")
+    p.set_defaults(func=handle)
 
 
 def _add_cancel(sub: argparse._SubParsersAction) -> None:
@@ -409,7 +532,7 @@ def _add_cancel(sub: argparse._SubParsersAction) -> None:
 
 
 SUBCOMMANDS = (_add_submit_and_run, _add_import, _add_worker, _add_isle, _add_export, _add_train, _add_flags,
-               _add_status, _add_cancel)
+               _add_status, _add_sweep, _add_confusion, _add_cancel)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cache import queries
 from cache.db import connect
+from cache.rows import Variant
 from engine.core.chains import Step, chain_variants, dataset_id_for
 from engine.core import registry
 from engine.core.dataset import open_layout
@@ -65,6 +66,23 @@ def submit_chain(cache_dir: Path, root: Path, split: str, steps: Sequence[Step] 
                 dependency = queries.insert_job(con, "label", dataset_id, variant.id, split, dependency)
             job_ids.append(dependency)
     return job_ids
+
+
+def threshold_step(variant: Variant, bg_threshold: float | None = None,
+                   class_thresholds: Sequence[float] = ()) -> Step:
+    """The chain step that makes ``variant`` again at another background threshold (or one per
+    object class, entry c - 1 for class c): its own step with only those inference fields
+    changed, so the trained model is reused. Raises ``ValueError`` unless ``variant`` is a
+    chain's first step made by a plugin with a threshold sweep (``registry.Plugin.threshold_sweep``)."""
+    plugin = registry.get(variant.step)
+    if not plugin.threshold_sweep or variant.source_id is not None:
+        raise ValueError(f"{variant.name}: only a method with a threshold sweep (e.g. CAM) has a threshold to change")
+    params = dict(variant.params)
+    if bg_threshold is not None:
+        params["bg_threshold"] = float(bg_threshold)
+    params["class_thresholds"] = [float(t) for t in class_thresholds]
+    plugin.make_config(params)  # a bad value fails here, not in the worker
+    return Step(variant.step, params)
 
 
 def cancel(cache_dir: Path, job_ids: Sequence[int]) -> None:

@@ -33,6 +33,7 @@ from engine.core import registry
 from engine.core.dataset import DatasetError, ImageRecord, open_layout, read_mask, scan_split, to_item
 from engine.core.types import Cancelled, ImageError, Item, LabelResult, RunContext, SourceVariant
 from engine.ops.metrics import confusion_counts
+from engine.ops.sweep import DEFAULT_GRID, check_grid, confusion_pairs, sweep_counts
 
 log = logging.getLogger("isle.worker")
 
@@ -47,6 +48,11 @@ class WorkerConfig:
     flush_seconds: float = 1.0  # how often results and progress are written to the cache
     processes: int = 2  # for per-image CPU work (dCRF)
     until_idle: bool = False  # stop when no job is queued or running
+    # background thresholds at which a threshold-sweep plugin's labels are also counted
+    sweep_grid: tuple[float, ...] = DEFAULT_GRID
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sweep_grid", check_grid(self.sweep_grid))
 
 
 def worker_name() -> str:
@@ -168,11 +174,15 @@ def _record(run: _JobRun, result: LabelResult, item: Item, labels_dir: Path, var
             scores_path = Path("scores") / variant_id / f"{item.image_id}.npz"
             write_scores(cache_dir / scores_path, result.score_classes, result.scores)
         if item.mask_path is not None:
-            counts = confusion_counts(read_mask(item.mask_path, (item.height, item.width)), label,
-                                      classes.num_classes)
+            gt = read_mask(item.mask_path, (item.height, item.width))
+            counts = confusion_counts(gt, label, classes.num_classes)
             for class_id, (tp, fp, fn) in enumerate(counts.tolist()):
                 if tp or fp or fn:
                     run.pending.counts.append((item.image_id, class_id, tp, fp, fn))
+            run.pending.confusion.extend(
+                (item.image_id, g, p, n) for g, p, n in confusion_pairs(gt, label, classes.num_classes).tolist())
+            if result.peak is not None:
+                _queue_sweep(run, item.image_id, sweep_counts(gt, *result.peak, run.cfg.sweep_grid, classes.num_classes))
         if result.conflicts is not None:
             winners, losers = np.nonzero(result.conflicts)
             run.pending.conflicts.extend((item.image_id, int(w), int(l), int(result.conflicts[w, l]))
@@ -182,6 +192,13 @@ def _record(run: _JobRun, result: LabelResult, item: Item, labels_dir: Path, var
         run.n_errors += 1
         run.pending.errors.append((item.image_id, str(exc)))
         log.warning("job %s: %s", run.job.id, exc)
+
+
+def _queue_sweep(run: _JobRun, image_id: str, sweep: np.ndarray) -> None:
+    """Queue the non-zero rows of one image's ``(J, C, 4)`` sweep counts."""
+    for threshold, by_class in zip(run.cfg.sweep_grid, sweep.tolist()):
+        run.pending.sweep.extend((image_id, threshold, class_id, *row)
+                                 for class_id, row in enumerate(by_class) if row[0] or row[1] or row[2])
 
 
 def _variant_reader(cache_dir: Path, variant_id: str, rows: dict[str, tuple[str, str | None]]) -> SourceVariant:

@@ -116,7 +116,9 @@ def _heat_row(entry: ClassSummary, candidates: list[str], names: list[str], auto
     for k, (variant_id, name) in enumerate(zip(candidates, names), start=1):
         pct = entry.candidate_iou[variant_id]
         tie = " (tied best)" if variant_id in entry.tied else ""
-        chips.append(_chip("—" if pct is None else f"{pct:.0f}", pct, f"#{k} {name}: {_pct(pct)}{tie}",
+        figures = (f"IoU {_pct(pct)}, precision {_pct(entry.candidate_precision[variant_id])}, "
+                   f"recall {_pct(entry.candidate_recall[variant_id])}")
+        chips.append(_chip("—" if pct is None else f"{pct:.0f}", pct, f"#{k} {name}: {figures}{tie}",
                            chosen=variant_id == entry.variant, auto=variant_id == auto))
     return "".join(chips)
 

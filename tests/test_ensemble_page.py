@@ -159,6 +159,16 @@ def test_rows_show_algorithm_2s_choice_and_the_predicted_figures(app_env):
         assert "overridden" not in cells[0]
         expected = "—" if entry.predicted_iou.selection is None else f"{entry.predicted_iou.selection:.2f}"
         assert cells[5] == expected and cells[6] == "—"  # no exact merge yet
+        for k, variant_id in enumerate(plan.candidates, start=1):  # every chip's hover: IoU, precision, recall
+            precision, recall = entry.candidate_precision[variant_id], entry.candidate_recall[variant_id]
+            assert (f"precision {'—' if precision is None else f'{precision:.2f}'}, "
+                    f"recall {'—' if recall is None else f'{recall:.2f}'}") in cells[1]
+    row = plan.selection.variant_ids.index(plan.candidates[0])
+    sel = plan.selection
+    cat = VOC.names.index("cat")
+    tp, fp, fn = sel.tp[row, cat], sel.fp[row, cat], sel.fn[row, cat]
+    assert next(e for e in summary.classes if e.class_id == cat).candidate_precision[plan.candidates[0]] == \
+        pytest.approx(100 * tp / (tp + fp), abs=0.005)
     assert _metric(at, "ISLE predicted") == f"{summary.miou.selection.predicted:.2f}"
     assert _metric(at, "Best single candidate") == f"{summary.miou.selection.best_single:.2f}"
     assert _metric(at, "ISLE exact") == "—" and _metric(at, "Naive ISLE") == "—"

@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from cache import queries, reports
+from cache.diagnostics import metric_values
 from cache.reports import IoUTable
 from cache.classes import ClassSet
 from cache.rows import Variant
@@ -329,7 +330,8 @@ class ClassSummary:
     """One object class of an assignment. IoU in percent, None where no image holds the class
     (or, for ``exact_iou``, until the merge has run on every image of the subset).
 
-    candidate_iou: ``{variant id: IoU}`` of every candidate on the selection subset. lost_pixels:
+    candidate_iou: ``{variant id: IoU}`` of every candidate on the selection subset, and its
+    precision and recall (``candidate_precision``, ``candidate_recall``; None where undefined). lost_pixels:
     pixels the class lost in overlaps on the selection subset, of which ``tp_lost`` on its ground
     truth and ``fp_lost`` elsewhere (None until the merge ran; the rest lie on ground-truth 255).
     """
@@ -343,6 +345,8 @@ class ClassSummary:
     overridden: bool
     tied: tuple[str, ...]
     candidate_iou: dict[str, float | None]
+    candidate_precision: dict[str, float | None]
+    candidate_recall: dict[str, float | None]
     lost_pixels: int
     tp_lost: int | None
     fp_lost: int | None
@@ -434,6 +438,8 @@ def summary(con: queries.Con, plan: Plan, merge_variant_id: str | None = None,
     class_set = plan.classes
     lost = lost_pixels(conflicts, class_set)
     sel_rows = _rows(plan.selection, plan.candidates)
+    precision = metric_values(plan.selection.tp, plan.selection.fp, plan.selection.fn, "precision")
+    recall = metric_values(plan.selection.tp, plan.selection.fp, plan.selection.fn, "recall")
     classes = []
     for c in class_set.foreground:
         tp_lost = fp_lost = None
@@ -448,6 +454,8 @@ def summary(con: queries.Con, plan: Plan, merge_variant_id: str | None = None,
             auto_variant=plan.candidates[plan.auto.choice[c]], overridden=c in plan.overridden,
             tied=tuple(plan.candidates[r] for r in plan.auto.tied.get(c, ())),
             candidate_iou={v: percent(plan.selection.iou[r, c]) for v, r in zip(plan.candidates, sel_rows)},
+            candidate_precision={v: percent(precision[r, c]) for v, r in zip(plan.candidates, sel_rows)},
+            candidate_recall={v: percent(recall[r, c]) for v, r in zip(plan.candidates, sel_rows)},
             lost_pixels=int(lost[c]), tp_lost=tp_lost, fp_lost=fp_lost,
             predicted_iou=by_subset(lambda key: percent(plan.predicted[key].iou[c])),
             exact_iou=by_subset(lambda key: percent(exact[key].iou[c]) if exact[key] else None)))

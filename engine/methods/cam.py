@@ -75,6 +75,11 @@ class CAMConfig:
     class_thresholds: tuple[float, ...] = inference(())
     score_max_side: int = inference(128)  # stored scores are downsampled so max(h, w) <= this
 
+    def __post_init__(self) -> None:
+        if any(not 0.0 <= t <= 1.0 for t in (self.bg_threshold, *self.class_thresholds)):
+            raise ValueError(f"cam: background thresholds must be in [0, 1], got bg_threshold={self.bg_threshold}, "
+                             f"class_thresholds={list(self.class_thresholds)}")
+
 
 PAPER_PARAMS: dict[str, Any] = {
     "frozen_stages": 1,

@@ -122,6 +122,9 @@ class ISIMConfig:
             raise ValueError(f"batch_size must be >= 2 (the decoder's batch norm trains), got {self.batch_size}")
         if self.crop_size % self.output_stride:
             raise ValueError(f"crop_size must be a multiple of output_stride {self.output_stride}, got {self.crop_size}")
+        if any(not 0.0 <= t <= 1.0 for t in (self.bg_threshold, *self.class_thresholds)):
+            raise ValueError(f"background thresholds must be in [0, 1], got bg_threshold={self.bg_threshold}, "
+                             f"class_thresholds={list(self.class_thresholds)}")
         if self.crf_max_side is not None and self.crf_max_side < 8:
             raise ValueError(f"crf_max_side must be >= 8 or None, got {self.crf_max_side}")
         if not self.scales or not self.decoder_scales or not self.pseudo_scales:

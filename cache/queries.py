@@ -626,6 +626,12 @@ def confused_variants(con: Con, dataset_id: str) -> list[str]:
            ORDER BY v.created_at, v.id""", [dataset_id]).fetchall()]
 
 
+def confused_images(con: Con, variant_id: str) -> set[str]:
+    """The images of ``variant_id`` that have confusion rows."""
+    return {r[0] for r in con.execute("SELECT DISTINCT image_id FROM confusion WHERE variant_id = ?",
+                                      [variant_id]).fetchall()}
+
+
 def mask_folder(con: Con, dataset_id: str) -> str | None:
     """The folder of the dataset's ground-truth masks relative to its root (e.g.
     "SegmentationClassAug"), read from one registered image; None without masks."""

@@ -110,7 +110,8 @@ STATEMENTS = (
         note VARCHAR NOT NULL DEFAULT '', variant_id VARCHAR, created_at DOUBLE NOT NULL,
         PRIMARY KEY (dataset_id, image_id, kind))""",
     "CREATE SEQUENCE IF NOT EXISTS job_ids START 1",
-    # kind 'scan' registers a dataset; kind 'label' makes a variant's label maps for a split.
+    # kind 'scan' registers a dataset; kind 'label' makes a variant's label maps for a split;
+    # kind 'recount' counts a variant's stored label maps again (engine.runtime.worker._run_recount).
     """CREATE TABLE IF NOT EXISTS jobs (
         id BIGINT PRIMARY KEY DEFAULT nextval('job_ids'), kind VARCHAR NOT NULL,
         dataset_id VARCHAR NOT NULL, variant_id VARCHAR, split VARCHAR,

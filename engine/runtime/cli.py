@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine {submit,run,import,worker,isle,export,train,flags,status,sweep,confusion,cancel}``.
+"""Command line: ``python -m engine {submit,run,import,worker,isle,export,train,flags,status,sweep,confusion,recount,cancel}``.
 
     python -m engine run cam dcrf            # queue CAM and CAM -> dCRF on train, work until done
     python -m engine submit cam --param cam.epochs=3
@@ -10,6 +10,7 @@
     python -m engine sweep 129b11ceecef --make-per-class   # CAM at every background threshold; tuned
                                                  # on half the images, reported on the other half
     python -m engine confusion 129b11ceecef  # which class was labelled as which
+    python -m engine recount 5f3c0a1b2d4e    # confusion rows for a variant made before schema 8
     python -m engine isle --name auto --naive    # ISLE: Algorithm 2 on every complete variant,
                                                  # exact merge + naive baseline, predicted vs exact
     python -m engine isle --name mine --set cat=325fc03886c8 --fraction 0.5   # override, report subset
@@ -43,7 +44,7 @@ from engine.isle import assignments
 from engine.isle.export import IMAGE_MODES, ExportError, export_assignment, export_variant
 from engine.isle.numerics import OVERLAP_RULES, Subset
 from engine.methods.imported import FORMATS, import_step
-from engine.runtime.jobs import cancel, submit_chain, threshold_step
+from engine.runtime.jobs import cancel, submit_chain, submit_recount, threshold_step
 from engine.runtime.trainings import final_plugin, submit_training, trainings
 from engine.runtime.worker import WorkerConfig, serve
 
@@ -500,7 +501,8 @@ def _add_confusion(sub: argparse._SubParsersAction) -> None:
             images = len(queries.usable_image_ids(con, dataset_id, args.split))
             caption = diagnostics.protocol(con, dataset_id, args.split, images).caption
         if matrix is None:
-            raise SystemExit(f"{variant.name}: no confusion rows (recorded before schema 8: make the variant again)")
+            raise SystemExit(f"{variant.name}: no confusion rows (recorded before schema 8): "
+                             f"python -m engine recount {variant.id}")
         shares = matrix.normalised()
         size = matrix.classes.num_classes
         print(f"{variant.name} ({variant.id}): ground-truth class labelled as another, on {args.split}, {caption}")
@@ -531,8 +533,26 @@ def _add_cancel(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda args: cancel(args.cache, args.job_ids))
 
 
+def _add_recount(sub: argparse._SubParsersAction) -> None:
+    def handle(args: argparse.Namespace) -> None:
+        try:
+            job = submit_recount(args.cache, args.variant)
+        except KeyError as exc:
+            raise SystemExit(f"recount: {exc.args[0]}") from None
+        if job is None:
+            print("nothing to do: every label map with ground truth has its confusion rows")
+            return
+        print(f"queued job {job}")
+        serve(WorkerConfig(args.cache, until_idle=True), _Bars())
+
+    p = sub.add_parser("recount", help="count a variant's label maps again: counts and class confusion "
+                                       "(a variant recorded before schema 8), then work until idle")
+    p.add_argument("variant", help="variant id")
+    p.set_defaults(func=handle)
+
+
 SUBCOMMANDS = (_add_submit_and_run, _add_import, _add_worker, _add_isle, _add_export, _add_train, _add_flags,
-               _add_status, _add_sweep, _add_confusion, _add_cancel)
+               _add_status, _add_sweep, _add_confusion, _add_recount, _add_cancel)
 
 
 def parser() -> argparse.ArgumentParser:

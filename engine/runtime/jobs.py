@@ -85,6 +85,24 @@ def threshold_step(variant: Variant, bg_threshold: float | None = None,
     return Step(variant.step, params)
 
 
+def submit_recount(cache_dir: Path, variant_id: str) -> int | None:
+    """Queue counting ``variant_id``'s stored label maps again (counts and class confusion of the
+    images without confusion rows: a variant recorded before schema 8) on the split it was made
+    for; returns the job id, None when nothing is missing. Raises ``KeyError`` for an unknown
+    variant."""
+    with connect(cache_dir) as con:
+        variant = queries.get_variant(con, variant_id)
+        split = queries.variant_split(con, variant_id) if variant else None
+        if variant is None or split is None:
+            raise KeyError(f"no variant {variant_id!r} with label maps in the cache")
+        maps = queries.label_map_rows(con, variant_id)
+        truth = {r.image_id for r in queries.usable_images(con, variant.dataset_id, split) if r.mask_path}
+        if not (truth & set(maps)) - queries.confused_images(con, variant_id):
+            return None
+        existing = queries.open_job(con, "recount", variant.dataset_id, variant_id, split)
+        return existing.id if existing else queries.insert_job(con, "recount", variant.dataset_id, variant_id, split, None)
+
+
 def cancel(cache_dir: Path, job_ids: Sequence[int]) -> None:
     """Ask the worker to stop these jobs; finished label maps stay in the cache."""
     with connect(cache_dir) as con:

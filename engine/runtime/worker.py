@@ -26,7 +26,7 @@ import numpy as np
 from cache import queries
 from cache.classes import ClassSet
 from cache.db import connect
-from cache.labelmaps import write_label_map, write_scores
+from cache.labelmaps import LabelMapError, read_label_map, write_label_map, write_scores
 from cache.rows import Dataset, ImageRow, Job
 from cache.schema import JobStatus
 from engine.core import registry
@@ -121,7 +121,7 @@ class _JobRun:
 
     def flush(self) -> None:
         with connect(self.cfg.cache_dir) as con:
-            if self.job.kind == "label":
+            if self.job.kind in ("label", "recount"):
                 queries.record_results(con, self.job.id, self.job.variant_id, self.pending)
             cancel = queries.set_progress(con, self.job.id, self.stage, self.done, self.total, self.n_errors)
         self.pending = queries.ResultRows([], [], [])
@@ -174,15 +174,7 @@ def _record(run: _JobRun, result: LabelResult, item: Item, labels_dir: Path, var
             scores_path = Path("scores") / variant_id / f"{item.image_id}.npz"
             write_scores(cache_dir / scores_path, result.score_classes, result.scores)
         if item.mask_path is not None:
-            gt = read_mask(item.mask_path, (item.height, item.width))
-            counts = confusion_counts(gt, label, classes.num_classes)
-            for class_id, (tp, fp, fn) in enumerate(counts.tolist()):
-                if tp or fp or fn:
-                    run.pending.counts.append((item.image_id, class_id, tp, fp, fn))
-            run.pending.confusion.extend(
-                (item.image_id, g, p, n) for g, p, n in confusion_pairs(gt, label, classes.num_classes).tolist())
-            if result.peak is not None:
-                _queue_sweep(run, item.image_id, sweep_counts(gt, *result.peak, run.cfg.sweep_grid, classes.num_classes))
+            _count(run, item, label, result.peak, classes)
         if result.conflicts is not None:
             winners, losers = np.nonzero(result.conflicts)
             run.pending.conflicts.extend((item.image_id, int(w), int(l), int(result.conflicts[w, l]))
@@ -192,6 +184,23 @@ def _record(run: _JobRun, result: LabelResult, item: Item, labels_dir: Path, var
         run.n_errors += 1
         run.pending.errors.append((item.image_id, str(exc)))
         log.warning("job %s: %s", run.job.id, exc)
+
+
+def _count(run: _JobRun, item: Item, label: np.ndarray, peak: tuple[np.ndarray, np.ndarray] | None,
+           classes: ClassSet) -> None:
+    """Queue the rows of one label map against its image's ground truth: counts, confusion cells
+    and, with a ``peak``, the threshold sweep. Raises ``ImageError`` / ``ValueError`` for a bad
+    mask or label values before anything is queued."""
+    gt = read_mask(item.mask_path, (item.height, item.width))
+    counts = confusion_counts(gt, label, classes.num_classes)
+    cells = confusion_pairs(gt, label, classes.num_classes)
+    sweep = None if peak is None else sweep_counts(gt, *peak, run.cfg.sweep_grid, classes.num_classes)
+    for class_id, (tp, fp, fn) in enumerate(counts.tolist()):
+        if tp or fp or fn:
+            run.pending.counts.append((item.image_id, class_id, tp, fp, fn))
+    run.pending.confusion.extend((item.image_id, g, p, n) for g, p, n in cells.tolist())
+    if sweep is not None:
+        _queue_sweep(run, item.image_id, sweep)
 
 
 def _queue_sweep(run: _JobRun, image_id: str, sweep: np.ndarray) -> None:
@@ -257,6 +266,30 @@ def _run_label(run: _JobRun, dataset: Dataset) -> None:
         run.report("label", done, len(items))
 
 
+def _run_recount(run: _JobRun, dataset: Dataset) -> None:
+    """Count a variant's stored label maps again against the ground truth: its counts and class
+    confusion, for the images with ground truth that have no confusion rows yet (a variant
+    recorded before schema 8). Label maps and scores stay as they are; a threshold sweep needs
+    the full-resolution scores and is not made. Resumes with the images not recounted yet."""
+    cache_dir, job = run.cfg.cache_dir, run.job
+    with connect(cache_dir, read_only=True) as con:
+        rows = queries.usable_images(con, dataset.id, job.split)
+        maps = queries.label_map_rows(con, job.variant_id)
+        done = queries.confused_images(con, job.variant_id)
+    todo = [_item(r) for r in rows if r.mask_path and r.image_id in maps and r.image_id not in done]
+    run.report("recount", 0, len(todo))
+    for count, item in enumerate(todo, start=1):
+        path, scores_path = maps[item.image_id]
+        try:
+            _count(run, item, read_label_map(cache_dir / path), None, dataset.classes)
+        except (LabelMapError, ImageError, OSError, ValueError) as exc:
+            run.n_errors += 1
+            run.pending.errors.append((item.image_id, f"{cache_dir / path}: {exc}"))
+        else:
+            run.pending.label_maps.append((item.image_id, path, scores_path))
+        run.report("recount", count, len(todo))
+
+
 def run_job(cfg: WorkerConfig, job: Job, on_progress: ProgressFn | None = None) -> JobStatus:
     """Run a claimed job to its end state and record it."""
     run = _JobRun(cfg, job, on_progress)
@@ -266,6 +299,8 @@ def run_job(cfg: WorkerConfig, job: Job, on_progress: ProgressFn | None = None) 
     try:
         if job.kind == "scan":
             error = _run_scan(run, dataset)
+        elif job.kind == "recount":
+            _run_recount(run, dataset)
         else:
             _run_label(run, dataset)
         run.flush()

@@ -183,8 +183,12 @@ class SweepTable:
 def sweep_table(con: Con, dataset_id: str, split: str, variant_id: str,
                 image_ids: Sequence[str] | None = None) -> SweepTable | None:
     """The ``SweepTable`` of ``variant_id`` over the split's usable images (in ``image_ids``);
-    None when the variant has no sweep rows."""
+    None when the variant has no sweep rows. Only the thresholds swept on every image are kept
+    (a job resumed with another ``--sweep-grid`` swept the rest on some images only)."""
     rows = queries.sweep_sums(con, dataset_id, split, variant_id, image_ids)
+    if rows:
+        complete = max(r["swept"] for r in rows)
+        rows = [r for r in rows if r["swept"] == complete]
     if not rows:
         return None
     classes = queries.get_dataset(con, dataset_id).classes

@@ -568,16 +568,20 @@ def _chosen_images(image_ids: Sequence[str] | None) -> tuple[str, list]:
 def sweep_sums(con: Con, dataset_id: str, split: str, variant_id: str,
                image_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """A variant's threshold sweep summed over the split's usable images (in ``image_ids``):
-    dicts (threshold, class_id, tp, fp, fn, fp_bg, n_images) by threshold and class; n_images
-    counts the images whose ground truth holds the class. Empty when the variant has no sweep."""
+    dicts (threshold, class_id, tp, fp, fn, fp_bg, n_images, swept) by threshold and class;
+    n_images counts the images whose ground truth holds the class, swept the images with rows at
+    that threshold (a job resumed with another grid leaves some thresholds short). Empty when
+    the variant has no sweep."""
     chosen, args = _chosen_images(image_ids)
     return _dicts(con.execute(
-        f"""WITH {chosen}
-            SELECT s.threshold, s.class_id::INTEGER AS class_id, sum(s.tp) AS tp, sum(s.fp) AS fp,
-                   sum(s.fn) AS fn, sum(s.fp_bg) AS fp_bg, count(*) FILTER (WHERE s.tp + s.fn > 0) AS n_images
-            FROM sweep_counts s SEMI JOIN chosen USING (image_id)
-            WHERE s.variant_id = ?
-            GROUP BY s.threshold, s.class_id ORDER BY s.threshold, s.class_id""",
+        f"""WITH {chosen},
+                rows AS (SELECT s.* FROM sweep_counts s SEMI JOIN chosen USING (image_id) WHERE s.variant_id = ?),
+                swept AS (SELECT threshold, count(DISTINCT image_id) AS swept FROM rows GROUP BY threshold)
+            SELECT r.threshold, r.class_id::INTEGER AS class_id, sum(r.tp) AS tp, sum(r.fp) AS fp,
+                   sum(r.fn) AS fn, sum(r.fp_bg) AS fp_bg, count(*) FILTER (WHERE r.tp + r.fn > 0) AS n_images,
+                   any_value(w.swept) AS swept
+            FROM rows r JOIN swept w USING (threshold)
+            GROUP BY r.threshold, r.class_id ORDER BY r.threshold, r.class_id""",
         [dataset_id, split, *args, variant_id]))
 
 

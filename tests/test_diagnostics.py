@@ -290,3 +290,19 @@ def test_recount_restores_the_confusion_of_a_variant_made_before_schema_8(baseli
     assert "nothing to do" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no variant"):
         cli.main([*base, "recount", "0123456789ab"])
+
+
+def test_the_grid_is_a_worker_parameter(baseline_cache, tmp_path):
+    cache_dir, root = baseline_cache
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    submit_chain(copy, root, "train", [Step("cam", {**TINY_CAM, "bg_threshold": 0.2})])
+    cli.main(["--cache", str(copy), "--dataset", str(root), "--sweep-grid", "0.2,0.4", "worker", "--until-idle"])
+    with connect(copy, read_only=True) as con:
+        variant = next(v for v in queries.variants(con, dataset_id_for(root)) if v.params.get("bg_threshold") == 0.2)
+        table = diagnostics.sweep_table(con, dataset_id_for(root), "train", variant.id)
+        counts = _counts(con, variant.id)
+        assert _sweep_at(con, variant.id, 0.2) == counts
+    np.testing.assert_array_equal(table.thresholds, [0.2, 0.4])
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["--sweep-grid", "0.3,1.5", "status"])

@@ -46,6 +46,7 @@ from engine.isle.numerics import OVERLAP_RULES, Subset
 from engine.methods.imported import FORMATS, import_step
 from engine.runtime.jobs import cancel, submit_chain, submit_recount, threshold_step
 from engine.runtime.trainings import final_plugin, submit_training, trainings
+from engine.ops.sweep import DEFAULT_GRID, check_grid
 from engine.runtime.worker import WorkerConfig, serve
 
 Handler = Callable[[argparse.Namespace], None]
@@ -137,7 +138,7 @@ def _queue_and_work(args: argparse.Namespace, steps: list[Step], source: str | N
     print(f"queued jobs {ids}" if ids else "nothing to do: every variant of the chain is complete")
     if not work:
         return
-    serve(WorkerConfig(args.cache, until_idle=True), _Bars())
+    serve(WorkerConfig(args.cache, until_idle=True, sweep_grid=args.sweep_grid), _Bars())
     with connect(args.cache, read_only=True) as con:
         errors = [e for job_id in ids for e in queries.image_errors(con, job_id)]
     for error in errors[:20]:
@@ -187,7 +188,7 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
 def _add_worker(sub: argparse._SubParsersAction) -> None:
     def handle(args: argparse.Namespace) -> None:
         cfg = WorkerConfig(args.cache, until_idle=args.until_idle, stale_seconds=args.stale_seconds,
-                           processes=args.processes, flush_seconds=args.flush_seconds)
+                           processes=args.processes, flush_seconds=args.flush_seconds, sweep_grid=args.sweep_grid)
         serve(cfg, _Bars() if args.progress else None)
 
     p = sub.add_parser("worker", help="run the background worker")
@@ -375,7 +376,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         except (KeyError, ValueError) as exc:
             raise SystemExit(f"train: {exc}") from None
         print(f"queued jobs {queued.job_ids}" if queued.job_ids else "nothing to do: this training is complete")
-        serve(WorkerConfig(args.cache, until_idle=True), _Bars())
+        serve(WorkerConfig(args.cache, until_idle=True, sweep_grid=args.sweep_grid), _Bars())
         with connect(args.cache, read_only=True) as con:
             rows = trainings(con, dataset_id_for(args.root), args.on)
         print(f"\nTrainings, mIoU on {args.on} (%):")
@@ -543,7 +544,7 @@ def _add_recount(sub: argparse._SubParsersAction) -> None:
             print("nothing to do: every label map with ground truth has its confusion rows")
             return
         print(f"queued job {job}")
-        serve(WorkerConfig(args.cache, until_idle=True), _Bars())
+        serve(WorkerConfig(args.cache, until_idle=True, sweep_grid=args.sweep_grid), _Bars())
 
     p = sub.add_parser("recount", help="count a variant's label maps again: counts and class confusion "
                                        "(a variant recorded before schema 8), then work until idle")
@@ -553,6 +554,20 @@ def _add_recount(sub: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS = (_add_submit_and_run, _add_import, _add_worker, _add_isle, _add_export, _add_train, _add_flags,
                _add_status, _add_sweep, _add_confusion, _add_recount, _add_cancel)
+
+
+def _grid(text: str) -> tuple[float, ...]:
+    """``"0.05:0.6:0.05"`` (both ends included) or ``"0.1,0.2,0.3"`` as a threshold grid."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            count = int(round((stop - start) / step)) + 1
+            values = [round(start + k * step, 6) for k in range(count)]
+        else:
+            values = [float(v) for v in text.split(",")]
+        return check_grid(values)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -566,6 +581,9 @@ def parser() -> argparse.ArgumentParser:
                         "dataset.toml) or a description file (default $ISLE_VOC_ROOT or the bundled "
                         "voc2012-animals)")
     p.add_argument("--split", default="train")
+    p.add_argument("--sweep-grid", type=_grid, default=DEFAULT_GRID, metavar="START:STOP:STEP | T,T,...",
+                   help="background thresholds at which the worker also counts a CAM-like variant's labels "
+                        "(default 0.05:0.60:0.05)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:

@@ -638,13 +638,15 @@ def confused_images(con: Con, variant_id: str) -> set[str]:
 
 def mask_folder(con: Con, dataset_id: str) -> str | None:
     """The folder of the dataset's ground-truth masks relative to its root (e.g.
-    "SegmentationClassAug"), read from one registered image; None without masks."""
+    "SegmentationClassAug"; to a description file's folder), read from one registered image;
+    the absolute folder when it lies elsewhere; None without masks."""
     row = con.execute(
         """SELECT d.root, i.mask_path FROM images i JOIN datasets d ON d.id = i.dataset_id
            WHERE i.dataset_id = ? AND i.mask_path IS NOT NULL LIMIT 1""", [dataset_id]).fetchone()
     if row is None:
         return None
     root, mask = Path(row[0]), Path(row[1])
+    root = root.parent if root.is_file() else root
     try:
         return str(mask.parent.relative_to(root))
     except ValueError:

@@ -306,3 +306,54 @@ def test_the_grid_is_a_worker_parameter(baseline_cache, tmp_path):
     np.testing.assert_array_equal(table.thresholds, [0.2, 0.4])
     with pytest.raises(SystemExit):
         cli.parser().parse_args(["--sweep-grid", "0.3,1.5", "status"])
+
+
+def test_a_figure_names_its_protocol_ground_truth_folder_and_split_list(tmp_path):
+    """The ground-truth folder is chosen per dataset (a description file naming SegmentationClass
+    over the same VOCdevkit), the split list per figure (a variant made on one list is counted on
+    any list holding its images), and each figure's protocol says which."""
+    from PIL import Image
+
+    from cache import reports
+    from cache.labelmaps import write_label_map
+    from engine.methods.imported import import_step
+    from tests.conftest import _split_ids, make_voc_copy
+
+    ids = _split_ids("train")[:6]
+    root = make_voc_copy(tmp_path / "voc", {"train_aug": ids, "train": ids[:3]})
+    (root / "SegmentationClass").mkdir()
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for image_id in ids:
+        mask = np.asarray(Image.open(root / "SegmentationClassAug" / f"{image_id}.png"))
+        # SegmentationClass here: the borders (255) of the Aug masks labelled background
+        Image.fromarray(np.where(mask == 255, 0, mask).astype(np.uint8)).save(root / "SegmentationClass" / f"{image_id}.png")
+        write_label_map(labels / f"{image_id}.png", np.where(mask == 255, 0, mask).astype(np.uint8))
+    description = tmp_path / "voc-segmentationclass.toml"
+    description.write_text(f'root = "{root}"\nclasses = "voc"\nimages = "JPEGImages/{{id}}.jpg"\n'
+                           'masks = "SegmentationClass/{id}.png"\n'
+                           '[splits.train_aug]\nlist = "ImageSets/Segmentation/train_aug.txt"\n')
+    cache_dir = tmp_path / "cache"
+    for dataset in (root, description):
+        submit_chain(cache_dir, dataset, "train_aug", [import_step(labels, "borders as background")])
+    serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.05, processes=1))
+    with connect(cache_dir, read_only=True) as con:
+        aug = dataset_id_for(root)
+        plain = dataset_id_for(description)
+        aug_caption = diagnostics.protocol(con, aug, "train_aug", 6).caption
+        plain_caption = diagnostics.protocol(con, plain, "train_aug", 6).caption
+        aug_table = reports.iou_table(con, aug, "train_aug")
+        plain_table = reports.iou_table(con, plain, "train_aug")
+        on_train = reports.iou_table(con, aug, "train")
+        per_image = {i: c for i, c in
+                     ((r[0], r[1:]) for r in con.execute(
+                         "SELECT image_id, sum(tp), sum(fp) FROM counts WHERE variant_id = ? GROUP BY image_id",
+                         [aug_table.variant_ids[0]]).fetchall())}
+    assert "ground truth SegmentationClassAug" in aug_caption and "split list train_aug (6 images" in aug_caption
+    assert "ground truth voc/SegmentationClass," in plain_caption
+    # against SegmentationClass the label is the ground truth itself; against Aug the borders are ignored
+    assert plain_table.fp[0].sum() == 0 and plain_table.fn[0].sum() == 0
+    assert aug_table.tp[0].sum() < plain_table.tp[0].sum()
+    # the variant made on train_aug, counted on the train list: its 3 images only
+    assert on_train.labelled.tolist() == [3]
+    assert on_train.tp[0].sum() == sum(per_image[i][0] for i in ids[:3])

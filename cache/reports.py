@@ -55,10 +55,7 @@ def iou_table(con: Con, dataset_id: str, split: str, image_ids: Sequence[str] | 
         if r["variant_id"] in index:
             at = (index[r["variant_id"]], r["class_id"])
             tp[at], fp[at], fn[at], n_images[at] = r["tp"], r["fp"], r["fn"], r["n_images"]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(n_images > 0, tp / np.maximum(tp + fp + fn, 1), np.nan)
-    has_class = n_images > 0
-    miou = np.array([row[mask].mean() if mask.any() else np.nan for row, mask in zip(iou, has_class)])
+    iou, miou = _iou(tp, fp, fn, n_images)
     return IoUTable(
         classes=classes,
         variant_ids=[v.id for v in variants],
@@ -68,6 +65,47 @@ def iou_table(con: Con, dataset_id: str, split: str, image_ids: Sequence[str] | 
         with_truth=np.array([with_truth.get(v.id, 0) for v in variants], np.int64),
         iou=iou, tp=tp, fp=fp, fn=fn, n_images=n_images, miou=miou,
     )
+
+
+def _iou(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, n_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(V, C)`` IoU (NaN where no image holds the class) and ``(V,)`` mIoU over the classes with images."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(n_images > 0, tp / np.maximum(tp + fp + fn, 1), np.nan)
+    has_class = n_images > 0
+    miou = np.array([row[mask].mean() if mask.any() else np.nan for row, mask in zip(iou, has_class)])
+    return iou, miou
+
+
+def recount(table: IoUTable, tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> IoUTable:
+    """``table`` with other TP, FP, FN pixel counts ``(V, C) int64`` (e.g. its predicted 255 taken
+    out of FN: ``cache.diagnostics.apply_undecided``), IoU and mIoU recomputed; images unchanged."""
+    if not tp.shape == fp.shape == fn.shape == table.tp.shape:
+        raise ValueError(f"expected counts of shape {table.tp.shape}, got {tp.shape}, {fp.shape}, {fn.shape}")
+    iou, miou = _iou(tp, fp, fn, table.n_images)
+    return dataclasses.replace(table, tp=tp, fp=fp, fn=fn, iou=iou, miou=miou)
+
+
+def insert_row(table: IoUTable, at: int, variant_id: str, name: str, source_id: str | None, labelled: int,
+               with_truth: int, counts: np.ndarray, n_images: np.ndarray) -> IoUTable:
+    """``table`` with one more row before row ``at`` (e.g. a variant's counts at another
+    background threshold, ``cache.diagnostics.SweepTable``): counts ``(C, 3) int64`` TP, FP, FN,
+    n_images ``(C,) int64``."""
+    size = table.classes.num_classes
+    if counts.shape != (size, 3) or n_images.shape != (size,):
+        raise ValueError(f"expected counts ({size}, 3) and n_images ({size},), got {counts.shape}, {n_images.shape}")
+
+    def put(values: np.ndarray, row) -> np.ndarray:
+        return np.insert(values, at, row, axis=0)
+
+    tp, fp, fn = (put(getattr(table, k), counts[:, j]) for j, k in enumerate(("tp", "fp", "fn")))
+    images = put(table.n_images, n_images)
+    iou, miou = _iou(tp, fp, fn, images)
+    return dataclasses.replace(
+        table, variant_ids=[*table.variant_ids[:at], variant_id, *table.variant_ids[at:]],
+        names=[*table.names[:at], name, *table.names[at:]],
+        source_ids=[*table.source_ids[:at], source_id, *table.source_ids[at:]],
+        labelled=put(table.labelled, labelled), with_truth=put(table.with_truth, with_truth),
+        tp=tp, fp=fp, fn=fn, n_images=images, iou=iou, miou=miou)
 
 
 def select_rows(table: IoUTable, variant_ids: list[str]) -> IoUTable:

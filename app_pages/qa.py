@@ -3,8 +3,10 @@
 The grid is one ``cache.qa.find_images`` query over the cached counts (no label map decoded) and
 thumbnails from ``cache.thumbnails``; the single-image view decodes that one image's files. The
 per-class IoU heatmap links here with ``?split=&variant=&class=&sort=`` (a cell's images, worst
-first); ``?image=`` opens one image. Flags are written to the cache at once and can keep images
-out of the ISLE selection subset (ISLE ensemble page, or ``python -m engine isle --exclude-flagged``).
+first), a confusion-matrix cell with ``?sort=confusion&variant=&class=<ground truth>&as=<class or
+"undecided">`` (the images with most pixels of the one labelled as the other); ``?image=`` opens
+one image. Flags are written to the cache at once and can keep images out of the ISLE selection
+subset (ISLE ensemble page, or ``python -m engine isle --exclude-flagged``).
 Class names, pickers and overlay colours are the picked dataset's class set; a link may name the
 dataset (``?dataset=<id>``), and switching datasets resets the class filters and closes the image.
 
@@ -40,6 +42,7 @@ from ui.qa_view import (
 
 COLUMNS = 4
 PAGE_SIZES = (12, 24, 48)
+UNDECIDED_NAME = "undecided"  # "as" of a link for the pixels a variant labelled 255
 state = st.session_state
 
 st.title("Pseudo-label QA")
@@ -48,9 +51,9 @@ st.caption("Sort and filter the images by what the cached counts say, open one t
 
 
 def _apply_query_params() -> None:
-    """Copy a link's ``?dataset=&split=&variant=&other=&class=&sort=&descending=0|1&image=`` into
-    the widgets, once per link; the dataset and the class (a name of its class set) are applied
-    once the dataset is picked."""
+    """Copy a link's ``?dataset=&split=&variant=&other=&class=&as=&sort=&descending=0|1&image=``
+    into the widgets, once per link; the dataset, the class and "as" (names of its class set, "as"
+    also "undecided") are applied once the dataset is picked."""
     incoming = {key: st.query_params[key] for key in st.query_params}
     if not incoming or state.get("qa_link") == incoming:
         return
@@ -62,6 +65,7 @@ def _apply_query_params() -> None:
             state[f"qa_{key}"] = incoming[key]
     state["qa_link_dataset"] = incoming.get("dataset")
     state["qa_link_class"] = incoming.get("class")
+    state["qa_link_as"] = incoming.get("as")
     if incoming.get("sort") in qa.SORTS:
         state["qa_sort"] = incoming["sort"]
         state["qa_descending"] = (incoming["descending"] == "1" if incoming.get("descending") in ("0", "1")
@@ -74,7 +78,7 @@ def _switched_dataset(linked: bool) -> None:
     """Another dataset than the last run's: its label values name other classes, its images
     other ids, so the class filters are reset and the open image is closed (unless a link of
     this run opened it: linked)."""
-    for key in ("qa_class", "qa_classes", "qa_scores_class", "qa_layer_a", "qa_layer_b"):
+    for key in ("qa_class", "qa_confused_as", "qa_classes", "qa_scores_class", "qa_layer_a", "qa_layer_b"):
         state.pop(key, None)
     state["qa_page"] = 1
     if not linked:
@@ -92,15 +96,26 @@ state["qa_dataset"] = dataset.id
 classes = dataset.classes
 if (class_name := state.pop("qa_link_class", None)) in classes.names:
     state["qa_class"] = classes.index(class_name)
+if (as_name := state.pop("qa_link_as", None)) == UNDECIDED_NAME:
+    state["qa_confused_as"] = qa.UNDECIDED
+elif as_name in classes.names:
+    state["qa_confused_as"] = classes.index(as_name)
 directory = cache_dir()
 table = read(reports.iou_table, dataset.id, split)
 names = dict(zip(table.variant_ids, row_labels(table)))
 layer_names = {GT: "ground truth", NONE: "none", **names}
 
 
-def _fmt(sort: str, value: float | None) -> str:
+def _label_name(class_id: int) -> str:
+    return "undecided (255)" if class_id == qa.UNDECIDED else classes.name(class_id)
+
+
+def _fmt(query: qa.ImageQuery, value: float | None) -> str:
+    sort = query.sort
     if value is None:
         return ""
+    if sort == "confusion":
+        return f"{int(value):,} px {classes.name(query.class_id)} → {_label_name(query.confused_as)}"
     if sort == "iou":
         return f"IoU {100 * value:.1f}%"
     if sort == "gain":
@@ -142,7 +157,16 @@ if sort in ("disagreement", "gain"):
     other = right.selectbox("Second variant", others, format_func=names.get, key="qa_other", index=None,
                             placeholder="choose the variant to compare with", on_change=_first_page)
 class_id = right.selectbox("Class the sort is about", [None, *range(classes.num_classes)], key="qa_class",
-                           format_func=lambda c: "whole image" if c is None else classes.name(c), on_change=_first_page)
+                           format_func=lambda c: "whole image" if c is None else classes.name(c), on_change=_first_page,
+                           help="For a confusion: the ground-truth class.")
+confused_as = None
+if sort == "confusion":
+    labelled = [c for c in (*range(classes.num_classes), qa.UNDECIDED) if c != class_id]
+    if state.get("qa_confused_as") not in labelled:
+        state.pop("qa_confused_as", None)
+    confused_as = right.selectbox("Labelled as", labelled, format_func=_label_name, key="qa_confused_as",
+                                  index=None, placeholder="choose what the variant labelled it as",
+                                  on_change=_first_page)
 left, middle, right = st.columns(3)
 holding = left.multiselect("Images holding the classes", classes.foreground, format_func=classes.name,
                            key="qa_classes", on_change=_first_page)
@@ -150,7 +174,8 @@ flagged = middle.selectbox("Flags", qa.FLAG_FILTERS, key="qa_flagged", on_change
                            format_func=lambda f: qa.FLAG_KINDS.get(f, f))
 state.setdefault("qa_descending", qa.DESCENDING[sort])
 descending = right.toggle("Largest first", key="qa_descending", on_change=_first_page,
-                          help="Default per sort: lowest IoU first, most errors, disagreement, gain and conflicts first.")
+                          help="Default per sort: lowest IoU first; most errors, disagreement, gain, conflicts and "
+                               "confused pixels first.")
 grid_layer = right.selectbox("Grid overlay", [GT, NONE, *names], format_func=layer_names.get,
                              index=0 if variant is None else 2 + list(names).index(variant), key="qa_grid_layer")
 
@@ -159,8 +184,13 @@ if needs_variant and variant is None:
     st.info(f"Choose a variant to sort by {qa.SORTS[sort].lower()}.")
 elif sort in ("disagreement", "gain") and other is None:
     st.info("Choose the second variant.")
+elif sort == "confusion" and (class_id is None or confused_as is None):
+    st.info("Choose the ground-truth class and what the variant labelled it as.")
 else:
-    query = qa.ImageQuery(split, tuple(holding), variant, other, class_id, sort, descending, flagged)
+    query = qa.ImageQuery(split, tuple(holding), variant, other, class_id, sort, descending, flagged, confused_as)
+    if sort == "confusion" and variant not in read(queries.confused_variants, dataset.id):
+        st.warning(f"{names[variant]} has no class confusion recorded (labelled before the cache recorded it): "
+                   f"count its label maps again with `python -m engine recount {variant}` to sort by a confusion.")
 
 left, right = st.columns([1, 3])
 page_size = left.selectbox("Images per page", PAGE_SIZES, index=1, key="qa_page_size", on_change=_first_page)
@@ -202,7 +232,7 @@ def grid() -> None:
                     st.image(_thumb(row, grid_layer, opacity))
                 except ThumbnailError as exc:
                     st.error(str(exc))
-                st.caption(f"**{row['image_id']}** {_fmt(query.sort, row['value'])}"
+                st.caption(f"**{row['image_id']}** {_fmt(query, row['value'])}"
                            f" · {_class_names(row['labels'])}{_flag_text(row['flags'])}")
                 st.button("Open", key=f"qa_open_{row['image_id']}", on_click=_open, args=(row["image_id"],))
 

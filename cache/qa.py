@@ -1,6 +1,6 @@
 """Pseudo-label QA in SQL: find, sort and flag images from the cached counts alone.
 
-Every sort key is one DuckDB aggregation over ``counts`` (or ``conflicts``), per image; nothing
+Every sort key is one DuckDB aggregation over ``counts`` (or ``conflicts``, ``confusion``), per image; nothing
 here decodes a label map, so a page of a 10,000-image split costs one query (``bench/qa_browse.py``).
 Flags are the user's marks on images, stored in the ``flags`` table and written by the app.
 """
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cache.classes import IGNORE_INDEX
 from cache.queries import Con, _dicts
 
 FLAG_KINDS: dict[str, str] = {
@@ -29,15 +30,22 @@ SORTS: dict[str, str] = {
     "disagreement": "disagreement between two variants",
     "gain": "IoU gain of the second variant over the first",
     "conflicts": "conflict pixels in an ISLE merge",
+    "confusion": "pixels of a ground-truth class labelled as another class",
 }
 """Sort key -> what it orders by. ``iou``, ``errors`` and ``conflicts`` need a variant;
 ``disagreement`` and ``gain`` a variant and another. With a class, the key is about that class
-only; without, about the whole image (see ``find_images``)."""
+only; without, about the whole image (see ``find_images``). ``confusion`` needs a variant, the
+ground-truth class (``class_id``) and what it was labelled as (``confused_as``): one cell of the
+variant's class confusion (``confusion`` table) per image."""
 
-DESCENDING = {"image": False, "iou": False, "errors": True, "disagreement": True, "gain": True, "conflicts": True}
+DESCENDING = {"image": False, "iou": False, "errors": True, "disagreement": True, "gain": True, "conflicts": True,
+              "confusion": True}
 """Each key's default direction: the image that most needs a look comes first."""
 
 FLAG_FILTERS = ("any", "flagged", "unflagged", *FLAG_KINDS)
+
+UNDECIDED = IGNORE_INDEX
+"""``confused_as`` for the pixels a variant left undecided (label value 255)."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +55,10 @@ class ImageQuery:
     split: the images of this split without a problem. classes: only images whose image-level
     labels hold all of these class ids. variant / other: variant ids the sort is about; when set,
     only images both have a label map for are listed. class_id: the class the sort key is about
-    (None: the whole image). sort: a key of ``SORTS``. descending: None takes ``DESCENDING``.
-    flagged: one of ``FLAG_FILTERS`` ("any", "flagged", "unflagged" or a flag kind).
+    (None: the whole image); for sort "confusion", the ground-truth class. sort: a key of
+    ``SORTS``. descending: None takes ``DESCENDING``. flagged: one of ``FLAG_FILTERS`` ("any",
+    "flagged", "unflagged" or a flag kind). confused_as: for sort "confusion" only, the class the
+    variant labelled ``class_id``'s pixels as (another class id, or ``UNDECIDED`` = 255).
     """
 
     split: str
@@ -59,6 +69,7 @@ class ImageQuery:
     sort: str = "image"
     descending: bool | None = None
     flagged: str = "any"
+    confused_as: int | None = None
 
     def __post_init__(self) -> None:
         if self.sort not in SORTS:
@@ -69,6 +80,19 @@ class ImageQuery:
             raise ValueError(f"sort {self.sort!r} needs a variant")
         if self.sort in ("disagreement", "gain") and self.other is None:
             raise ValueError(f"sort {self.sort!r} needs a second variant")
+        if self.sort != "confusion":
+            if self.confused_as is not None:
+                raise ValueError(f"confused_as is for sort 'confusion' only, not {self.sort!r}")
+            return
+        if self.class_id is None or not 0 <= self.class_id < IGNORE_INDEX:
+            raise ValueError(f"sort 'confusion' needs a ground-truth class id (class_id 0..{IGNORE_INDEX - 1}), "
+                             f"got {self.class_id!r}")
+        if self.confused_as is None or not 0 <= self.confused_as <= IGNORE_INDEX:
+            raise ValueError(f"sort 'confusion' needs the class the pixels were labelled as (confused_as: a "
+                             f"class id or {IGNORE_INDEX} = undecided), got {self.confused_as!r}")
+        if self.confused_as == self.class_id:
+            raise ValueError(f"class {self.class_id} labelled as itself is a true positive, not a confusion; "
+                             "sort by 'iou' for it")
 
 
 @dataclass(frozen=True)
@@ -77,7 +101,7 @@ class ImagePage:
 
     rows: dicts with image_id, labels (foreground class ids), height, width, image_path, mask_path
     (as the ``images`` table holds them), value (the sort key:
-    IoU or gain in [-1, 1], pixels for errors and conflicts, a fraction of the image's pixels for
+    IoU or gain in [-1, 1], pixels for errors, conflicts and confusion, a fraction of the image's pixels for
     disagreement (a lower bound, see ``_key_sql``); None for "image") and flags (the image's flag kinds, sorted).
     """
 
@@ -107,6 +131,9 @@ def _key_sql(query: ImageQuery) -> str | None:
         pair = "AND (winner = $class_id OR loser = $class_id)" if by_class else ""
         return f"""SELECT image_id, sum(pixels) AS value FROM conflicts
                    WHERE variant_id = $variant {pair} GROUP BY image_id"""
+    if query.sort == "confusion":  # one stored cell per image at most (its primary key)
+        return """SELECT image_id, pixels AS value FROM confusion
+                  WHERE variant_id = $variant AND gt = $class_id AND pred = $confused_as"""
     if query.sort == "disagreement":
         # Where the ground truth is c, the pixels exactly one variant calls c number at least
         # |TP_a - TP_b|; elsewhere at least |FP_a - FP_b|. A pixel the two label differently is
@@ -133,7 +160,9 @@ def find_images(con: Con, dataset_id: str, query: ImageQuery, limit: int = 24, o
 
     One SQL statement. With a sort key, images the key does not cover are left out: for a class,
     images where neither the ground truth nor the variant has it (iou, errors), or, for
-    conflicts, images without a conflict. Raises ``ValueError`` for a bad query.
+    conflicts, images without a conflict; for confusion, images without a pixel of that cell
+    (none of the class labelled so, or recorded before schema 8: a variant without confusion
+    rows lists nothing). Raises ``ValueError`` for a bad query.
     """
     params: dict[str, Any] = {"dataset": dataset_id, "split": query.split,
                               "classes": list(query.classes), "limit": limit, "offset": offset}
@@ -154,6 +183,8 @@ def find_images(con: Con, dataset_id: str, query: ImageQuery, limit: int = 24, o
     key = _key_sql(query)
     if key is not None and query.class_id is not None:
         params["class_id"] = query.class_id
+    if query.confused_as is not None:
+        params["confused_as"] = query.confused_as
     descending = DESCENDING[query.sort] if query.descending is None else query.descending
     value = "NULL" if key is None else "k.value / (b.height * b.width)" if query.sort == "disagreement" else "k.value"
     body = f"""

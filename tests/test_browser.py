@@ -137,8 +137,10 @@ def test_every_page_url_opens_cleanly_as_a_fresh_servers_first_request(path, bas
 def test_heatmap_page_renders_in_chromium(served_app, browser, tmp_path):
     wait = _follow_sidebar(browser, served_app, "Per-class IoU")
     wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".js-plotly-plot .heatmaplayer")))
-    wait.until(lambda d: "mIoU" in d.find_element(By.CSS_SELECTOR, ".js-plotly-plot").text)
-    plot_text = browser.find_element(By.CSS_SELECTOR, ".js-plotly-plot").text
+    # the heatmap, not the threshold-sweep chart that may render before it
+    heatmap = "//div[contains(@class, 'js-plotly-plot')][.//*[contains(@class, 'heatmaplayer')]]"
+    wait.until(lambda d: "mIoU" in d.find_element(By.XPATH, heatmap).text)
+    plot_text = browser.find_element(By.XPATH, heatmap).text
     assert "→ dCRF" in plot_text and "cat (" in plot_text
     assert "aeroplane" not in plot_text  # classes without images are hidden by default, and named
     page_text = browser.find_element(By.TAG_NAME, "body").text
@@ -154,8 +156,8 @@ def test_heatmap_page_renders_in_chromium(served_app, browser, tmp_path):
 
     # The gain view: one row, dCRF against its source, with signed differences.
     browser.find_element(By.XPATH, "//label[.//p[text()='gain vs source']]").click()
-    wait.until(lambda d: "IoU gain" in d.find_element(By.CSS_SELECTOR, ".js-plotly-plot").text)
-    gain_text = browser.find_element(By.CSS_SELECTOR, ".js-plotly-plot").text
+    wait.until(lambda d: "IoU gain" in d.find_element(By.XPATH, heatmap).text)
+    gain_text = browser.find_element(By.XPATH, heatmap).text
     assert "→ dCRF" in gain_text and "mIoU" in gain_text
     assert any(sign in gain_text for sign in ("+", "−"))
 

@@ -373,7 +373,7 @@ def confusion_rows(counts: pa.Table) -> pa.Table:
 
 def build_scale(cache_dir: Path, n_images: int, n_variants: int) -> dict[str, Any]:
     """The 10,000-image cache: ``honest_isle.build`` (images, variants, label maps, counts,
-    totals), then sweep and confusion rows derived from the same counts rows."""
+    totals), then sweep and confusion rows derived from the same counts rows, and the sweep totals."""
     start = time.perf_counter()
     vids = honest_isle.build(cache_dir, n_images, n_variants)
     counts = honest_isle.synth(n_images, n_variants)["counts"]  # the same seed: the rows build inserted
@@ -387,6 +387,7 @@ def build_scale(cache_dir: Path, n_images: int, n_variants: int) -> dict[str, An
                                tp, fp, fn, fp_bg FROM synth_sweep""", {"vids": vids})
         con.execute(f"""INSERT INTO confusion SELECT {variant}, {honest_isle.IMAGE_ID}, gt, pred, pixels
                         FROM synth_confusion""", {"vids": vids})
+        queries.rebuild_totals(con, queries.SWEEP_TOTALS, honest_isle.SYNTH_ID, honest_isle.SPLIT)
     with connect(cache_dir) as con:
         con.execute("CHECKPOINT")
     return {"variants": vids, "build_s": time.perf_counter() - start, "counts": counts.num_rows,

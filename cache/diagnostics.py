@@ -186,9 +186,13 @@ def sweep_table(con: Con, dataset_id: str, split: str, variant_id: str,
     None when the variant has no sweep rows. Only the thresholds swept on every image are kept
     (a job resumed with another ``--sweep-grid`` swept the rest on some images only)."""
     rows = queries.sweep_sums(con, dataset_id, split, variant_id, image_ids)
-    if rows:
-        complete = max(r["swept"] for r in rows)
-        rows = [r for r in rows if r["swept"] == complete]
+    # Every ground-truth pixel of a swept image is a TP or FN of its class at each threshold, so
+    # a threshold missing some image (it has valid pixels, or it would have no rows) sums fewer.
+    truth: dict[float, int] = {}
+    for r in rows:
+        truth[r["threshold"]] = truth.get(r["threshold"], 0) + r["tp"] + r["fn"]
+    most = max(truth.values(), default=0)
+    rows = [r for r in rows if truth[r["threshold"]] == most]
     if not rows:
         return None
     classes = queries.get_dataset(con, dataset_id).classes

@@ -54,7 +54,7 @@ def upsert_dataset(con: Con, dataset_id: str, name: str, root: str, classes: Cla
 
 def replace_split_images(con: Con, dataset_id: str, split: str, rows: Sequence[tuple]) -> None:
     """Replace a split's image rows; each row is ``(image_id, image_path, mask_path, height,
-    width, labels, problem)``. The split's ``count_totals`` are rebuilt: a re-scan may add, drop
+    width, labels, problem)``. The split's totals are rebuilt: a re-scan may add, drop
     or (un)mark images, which changes what every variant's totals sum over."""
     con.execute("DELETE FROM images WHERE dataset_id = ? AND split = ?", [dataset_id, split])
     _insert(con, "images", ("VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "INTEGER", "INTEGER",
@@ -171,28 +171,34 @@ class ResultRows:
 
 def record_results(con: Con, job_id: int, variant_id: str, rows: ResultRows) -> None:
     """Record one flush of a job. A re-recorded image (in ``rows.label_maps``) replaces its old
-    counts, conflicts, sweep counts and confusion cells. ``count_totals`` follow exactly, without a scan of ``counts``: the
-    deleted rows (returned by the DELETE) are taken away, the inserted ones added."""
+    counts, conflicts, sweep counts and confusion cells. ``count_totals`` and ``sweep_totals``
+    follow exactly, without a scan of their rows: the deleted rows (returned by the DELETE) are
+    taken away, the inserted ones added."""
     now = time.time()
     deleted: list[tuple] = []
+    deleted_sweep: list[tuple] = []
     if rows.label_maps:
         ids = [r[0] for r in rows.label_maps]
         # A re-run image replaces its old rows (a crash may have left a PNG but no row).
         deleted = con.execute(
             """DELETE FROM counts WHERE variant_id = ? AND image_id IN (SELECT unnest(?))
                RETURNING image_id, class_id, tp, fp, fn""", [variant_id, ids]).fetchall()
-        for table in ("conflicts", "sweep_counts", "confusion"):
+        deleted_sweep = con.execute(
+            """DELETE FROM sweep_counts WHERE variant_id = ? AND image_id IN (SELECT unnest(?))
+               RETURNING image_id, threshold, class_id, tp, fp, fn, fp_bg""", [variant_id, ids]).fetchall()
+        for table in ("conflicts", "confusion"):
             con.execute(f"DELETE FROM {table} WHERE variant_id = ? AND image_id IN (SELECT unnest(?))", [variant_id, ids])
         _insert(con, "label_maps", ("VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "DOUBLE"),
                 [(variant_id, image_id, path, scores, now) for image_id, path, scores in rows.label_maps],
                 replace=True)
     _insert(con, "counts", ("VARCHAR", "VARCHAR", "UTINYINT", "BIGINT", "BIGINT", "BIGINT"),
             [(variant_id, *r) for r in rows.counts])
-    _update_totals(con, variant_id, deleted, rows.counts)
+    _update_totals(con, COUNT_TOTALS, variant_id, deleted, rows.counts)
     _insert(con, "conflicts", ("VARCHAR", "VARCHAR", "UTINYINT", "UTINYINT", "BIGINT"),
             [(variant_id, *r) for r in rows.conflicts])
     _insert(con, "sweep_counts", ("VARCHAR", "VARCHAR", "DOUBLE", "UTINYINT", "BIGINT", "BIGINT", "BIGINT", "BIGINT"),
             [(variant_id, *r) for r in rows.sweep])
+    _update_totals(con, SWEEP_TOTALS, variant_id, deleted_sweep, rows.sweep)
     _insert(con, "confusion", ("VARCHAR", "VARCHAR", "UTINYINT", "UTINYINT", "BIGINT"),
             [(variant_id, *r) for r in rows.confusion])
     _insert(con, "train_log", ("VARCHAR", "VARCHAR", "BIGINT", "DOUBLE", "DOUBLE"),
@@ -270,54 +276,83 @@ def class_counts_from_rows(con: Con, dataset_id: str, split: str,
     ))
 
 
-# Per (dataset, split, variant, class) of the usable images listing the rows ``c`` (columns
-# variant_id, image_id, class_id, tp, fp, fn, sign): the columns of count_totals, each row
-# counted ``sign`` (+1 or -1) times. The join is on the image id alone, not the variant's
-# dataset, so totals need no variant row (a variant may be added after its counts);
-# class_counts keeps the variant's own dataset.
-_TOTALS_OF_ROWS = """
-    SELECT i.dataset_id, i.split, c.variant_id, c.class_id,
-           sum(c.sign * c.tp), sum(c.sign * c.fp), sum(c.sign * c.fn),
-           coalesce(sum(c.sign) FILTER (WHERE c.tp + c.fn > 0), 0), sum(c.sign)
-    FROM {rows} c JOIN images i ON i.image_id = c.image_id AND i.problem IS NULL
-    WHERE {where}
-    GROUP BY i.dataset_id, i.split, c.variant_id, c.class_id"""
+@dataclass(frozen=True)
+class Totals:
+    """A table of per-split sums of per-image rows (``count_totals`` of ``counts``,
+    ``sweep_totals`` of ``sweep_counts``): its key columns after (dataset_id, split, variant_id),
+    the summed columns with their DuckDB types, and the per-image rows' table."""
+
+    table: str
+    rows: str
+    keys: tuple[tuple[str, str], ...]  # (column, type)
+    sums: tuple[str, ...]  # BIGINT columns
+
+    @property
+    def row_columns(self) -> tuple[str, ...]:
+        """The columns of a per-image row as ``update_totals`` takes it, after the variant."""
+        return ("image_id", *(k for k, _ in self.keys), *self.sums)
+
+    def of_rows(self, rows: str, where: str) -> str:
+        """Per (dataset, split, variant, keys) of the usable images listing the rows ``rows``
+        (its columns: variant_id, ``row_columns``, sign): the totals' columns, each row counted
+        ``sign`` (+1 or -1) times. The join is on the image id alone, not the variant's dataset,
+        so totals need no variant row (a variant may be added after its rows); the readers keep
+        the variant's own dataset."""
+        keys = ", ".join(f"c.{k}" for k, _ in self.keys)
+        sums = ", ".join(f"sum(c.sign * c.{column})" for column in self.sums)
+        return f"""
+            SELECT i.dataset_id, i.split, c.variant_id, {keys}, {sums},
+                   coalesce(sum(c.sign) FILTER (WHERE c.tp + c.fn > 0), 0), sum(c.sign)
+            FROM {rows} c JOIN images i ON i.image_id = c.image_id AND i.problem IS NULL
+            WHERE {where}
+            GROUP BY i.dataset_id, i.split, c.variant_id, {keys}"""
 
 
-def rebuild_count_totals(con: Con, dataset_id: str | None = None, split: str | None = None) -> None:
-    """Recompute ``count_totals`` from the per-image rows: of one split of ``dataset_id``, of
-    every split of it (``split`` None), or of the whole cache (both None: the schema-6 upgrade).
-    One aggregation over ``counts``; ``replace_split_images`` calls it for the re-scanned split.
-    Raises ``ValueError`` for a split without its dataset."""
+COUNT_TOTALS = Totals("count_totals", "counts", (("class_id", "UTINYINT"),), ("tp", "fp", "fn"))
+SWEEP_TOTALS = Totals("sweep_totals", "sweep_counts", (("threshold", "DOUBLE"), ("class_id", "UTINYINT")),
+                      ("tp", "fp", "fn", "fp_bg"))
+
+
+def rebuild_totals(con: Con, totals: Totals, dataset_id: str | None = None, split: str | None = None) -> None:
+    """Recompute ``totals`` from its per-image rows: of one split of ``dataset_id``, of every
+    split of it (``split`` None), or of the whole cache (both None: a schema upgrade). One
+    aggregation over the rows. Raises ``ValueError`` for a split without its dataset."""
     if split is not None and dataset_id is None:
         raise ValueError("a split needs its dataset_id")
     given = [(column, value) for column, value in (("dataset_id", dataset_id), ("split", split)) if value is not None]
     args = [value for _, value in given]
-    con.execute(f"DELETE FROM count_totals WHERE {' AND '.join(f'{k} = ?' for k, _ in given) or 'TRUE'}", args)
-    con.execute("INSERT INTO count_totals " + _TOTALS_OF_ROWS.format(
-        rows="(SELECT *, 1 AS sign FROM counts)", where=" AND ".join(f"i.{k} = ?" for k, _ in given) or "TRUE"), args)
+    con.execute(f"DELETE FROM {totals.table} WHERE {' AND '.join(f'{k} = ?' for k, _ in given) or 'TRUE'}", args)
+    con.execute(f"INSERT INTO {totals.table} " + totals.of_rows(
+        f"(SELECT *, 1 AS sign FROM {totals.rows})", " AND ".join(f"i.{k} = ?" for k, _ in given) or "TRUE"), args)
 
 
-def _update_totals(con: Con, variant_id: str, removed: Sequence[tuple], added: Sequence[tuple]) -> None:
-    """Take the counts rows ``removed`` away from the totals and add ``added``; rows are
-    ``(image_id, class_id, tp, fp, fn)`` of ``variant_id``, counted in every split listing their
-    image. A total left with no row (n_rows 0) is dropped. Exact: totals are integer sums of
-    their rows. One statement (a join of the rows with ``images``), no scan of ``counts``."""
+def rebuild_count_totals(con: Con, dataset_id: str | None = None, split: str | None = None) -> None:
+    """``rebuild_totals`` of both ``count_totals`` and ``sweep_totals``; ``replace_split_images``
+    calls it for the re-scanned split."""
+    for totals in (COUNT_TOTALS, SWEEP_TOTALS):
+        rebuild_totals(con, totals, dataset_id, split)
+
+
+def _update_totals(con: Con, totals: Totals, variant_id: str, removed: Sequence[tuple],
+                   added: Sequence[tuple]) -> None:
+    """Take the rows ``removed`` away from ``totals`` and add ``added``; rows are
+    ``totals.row_columns`` of ``variant_id``, counted in every split listing their image. A total
+    left with no row (n_rows 0) is dropped. Exact: totals are integer sums of their rows. One
+    statement (a join of the rows with ``images``), no scan of the per-image table."""
     if not removed and not added:
         return
     signed = [(*r, -1) for r in removed] + [(*r, 1) for r in added]
-    source = """(SELECT ?::VARCHAR AS variant_id, unnest(?::VARCHAR[]) AS image_id,
-                        unnest(?::UTINYINT[]) AS class_id, unnest(?::BIGINT[]) AS tp,
-                        unnest(?::BIGINT[]) AS fp, unnest(?::BIGINT[]) AS fn, unnest(?::BIGINT[]) AS sign)"""
+    types = ("VARCHAR", *(t for _, t in totals.keys), *("BIGINT" for _ in totals.sums), "BIGINT")
+    columns = ", ".join(f"unnest(?::{t}[]) AS {c}" for c, t in zip((*totals.row_columns, "sign"), types))
+    keys = ", ".join(k for k, _ in totals.keys)
+    update = ", ".join(f"{c} = {c} + excluded.{c}" for c in (*totals.sums, "n_images", "n_rows"))
     con.execute(
-        "INSERT INTO count_totals " + _TOTALS_OF_ROWS.format(rows=source, where="TRUE")
-        + """ ON CONFLICT (dataset_id, split, variant_id, class_id) DO UPDATE SET
-                tp = tp + excluded.tp, fp = fp + excluded.fp, fn = fn + excluded.fn,
-                n_images = n_images + excluded.n_images, n_rows = n_rows + excluded.n_rows""",
+        f"INSERT INTO {totals.table} " + totals.of_rows(f"(SELECT ?::VARCHAR AS variant_id, {columns})", "TRUE")
+        + f" ON CONFLICT (dataset_id, split, variant_id, {keys}) DO UPDATE SET {update}",
         [variant_id, *([list(column) for column in zip(*signed)])],
     )
     if removed:
-        con.execute("DELETE FROM count_totals WHERE variant_id = ? AND n_rows = 0", [variant_id])
+        con.execute(f"DELETE FROM {totals.table} WHERE variant_id = ? AND n_rows = 0", [variant_id])
 
 
 def labelled_in_split(con: Con, dataset_id: str, split: str, image_ids: Sequence[str] | None = None,
@@ -568,20 +603,25 @@ def _chosen_images(image_ids: Sequence[str] | None) -> tuple[str, list]:
 def sweep_sums(con: Con, dataset_id: str, split: str, variant_id: str,
                image_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """A variant's threshold sweep summed over the split's usable images (in ``image_ids``):
-    dicts (threshold, class_id, tp, fp, fn, fp_bg, n_images, swept) by threshold and class;
-    n_images counts the images whose ground truth holds the class, swept the images with rows at
-    that threshold (a job resumed with another grid leaves some thresholds short). Empty when
-    the variant has no sweep."""
+    dicts (threshold, class_id, tp, fp, fn, fp_bg, n_images) by threshold and class; n_images
+    counts the images whose ground truth holds the class. Empty when the variant has no sweep.
+
+    The whole split reads ``sweep_totals`` (at most thresholds x classes rows); a subset
+    aggregates its per-image rows. Both give the same rows for the whole split."""
+    columns = "threshold, class_id::INTEGER AS class_id, {sums}"
+    if image_ids is None:
+        return _dicts(con.execute(
+            f"""SELECT {columns.format(sums="tp, fp, fn, fp_bg, n_images")} FROM sweep_totals
+                WHERE dataset_id = ? AND split = ? AND variant_id = ? AND n_rows > 0
+                ORDER BY threshold, class_id""", [dataset_id, split, variant_id]))
     chosen, args = _chosen_images(image_ids)
+    sums = ("sum(tp) AS tp, sum(fp) AS fp, sum(fn) AS fn, sum(fp_bg) AS fp_bg, "
+            "count(*) FILTER (WHERE tp + fn > 0) AS n_images")
     return _dicts(con.execute(
-        f"""WITH {chosen},
-                rows AS (SELECT s.* FROM sweep_counts s SEMI JOIN chosen USING (image_id) WHERE s.variant_id = ?),
-                swept AS (SELECT threshold, count(DISTINCT image_id) AS swept FROM rows GROUP BY threshold)
-            SELECT r.threshold, r.class_id::INTEGER AS class_id, sum(r.tp) AS tp, sum(r.fp) AS fp,
-                   sum(r.fn) AS fn, sum(r.fp_bg) AS fp_bg, count(*) FILTER (WHERE r.tp + r.fn > 0) AS n_images,
-                   any_value(w.swept) AS swept
-            FROM rows r JOIN swept w USING (threshold)
-            GROUP BY r.threshold, r.class_id ORDER BY r.threshold, r.class_id""",
+        f"""WITH {chosen}
+            SELECT {columns.format(sums=sums)} FROM sweep_counts s SEMI JOIN chosen USING (image_id)
+            WHERE s.variant_id = ?
+            GROUP BY threshold, class_id ORDER BY threshold, class_id""",
         [dataset_id, split, *args, variant_id]))
 
 

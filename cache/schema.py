@@ -13,9 +13,11 @@ import duckdb
 # 2: conflicts, assignments; 3: train_log; 4: flags; 5: datasets.classes, layout;
 # 6: count_totals (per-split sums of counts), built once from the counts of an older cache;
 # 7: assignments.assign (the assignment rule), added to an older cache's table;
-# 8: sweep_counts and confusion (variants recorded before have no rows in them)
-SCHEMA_VERSION = 8
+# 8: sweep_counts and confusion (variants recorded before have no rows in them);
+# 9: sweep_totals (per-split sums of sweep_counts), built once from the rows of an older cache
+SCHEMA_VERSION = 9
 TOTALS_SINCE = 6  # the version that added count_totals
+SWEEP_TOTALS_SINCE = 9  # the version that added sweep_totals
 
 STATEMENTS = (
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
@@ -80,6 +82,14 @@ STATEMENTS = (
         class_id UTINYINT NOT NULL, tp BIGINT NOT NULL, fp BIGINT NOT NULL, fn BIGINT NOT NULL,
         n_images BIGINT NOT NULL, n_rows BIGINT NOT NULL,
         PRIMARY KEY (dataset_id, split, variant_id, class_id))""",
+    # The sums of ``sweep_counts`` per (dataset, split, variant, threshold, class), kept as
+    # ``count_totals`` are (same transactions, same n_images and n_rows): the threshold slider
+    # reads these instead of every image's sweep rows.
+    """CREATE TABLE IF NOT EXISTS sweep_totals (
+        dataset_id VARCHAR NOT NULL, split VARCHAR NOT NULL, variant_id VARCHAR NOT NULL,
+        threshold DOUBLE NOT NULL, class_id UTINYINT NOT NULL, tp BIGINT NOT NULL, fp BIGINT NOT NULL,
+        fn BIGINT NOT NULL, fp_bg BIGINT NOT NULL, n_images BIGINT NOT NULL, n_rows BIGINT NOT NULL,
+        PRIMARY KEY (dataset_id, split, variant_id, threshold, class_id))""",
     # Pixels of one image where an ensemble (ISLE merge) had two chosen classes claim the same
     # pixel: winner took them from loser. winner 0 = loser's class is absent from the image's
     # labels and was dropped to background. Only non-zero rows are stored.
@@ -132,8 +142,9 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create missing tables; refuse a cache written by a newer schema.
 
     A cache of schema 5 or older gets its ``count_totals`` built once from its counts (one
-    aggregation), one of schema 6 or older the ``assignments.assign`` column (NULL: Algorithm 2);
-    in the caller's transaction, so an interrupted upgrade leaves the old version.
+    aggregation), one of schema 6 or older the ``assignments.assign`` column (NULL: Algorithm 2),
+    one of schema 8 or older its ``sweep_totals`` from its sweep rows; in the caller's
+    transaction, so an interrupted upgrade leaves the old version.
     """
     for statement in STATEMENTS:
         con.execute(statement)
@@ -143,10 +154,11 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     elif int(row[0]) > SCHEMA_VERSION:
         raise RuntimeError(f"cache schema version {row[0]} is newer than this code ({SCHEMA_VERSION})")
     elif int(row[0]) < SCHEMA_VERSION:
-        if int(row[0]) < TOTALS_SINCE:
-            from cache.queries import rebuild_count_totals  # here: cache.queries imports this module
+        from cache.queries import COUNT_TOTALS, SWEEP_TOTALS, rebuild_totals  # cache.queries imports this module
 
-            rebuild_count_totals(con)
+        for since, totals in ((TOTALS_SINCE, COUNT_TOTALS), (SWEEP_TOTALS_SINCE, SWEEP_TOTALS)):
+            if int(row[0]) < since:
+                rebuild_totals(con, totals)
         con.execute("ALTER TABLE assignments ADD COLUMN IF NOT EXISTS assign VARCHAR")
         con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
 

@@ -191,3 +191,71 @@ def test_a_schema_5_cache_gets_its_totals_built_once_on_upgrade(tmp_path):
     with connect(tmp_path) as con:
         schema.ensure_schema(con)
         assert con.execute("SELECT tp FROM count_totals WHERE class_id = 1").fetchone() == (105,)
+
+
+# --- sweep_totals: the threshold sweep of the whole split, kept as count_totals are ----------
+
+
+def _record_sweep(con, vid: str, rows: list[tuple]) -> None:
+    """Record sweep rows (image_id, threshold, class_id, tp, fp, fn, fp_bg) with a label map per image."""
+    ids = sorted({r[0] for r in rows})
+    queries.record_results(con, 1, vid, queries.ResultRows([(i, f"labels/{vid}/{i}.png", None) for i in ids],
+                                                           [], [], sweep=rows))
+
+
+def sweep_reference(con, dataset_id: str, split: str, vid: str) -> list[dict]:
+    """sweep_sums summed in Python from the raw images and sweep_counts rows."""
+    usable = {i for (i,) in con.execute(
+        "SELECT image_id FROM images WHERE dataset_id = ? AND split = ? AND problem IS NULL",
+        [dataset_id, split]).fetchall()}
+    sums: dict[tuple[float, int], list[int]] = {}
+    for v, image_id, t, c, tp, fp, fn, fp_bg in con.execute("SELECT * FROM sweep_counts").fetchall():
+        if v == vid and image_id in usable:
+            s = sums.setdefault((t, c), [0, 0, 0, 0, 0])
+            for k, value in enumerate((tp, fp, fn, fp_bg, tp + fn > 0)):
+                s[k] += value
+    return [{"threshold": t, "class_id": c, "tp": tp, "fp": fp, "fn": fn, "fp_bg": b, "n_images": n}
+            for (t, c), (tp, fp, fn, b, n) in sorted(sums.items())]
+
+
+def assert_sweep_exact(con, vids=("v1",), splits=("train",)) -> None:
+    for split in splits:
+        usable = queries.usable_image_ids(con, "d1", split)
+        for vid in vids:
+            totals = queries.sweep_sums(con, "d1", split, vid)
+            assert totals == queries.sweep_sums(con, "d1", split, vid, usable) == sweep_reference(con, "d1", split, vid)
+
+
+def test_sweep_totals_follow_records_rerecords_and_rescans(tmp_path):
+    rng = random.Random(11)
+    ids = [f"i{k:02d}" for k in range(20)]
+    with connect(tmp_path) as con:
+        queries.upsert_dataset(con, "d1", "toy", "/toy", CLASSES, "vocdevkit")
+        for vid in ("v1", "v2"):
+            queries.insert_variant(con, _variant(vid))
+        queries.replace_split_images(con, "d1", "val", [_image(i) for i in ids[:6]])
+        for step in range(30):
+            if step % 10 == 9:
+                rows = [_image(i, problem="bad" if rng.random() < 0.2 else None) for i in ids if rng.random() < 0.8]
+                queries.replace_split_images(con, "d1", "train", rows)
+            else:
+                batch = rng.sample(ids, rng.randint(1, 5))
+                sweep = [(i, t, c, rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 3))
+                         for i in batch for t in (0.1, 0.2, 0.3) for c in rng.sample(range(4), rng.randint(1, 3))]
+                _record_sweep(con, rng.choice(("v1", "v2")), [r for r in sweep if sum(r[3:6]) > 0])
+            assert_sweep_exact(con, ("v1", "v2"), ("train", "val"))
+
+
+def test_a_schema_8_cache_gets_its_sweep_totals_built_on_upgrade(tmp_path):
+    with connect(tmp_path) as con:
+        _seed(con)
+        _record_sweep(con, "v1", [("a", 0.1, 0, 4, 1, 0, 0), ("a", 0.1, 1, 3, 0, 1, 0), ("b", 0.1, 1, 1, 2, 0, 2),
+                                  ("a", 0.2, 0, 5, 0, 0, 0), ("a", 0.2, 1, 2, 0, 2, 0), ("b", 0.2, 1, 1, 0, 0, 0)])
+        con.execute("DROP TABLE sweep_totals")  # as code of schema 8 left it
+        con.execute("UPDATE meta SET value = '8' WHERE key = 'schema_version'")
+    with connect(tmp_path) as con:
+        schema.ensure_schema(con)
+        rows = queries.sweep_sums(con, "d1", "train", "v1")
+        assert_sweep_exact(con)
+    assert [(r["threshold"], r["class_id"], r["tp"], r["fp"], r["fn"], r["fp_bg"], r["n_images"]) for r in rows] == [
+        (0.1, 0, 4, 1, 0, 0, 1), (0.1, 1, 4, 2, 1, 2, 2), (0.2, 0, 5, 0, 0, 0, 1), (0.2, 1, 3, 0, 2, 0, 2)]

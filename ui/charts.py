@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from cache.classes import ClassSet
 from cache.diagnostics import ConfusionMatrix, SweepTable, TunedThresholds, Undecided, apply_undecided, metric_values
@@ -208,40 +207,44 @@ def _figure(z_miou: np.ndarray, z: np.ndarray, x: list[str], y: list[str], text_
     """
     k = max(len(x), 1)
     miou_width = max(1.0, MIOU_PX * (k + 1) / 1300)  # in class cells: about MIOU_PX px, at least one cell
-    figure = make_subplots(rows=1, cols=2, shared_yaxes=True, column_widths=[miou_width, k],
-                           horizontal_spacing=min(0.02, 8 / 1300))
-    cell = {"texttemplate": "%{text}", "textfont": {"size": style.font}, "hoverinfo": "skip", "xgap": 2, "ygap": 2,
-            "coloraxis": "coloraxis"}
-    figure.add_trace(go.Heatmap(z=z, x=x, y=y, text=text, **cell), row=1, col=2)
-    figure.add_trace(go.Heatmap(z=z_miou[:, None], x=[mean_label], y=y, text=[[t] for t in text_miou], **cell),
-                     row=1, col=1)
+    # The two panels' domains as make_subplots(column_widths=[miou_width, k]) lays them out; the
+    # figure is built from one dict because plotly's per-call updates cost most of a redraw.
+    spacing = min(0.02, 8 / 1300)
+    split = (1 - spacing) * miou_width / (miou_width + k)
+    cell = {"type": "heatmap", "texttemplate": "%{text}", "textfont": {"size": style.font}, "hoverinfo": "skip",
+            "xgap": 2, "ygap": 2, "coloraxis": "coloraxis"}
     size = max(6, min(style.row_height - 6, style.cell_width - 2))
-    target = {"hovertemplate": "%{hovertext}<extra>%{y}</extra>", "mode": "markers", "showlegend": False,
-              "selected": {"marker": {"opacity": 0}}, "unselected": {"marker": {"opacity": 0}}}
-    figure.add_trace(go.Scatter(
-        x=[column for _ in y for column in x], y=[row for row in y for _ in x],
-        hovertext=[c for row in hover for c in row], marker={"symbol": "square", "size": size, "opacity": 0}, **target,
-    ), row=1, col=2)
-    figure.add_trace(go.Scatter(
-        x=[mean_label] * len(y), y=y, hovertext=hover_miou,
-        marker={"symbol": "square", "size": max(6, style.row_height - 6), "opacity": 0}, **target,
-    ), row=1, col=1)
+    target = {"type": "scatter", "hovertemplate": "%{hovertext}<extra>%{y}</extra>", "mode": "markers",
+              "showlegend": False, "selected": {"marker": {"opacity": 0}}, "unselected": {"marker": {"opacity": 0}}}
+    data = [
+        {**cell, "z": z, "x": x, "y": y, "text": text, "xaxis": "x2", "yaxis": "y2"},
+        {**cell, "z": z_miou[:, None], "x": [mean_label], "y": y, "text": [[t] for t in text_miou],
+         "xaxis": "x", "yaxis": "y"},
+        {**target, "x": [column for _ in y for column in x], "y": [row for row in y for _ in x],
+         "hovertext": [c for row in hover for c in row], "marker": {"symbol": "square", "size": size, "opacity": 0},
+         "xaxis": "x2", "yaxis": "y2"},
+        {**target, "x": [mean_label] * len(y), "y": y, "hovertext": hover_miou,
+         "marker": {"symbol": "square", "size": max(6, style.row_height - 6), "opacity": 0}, "xaxis": "x", "yaxis": "y"},
+    ]
     longest = max((len(label) for label in x), default=4)
     label_space = 30 + int(0.62 * style.font * longest * (1.0 if style.angle == -90 else 0.72))
-    figure.update_layout(height=label_space + 40 + style.row_height * len(y),
-                         margin={"l": 10, "r": 10, "t": label_space, "b": 10}, plot_bgcolor="#eeeeee",
-                         coloraxis=colours)
+    rows = {"type": "category", "automargin": True, "range": [len(y) - 0.5, -0.5], "domain": [0.0, 1.0]}
     # automargin explicitly: Streamlit's plotly template leaves it off, which cut the row labels.
     # Explicit ranges (the click targets' markers would pad them) and every class label (Plotly
     # thins dense category labels out).
-    figure.update_xaxes(side="top", tickangle=style.angle, type="category", tickfont={"size": max(style.font, 10)},
-                        automargin=True, tickmode="array", tickvals=x, ticktext=x, range=[-0.5, len(x) - 0.5],
-                        row=1, col=2)
-    figure.update_xaxes(side="top", type="category", automargin=True, fixedrange=True, range=[-0.5, 0.5], row=1, col=1)
-    figure.update_yaxes(type="category", automargin=True, range=[len(y) - 0.5, -0.5])
-    figure.update_yaxes(ticks="", row=1, col=2)
-    figure.update_yaxes(tickmode="array", tickvals=y, ticktext=ticks or [ellipsize(label) for label in y], row=1, col=1)
-    return figure
+    layout = {
+        "height": label_space + 40 + style.row_height * len(y),
+        "margin": {"l": 10, "r": 10, "t": label_space, "b": 10}, "plot_bgcolor": "#eeeeee", "coloraxis": colours,
+        "xaxis": {"anchor": "y", "domain": [0.0, split], "side": "top", "type": "category", "automargin": True,
+                  "fixedrange": True, "range": [-0.5, 0.5]},
+        "xaxis2": {"anchor": "y2", "domain": [split + spacing, 1.0], "side": "top", "tickangle": style.angle,
+                   "type": "category", "tickfont": {"size": max(style.font, 10)}, "automargin": True,
+                   "tickmode": "array", "tickvals": x, "ticktext": x, "range": [-0.5, len(x) - 0.5]},
+        "yaxis": {**rows, "anchor": "x", "tickmode": "array", "tickvals": y,
+                  "ticktext": ticks or [ellipsize(label) for label in y]},
+        "yaxis2": {**rows, "anchor": "x2", "matches": "y", "showticklabels": False, "ticks": ""},
+    }
+    return go.Figure({"data": data, "layout": layout})
 
 
 def _no_truth(table: IoUTable, v: int) -> bool:
@@ -315,7 +318,7 @@ def iou_heatmap(table: IoUTable, class_images: Mapping[int, int], view: str = "f
                      colorscale="Viridis_r" if metric in ERROR_SHARES else "Viridis", cmin=0, cmax=100,
                      colorbar={"title": {"text": f"{name} %"}})
     if view == "grouped":
-        figure.update_yaxes(tickfont={"family": "monospace"}, row=1, col=1)
+        figure.update_layout(yaxis_tickfont={"family": "monospace"})
     return figure
 
 
@@ -509,22 +512,26 @@ def sweep_chart(sweep: SweepTable, own: float | None, chosen: float) -> go.Figur
     with images (legend and hover per class), over ``sweep``'s grid; dashed: the variant's own
     threshold ``own`` (None: not drawn), solid red: the ``chosen`` one."""
     x = sweep.thresholds.tolist()
-    figure = go.Figure(go.Scatter(x=x, y=(sweep.miou * 100).tolist(), mode="lines+markers", name="mIoU",
-                                  line={"width": 3, "color": "#222222"},
-                                  hovertemplate="<b>mIoU</b> %{y:.2f}% at %{x:.2f}<extra></extra>"))
+    data = [{"type": "scatter", "x": x, "y": (sweep.miou * 100).tolist(), "mode": "lines+markers", "name": "mIoU",
+             "line": {"width": 3, "color": "#222222"},
+             "hovertemplate": "<b>mIoU</b> %{y:.2f}% at %{x:.2f}<extra></extra>"}]
     iou = sweep.metric("iou") * 100
     for c in np.flatnonzero(sweep.has_class):
         name = sweep.classes.name(int(c))
-        figure.add_scatter(x=x, y=iou[:, c].tolist(), mode="lines", name=name, line={"width": 1}, opacity=0.7,
-                           hovertemplate=f"<b>{name}</b> IoU %{{y:.2f}}% at %{{x:.2f}}<extra></extra>")
-    if own is not None:
-        figure.add_vline(x=own, line_dash="dash", line_color="#555555", annotation_text=f"own {own:.2f}",
-                         annotation_position="top left")
-    figure.add_vline(x=chosen, line_color="#d62728", annotation_text=f"slider {chosen:.2f}",
-                     annotation_position="top right")
-    figure.update_layout(height=380, margin={"l": 10, "r": 10, "t": 30, "b": 10}, xaxis_title="background threshold",
-                         yaxis_title="IoU %", legend={"orientation": "v"}, hovermode="closest")
-    return figure
+        data.append({"type": "scatter", "x": x, "y": iou[:, c].tolist(), "mode": "lines", "name": name,
+                     "line": {"width": 1}, "opacity": 0.7,
+                     "hovertemplate": f"<b>{name}</b> IoU %{{y:.2f}}% at %{{x:.2f}}<extra></extra>"})
+    marks = ([(own, {"color": "#555555", "dash": "dash"}, f"own {own:.2f}", "right")] if own is not None else [])
+    marks.append((chosen, {"color": "#d62728"}, f"slider {chosen:.2f}", "left"))
+    # One dict, not add_vline: plotly's per-call updates cost most of a slider redraw.
+    layout = {"height": 380, "margin": {"l": 10, "r": 10, "t": 30, "b": 10}, "hovermode": "closest",
+              "xaxis": {"title": {"text": "background threshold"}}, "yaxis": {"title": {"text": "IoU %"}},
+              "legend": {"orientation": "v"},
+              "shapes": [{"type": "line", "x0": t, "x1": t, "xref": "x", "y0": 0, "y1": 1, "yref": "y domain",
+                          "line": line} for t, line, _, _ in marks],
+              "annotations": [{"x": t, "xref": "x", "y": 1, "yref": "y domain", "text": label, "showarrow": False,
+                               "xanchor": anchor, "yanchor": "top"} for t, _, label, anchor in marks]}
+    return go.Figure({"data": data, "layout": layout})
 
 
 TUNE_CHOICES = ("default", "best uniform", "per class")

@@ -41,11 +41,13 @@ Targets (issue 16, printed PASS/FAIL; no absolute time is asserted anywhere else
    the counts row, recall and false positives fall as the threshold rises, background takes the
    rest) and ``confusion`` rows derived from the counts rows (TP on the diagonal, an object's FN
    labelled background, its FP on ground-truth background: ~5.6 per image), all inserted from
-   Arrow. Each read opens and closes a read-only connection as ``ui.common.read`` does (its
+   Arrow, then ``sweep_totals`` rebuilt from them (the worker keeps them as it records). Each
+   read opens and closes a read-only connection as ``ui.common.read`` does (its
    ``st.cache_data`` would serve a repeated call, so this is the first draw or a cache miss);
    median of ``--repeats`` after one untimed call:
 
-   - the threshold slider's redraw: ``cache.diagnostics.sweep_table`` of one variant + the two
+   - the threshold slider's redraw: ``cache.diagnostics.sweep_table`` of one variant (the
+     split's ``sweep_totals``; a subset, as tuning reads, sums the per-image rows) + the two
      figures ``app_pages/per_class_iou.py`` draws for a threshold other than the variant's
      own: ``ui.charts.sweep_chart`` (mIoU and per-class IoU against the threshold) and the
      per-class heatmap ``ui.charts.iou_heatmap`` with the sweep row (``with_sweep_row``; the

@@ -14,9 +14,8 @@ import duckdb
 # 6: count_totals (per-split sums of counts), built once from the counts of an older cache;
 # 7: assignments.assign (the assignment rule), added to an older cache's table;
 # 8: sweep_counts and confusion (variants recorded before have no rows in them);
-# 9: sweep_totals (per-split sums of sweep_counts), built once from the rows of an older cache;
-# 10: workers (live worker processes) and stage_costs (measured seconds per stage and image)
-SCHEMA_VERSION = 10
+# 9: sweep_totals (per-split sums of sweep_counts), built once from the rows of an older cache
+SCHEMA_VERSION = 9
 TOTALS_SINCE = 6  # the version that added count_totals
 SWEEP_TOTALS_SINCE = 9  # the version that added sweep_totals
 
@@ -132,18 +131,6 @@ STATEMENTS = (
         attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL DEFAULT 3,
         worker VARCHAR, created_at DOUBLE NOT NULL, started_at DOUBLE, heartbeat_at DOUBLE,
         finished_at DOUBLE)""",
-    # A worker process of this cache, registered when it starts and removed when it stops;
-    # heartbeat_at is refreshed while it lives (idle or busy). stop_requested: the app asked it to
-    # finish its current job and exit. ray_address: the Ray cluster it sends per-image work to.
-    """CREATE TABLE IF NOT EXISTS workers (
-        name VARCHAR PRIMARY KEY, host VARCHAR NOT NULL, pid INTEGER NOT NULL, started_at DOUBLE NOT NULL,
-        heartbeat_at DOUBLE NOT NULL, stop_requested BOOLEAN NOT NULL DEFAULT FALSE, ray_address VARCHAR)""",
-    # What one stage of a finished job cost on this machine: seconds over images (training:
-    # steps), for the estimates shown before a run is queued. plugin: the step's registry name.
-    """CREATE TABLE IF NOT EXISTS stage_costs (
-        job_id BIGINT NOT NULL, plugin VARCHAR NOT NULL, stage VARCHAR NOT NULL, units BIGINT NOT NULL,
-        seconds DOUBLE NOT NULL, device VARCHAR NOT NULL, finished_at DOUBLE NOT NULL,
-        PRIMARY KEY (job_id, stage))""",
     # Bad input met while running a job: the image is skipped, the job goes on.
     """CREATE TABLE IF NOT EXISTS image_errors (
         job_id BIGINT NOT NULL, variant_id VARCHAR, image_id VARCHAR NOT NULL,

@@ -15,7 +15,7 @@ image. No image or label map exists on disk; only the rows do, drawn with a fixe
   row of a class the image does not hold: about 4 rows per image and variant (COCO: 3.9 M rows
   for 12 variants). Background absorbs the objects' FP as FN and their FN as FP.
 
-Rows go in through DuckDB from Arrow (no per-image Python), then ``queries.rebuild_count_totals``
+Rows go in through DuckDB from Arrow (no per-image Python), then ``queries.rebuild_split_totals``
 builds the split's totals (what a re-scan or the schema-6 upgrade costs). The app-side reads run
 in a fresh process per size, each as the app runs it (``ui.common.read``: open a read-only
 connection, call, close), median of ``--repeats``:
@@ -190,7 +190,7 @@ def build(cache_dir: Path, n_images: int, n_variants: int) -> dict[str, Any]:
     insert_s = time.perf_counter() - start
     start = time.perf_counter()
     with connect(cache_dir) as con:
-        queries.rebuild_count_totals(con, DATASET_ID, SPLIT)
+        queries.rebuild_split_totals(con, DATASET_ID, SPLIT)
     totals_s = time.perf_counter() - start
     with connect(cache_dir) as con:
         con.execute("CHECKPOINT")

@@ -158,7 +158,7 @@ def build(cache_dir: Path, n_images: int, n_variants: int) -> list[str]:
         con.execute(f"""INSERT INTO counts
                         SELECT list_extract($vids::VARCHAR[], v + 1), {IMAGE_ID}, class_id, tp, fp, fn
                         FROM synth_counts""", {"vids": vids})
-        queries.rebuild_count_totals(con, SYNTH_ID, SPLIT)
+        queries.rebuild_split_totals(con, SYNTH_ID, SPLIT)
     return vids
 
 

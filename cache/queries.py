@@ -59,7 +59,7 @@ def replace_split_images(con: Con, dataset_id: str, split: str, rows: Sequence[t
     con.execute("DELETE FROM images WHERE dataset_id = ? AND split = ?", [dataset_id, split])
     _insert(con, "images", ("VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "INTEGER", "INTEGER",
                             "UTINYINT[]", "VARCHAR"), [(dataset_id, split, *row) for row in rows])
-    rebuild_count_totals(con, dataset_id, split)
+    rebuild_split_totals(con, dataset_id, split)
 
 
 def mark_scanned(con: Con, dataset_id: str) -> None:
@@ -289,7 +289,7 @@ class Totals:
 
     @property
     def row_columns(self) -> tuple[str, ...]:
-        """The columns of a per-image row as ``update_totals`` takes it, after the variant."""
+        """The columns of a per-image row as ``_update_totals`` takes it, after the variant."""
         return ("image_id", *(k for k, _ in self.keys), *self.sums)
 
     def of_rows(self, rows: str, where: str) -> str:
@@ -326,7 +326,7 @@ def rebuild_totals(con: Con, totals: Totals, dataset_id: str | None = None, spli
         f"(SELECT *, 1 AS sign FROM {totals.rows})", " AND ".join(f"i.{k} = ?" for k, _ in given) or "TRUE"), args)
 
 
-def rebuild_count_totals(con: Con, dataset_id: str | None = None, split: str | None = None) -> None:
+def rebuild_split_totals(con: Con, dataset_id: str | None = None, split: str | None = None) -> None:
     """``rebuild_totals`` of both ``count_totals`` and ``sweep_totals``; ``replace_split_images``
     calls it for the re-scanned split."""
     for totals in (COUNT_TOTALS, SWEEP_TOTALS):

@@ -140,6 +140,8 @@ class RunContext:
     report: ``report(stage, done, total)`` records progress and a heartbeat; raises ``Cancelled``.
     source: the input variant, for refinements (None for methods).
     processes: how many worker processes CPU-bound per-image steps may use.
+    ray_address: the Ray cluster those steps run on as tasks instead (``engine.ops.pool.open_pool``;
+        ``"auto"``: this machine's), None: local processes.
     variants: ``variants(variant_id)`` opens any variant of the cache (an ensemble reads its
         candidates); raises ``KeyError`` for an unknown id.
     source_items: the usable images of the source variant's own split that it has label maps
@@ -156,6 +158,7 @@ class RunContext:
     report: Callable[[str, int, int], None] = field(default=lambda stage, done, total: None)
     source: SourceVariant | None = None
     processes: int = 2
+    ray_address: str | None = None
     models: Path | None = None
     variants: Callable[[str], SourceVariant] | None = None
     source_items: Sequence[Item] = ()

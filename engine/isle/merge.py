@@ -171,7 +171,7 @@ def merge_jobs(cfg: IsleConfig, ctx: RunContext) -> Iterator[_MergeJob | LabelRe
 @register("isle", role=Role.ENSEMBLE, config=IsleConfig, title="ISLE", offers={Offer.ISLE})
 def run(cfg: IsleConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """The exact ISLE merge of every ``ctx.todo`` image (Algorithm 3)."""
-    yield from run_jobs(_merge, merge_jobs(cfg, ctx), ctx.processes, cfg.rule, cfg.priority, ctx.classes)
+    yield from run_jobs(_merge, merge_jobs(cfg, ctx), ctx, cfg.rule, cfg.priority, ctx.classes)
 
 
 def _naive(job: _MergeJob, classes: ClassSet) -> LabelResult:
@@ -200,4 +200,4 @@ def run_naive(cfg: NaiveIsleConfig, ctx: RunContext) -> Iterator[LabelResult]:
             yield found if isinstance(found, LabelResult) else _MergeJob(
                 item.image_id, tuple(item.labels), (item.height, item.width), ((0, *found),))
 
-    yield from run_jobs(_naive, jobs(), ctx.processes, ctx.classes)
+    yield from run_jobs(_naive, jobs(), ctx, ctx.classes)

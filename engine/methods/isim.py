@@ -46,7 +46,7 @@ from engine.ops.backbone import BACKBONES, freeze_batchnorm, load_imagenet_encod
 from engine.ops.cams import cam_result, multilabel_target, multiscale_cams, normalise_cams
 from engine.ops.checkpoints import chunked_labels
 from engine.ops.crf import IRN_LABEL_DCRF, DCRFConfig, refine_pseudo_label, scaled_dcrf
-from engine.ops.pool import LazyPool
+from engine.ops.pool import open_pool
 from engine.ops.scores import argmax_label, downsample_scores, resize_channels
 from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable
 
@@ -392,7 +392,7 @@ def regenerate(net: DeepLabCAM, cfg: ISIMConfig, ctx: RunContext, model_dir: Pat
     done, len(items))``.
     """
     net.eval()
-    with LazyPool(ctx.processes) as pool:
+    with open_pool(ctx) as pool:
         return chunked_labels(
             ctx.items, PSEUDO_CHUNK, lambda index: _chunk_path(model_dir, round_, index),
             lambda chunk: pool.map(_crf_job, (_prepare_job(net, item, cfg, ctx.device) for item in chunk),

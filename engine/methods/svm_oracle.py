@@ -58,9 +58,9 @@ def _oracle_job(job: _Job, cfg: SVMConfig) -> LabelResult:
 def run(cfg: SVMConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """USES GROUND TRUTH: per-image SVM trained on pixels labelled by ``item.mask_path`` (Fig. 5.b).
 
-    One result per ``ctx.todo`` image, in order, computed in ``ctx.processes`` worker processes;
+    One result per ``ctx.todo`` image, computed in ``ctx.processes`` worker processes (or Ray tasks);
     a bad image or mask yields ``LabelResult(error=...)`` naming the file.
     """
     threads = 1 if ctx.processes > 1 else 0  # one torch thread per worker process: no oversubscription
     jobs = (_Job(it.image_id, it.image_path, it.mask_path, (0, *it.labels), threads) for it in ctx.todo)
-    yield from run_jobs(_oracle_job, jobs, ctx.processes, cfg)
+    yield from run_jobs(_oracle_job, jobs, ctx, cfg)

@@ -1,7 +1,9 @@
 """Per-image CPU work of a plugin on worker processes (dCRF, SVM expansion, random walks, merges).
 
 Jobs stream through ``engine.core.processes.process_pool`` workers a few at a time, in order, so a
-cancelled or killed job leaves at most a window of images in flight.
+cancelled or killed job leaves at most a window of images in flight. With ``RunContext.ray_address``
+set they run as Ray tasks instead (``engine.ops.ray_pool``); plugins ask ``open_pool`` /
+``run_jobs`` and never import Ray.
 """
 
 from __future__ import annotations
@@ -9,10 +11,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.core.processes import process_pool
-from engine.core.types import LabelResult
+from engine.core.types import LabelResult, RunContext
+
+if TYPE_CHECKING:
+    from engine.ops.ray_pool import RayPool
 
 
 class LazyPool:
@@ -47,9 +52,21 @@ class LazyPool:
         self.close()
 
 
-def run_jobs(fn: Callable[..., LabelResult], jobs: Iterable[Any], processes: int, *args: Any) -> Iterator[LabelResult]:
-    """``LazyPool(processes).map(fn, jobs, *args)``, the pool shut down when the generator ends or is closed."""
-    with LazyPool(processes) as pool:
+def open_pool(ctx: RunContext) -> LazyPool | RayPool:
+    """The pool for ``ctx``'s per-image work: Ray tasks on the cluster ``ctx.ray_address`` (results
+    in order of completion), else ``LazyPool(ctx.processes)`` (in input order). Either is a
+    context manager with ``map(fn, jobs, *args)``; ``fn`` must be a module-level function."""
+    if ctx.ray_address is None:
+        return LazyPool(ctx.processes)
+    from engine.ops.ray_pool import RayPool  # imported only when used: a local run needs no Ray
+
+    return RayPool(ctx.ray_address)
+
+
+def run_jobs(fn: Callable[..., LabelResult], jobs: Iterable[Any], ctx: RunContext, *args: Any) -> Iterator[LabelResult]:
+    """``open_pool(ctx).map(fn, jobs, *args)``, the pool closed when the generator ends or is
+    closed. Results come in input order only on a local pool: consumers key them by image id."""
+    with open_pool(ctx) as pool:
         yield from pool.map(fn, jobs, *args)
 
 

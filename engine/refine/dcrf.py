@@ -87,10 +87,11 @@ def _make_job(ctx: RunContext, image_id: str, image_path: Path) -> _Job | LabelR
 
 @register("dcrf", role=Role.REFINEMENT, config=DCRFConfig, title="dCRF", offers={Offer.QUEUE})
 def run(cfg: DCRFConfig, ctx: RunContext) -> Iterator[LabelResult]:
-    """Refine the source variant of each image of ``ctx.todo`` with a dense CRF, in order.
+    """Refine the source variant of each image of ``ctx.todo`` with a dense CRF.
 
-    Uses ``ctx.processes`` spawned worker processes (in-process when 1) with a bounded window of
+    Uses ``ctx.processes`` spawned worker processes (in-process when 1; results in order), or Ray
+    tasks when ``ctx.ray_address`` is set (in order of completion), with a bounded window of
     images in flight; a bad image or unreadable source file yields ``LabelResult(error=...)``.
     """
     jobs = (_make_job(ctx, item.image_id, item.image_path) for item in ctx.todo)
-    yield from run_jobs(_refine_job, jobs, ctx.processes, cfg)
+    yield from run_jobs(_refine_job, jobs, ctx, cfg)

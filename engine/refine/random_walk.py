@@ -45,7 +45,7 @@ from engine.ops.backbone import FeatureExtractor, freeze_batchnorm, load_feature
 from engine.ops.cams import cams_to_label, with_background
 from engine.ops.checkpoints import chunked_labels
 from engine.ops.crf import IRN_LABEL_DCRF, refine_pseudo_label, scaled_dcrf
-from engine.ops.pool import LazyPool, run_jobs
+from engine.ops.pool import open_pool, run_jobs
 from engine.ops.scores import argmax_label, downsample_scores, resize_channels, strided_to_image
 from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable
 
@@ -411,7 +411,7 @@ def affinity_labels(cfg: RandomWalkConfig, ctx: RunContext, model_dir: Path) -> 
     """``{image_id: (h, w) uint8}`` affinity labels of ``ctx.items``, stored in chunks in ``model_dir``
     (a rerun reuses them). dCRF runs on ``ctx.processes`` processes. Reports ``("affinity labels",
     done, total)``; an image whose source or file is unreadable gets no label (no training pairs)."""
-    with LazyPool(ctx.processes) as pool:
+    with open_pool(ctx) as pool:
         return chunked_labels(ctx.items, LABEL_CHUNK, lambda index: model_dir / f"affinity_labels_{index:04d}.npz",
                               lambda chunk: pool.map(_label_job, (_make_label_job(ctx, item) for item in chunk), cfg),
                               lambda done, total: ctx.report("affinity labels", done, total))
@@ -546,4 +546,4 @@ def run(cfg: RandomWalkConfig, ctx: RunContext) -> Iterator[LabelResult]:
     the first unfinished image.
     """
     net = train(cfg, ctx)
-    yield from run_jobs(_walk_job, (_make_walk_job(net, ctx, item, cfg) for item in ctx.todo), ctx.processes, cfg)
+    yield from run_jobs(_walk_job, (_make_walk_job(net, ctx, item, cfg) for item in ctx.todo), ctx, cfg)

@@ -107,11 +107,11 @@ def _seed_source(ctx: RunContext, item: Item, threads: int) -> _Job | LabelResul
 def run(cfg: SVMSeedConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Expand the source variant (e.g. CAM) with a per-image SVM trained on its confident regions.
 
-    One result per ``ctx.todo`` image, in order, computed in ``ctx.processes`` worker processes;
+    One result per ``ctx.todo`` image, computed in ``ctx.processes`` worker processes (or Ray tasks);
     a bad image or unreadable source yields ``LabelResult(error=...)`` naming the file.
     """
     if ctx.source is None:
         raise ValueError("svm is a refinement: the run needs a source variant (ctx.source is None)")
     threads = 1 if ctx.processes > 1 else 0
     jobs = (_seed_source(ctx, it, threads) for it in ctx.todo)
-    yield from run_jobs(_seed_job, jobs, ctx.processes, cfg)
+    yield from run_jobs(_seed_job, jobs, ctx, cfg)

@@ -5,6 +5,7 @@
     python -m engine import ~/irn/result/sem_seg --name "IRN"          # a folder of <id>.png
     python -m engine import ~/irn/result/cam --name "IRN CAM" --format npy --param import.bg_threshold=0.2
     python -m engine worker                  # the background worker the app relies on
+    python -m engine worker --ray auto       # per-image work as Ray tasks (ray start --head first)
     python -m engine status                  # jobs, and mIoU per variant
     python -m engine status --metric precision --undecided ignore   # another figure and protocol
     python -m engine sweep 129b11ceecef --make-per-class   # CAM at every background threshold; tuned
@@ -188,7 +189,12 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
 def _add_worker(sub: argparse._SubParsersAction) -> None:
     def handle(args: argparse.Namespace) -> None:
         cfg = WorkerConfig(args.cache, until_idle=args.until_idle, stale_seconds=args.stale_seconds,
-                           processes=args.processes, flush_seconds=args.flush_seconds, sweep_grid=args.sweep_grid)
+                           processes=args.processes, ray_address=args.ray, flush_seconds=args.flush_seconds,
+                           sweep_grid=args.sweep_grid)
+        if args.ray:
+            from engine.ops.ray_pool import connect
+
+            connect(args.ray)  # a wrong address fails here, not in the first job
         serve(cfg, _Bars() if args.progress else None)
 
     p = sub.add_parser("worker", help="run the background worker")
@@ -196,6 +202,9 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.add_argument("--stale-seconds", type=float, default=120.0)
     p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run per-image work (dCRF, SVM, random walk, merges) as tasks on the Ray cluster at "
+                        "ADDRESS (host:port of its head; auto: this machine's, started if none)")
     p.add_argument("--flush-seconds", type=float, default=1.0, help="how often results are recorded")
     p.set_defaults(func=handle)
 

@@ -47,6 +47,8 @@ class WorkerConfig:
     stale_seconds: float = 120.0  # no heartbeat for this long: the job's worker is presumed dead
     flush_seconds: float = 1.0  # how often results and progress are written to the cache
     processes: int = 2  # for per-image CPU work (dCRF)
+    # per-image work as Ray tasks on this cluster (engine.ops.ray_pool; "auto": this machine's); None: local processes
+    ray_address: str | None = None
     until_idle: bool = False  # stop when no job is queued or running
     # background thresholds at which a threshold-sweep plugin's labels are also counted
     sweep_grid: tuple[float, ...] = DEFAULT_GRID
@@ -251,7 +253,8 @@ def _run_label(run: _JobRun, dataset: Dataset) -> None:
             return _variant_reader(cache_dir, variant_id, queries.label_map_rows(con, variant_id))
 
     ctx = RunContext(classes=dataset.classes, items=items, todo=todo, workdir=cache_dir / "work" / variant.id, device=_device(),
-                     report=run.report, source=source, processes=run.cfg.processes, models=cache_dir / "models",
+                     report=run.report, source=source, processes=run.cfg.processes, ray_address=run.cfg.ray_address,
+                     models=cache_dir / "models",
                      variants=open_variant, log=run.log,
                      source_items=[_item(r) for r in source_images if r.image_id in (source_rows or {})])
     ctx.workdir.mkdir(parents=True, exist_ok=True)

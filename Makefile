@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PORT ?= 8501
 
-.PHONY: install browser demo app worker test
+.PHONY: install browser demo app worker stop-worker test
 
 .venv/installed: requirements.txt
 	python3 -m venv .venv
@@ -19,17 +19,23 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
 
 # The app serves while the worker runs the jobs in the foreground: CAM, CAM -> dCRF, then the
-# ISLE ensemble of the two (exact merge + naive baseline). Ctrl-C stops both.
+# ISLE ensemble of the two (exact merge + naive baseline). Then a worker is left running in the
+# background for the jobs queued from the app; Ctrl-C stops the app, `make stop-worker` the worker.
 demo: install
 	$(PY) -m streamlit run app.py --server.headless true --server.port $(PORT) & \
 	$(PY) -m engine run cam dcrf && $(PY) -m engine isle --name auto --naive; \
-	echo "App: http://localhost:$(PORT)  (Ctrl-C to stop)"; wait
+	$(PY) -m engine worker --detach; \
+	echo "App: http://localhost:$(PORT)  (Ctrl-C to stop the app; make stop-worker to stop the worker)"; wait
 
+# The app starts a worker for its cache when none is alive (ISLE_WORKER=off: it does not).
 app: install
 	$(PY) -m streamlit run app.py --server.headless true --server.port $(PORT)
 
 worker: install
 	$(PY) -m engine worker --progress
+
+stop-worker: install
+	$(PY) -m engine worker --stop
 
 test: install browser
 	$(PY) -m pytest -q

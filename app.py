@@ -1,4 +1,4 @@
-"""ISLE Workbench: ``streamlit run app.py``. Routes only; each page is one user task.
+"""ISLE Workbench: ``streamlit run app.py``. Routes only (and keeps a worker alive); each page is one user task.
 
 The pages live in ``app_pages/``, not ``pages/``: Streamlit serves a ``pages/`` folder next to the
 entrypoint in its legacy multipage mode, and a deep link as a fresh server's first request would
@@ -7,7 +7,10 @@ then run that page file directly, bypassing this router (for every later session
 
 import streamlit as st
 
+from ui.common import keep_worker_alive
+
 st.set_page_config(page_title="ISLE Workbench", layout="wide")
+keep_worker_alive()  # a job queued from any page is run without a terminal (ISLE_WORKER=off: not)
 HOME = "app_pages/home.py"
 navigation = st.navigation([
     st.Page(HOME, title="Home", icon=":material/home:", url_path="index", default=True),

@@ -17,6 +17,8 @@ from engine.core.registry import Offer
 from engine.methods.imported import DEFAULT_BG_THRESHOLDS, FORMATS, KEY_CONVENTIONS, SCORE_KEYS, import_step
 from engine.runtime.jobs import BASELINE
 from ui.common import cache_exists, jobs_panel, pick_dataset, queue_chain, read, refinement_steps
+from ui.run_all import whole_comparison
+from ui.worker_panel import worker_panel
 
 st.title("ISLE Workbench")
 st.caption("Weakly supervised segmentation: compare pseudo-label methods class by class, "
@@ -29,9 +31,11 @@ KEYS_HELP = {"index": "0-based foreground indices, class id = key + 1 (IRN)",
              "class_id": "label values of the dataset's classes, a leading 0 = background (PuzzleCAM)"}
 
 
+st.subheader("Worker")
+worker_panel()
+
 st.subheader("Queue work")
-st.write(f"On the **{SPLIT}** split of `{root}`. "
-         "The background worker (`python -m engine worker`) picks the jobs up.")
+st.write(f"On the **{SPLIT}** split of `{root}`. The worker above picks the jobs up.")
 # Imports and ISLE merges have forms and pages of their own: they need a folder or an assignment.
 methods = {p.name: p.title for p in registry.plugins(offer=Offer.QUEUE) if p.role.starts_chain}
 baseline_tab, method_tab, refine_tab, import_tab = st.tabs(
@@ -83,6 +87,9 @@ with import_tab:
             st.error(str(exc))
         else:
             queue_chain(root, SPLIT, [step])
+
+st.write("Or every method and standard chain of the comparison at once, with estimated times:")
+whole_comparison(root, SPLIT)
 
 
 st.subheader("Jobs")

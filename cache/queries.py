@@ -16,7 +16,7 @@ from typing import Any
 import duckdb
 
 from cache.classes import ClassSet
-from cache.rows import Dataset, ImageRow, Job, Variant
+from cache.rows import Dataset, ImageRow, Job, Variant, WorkerRow
 from cache.schema import FINISHED, JobStatus
 
 Con = duckdb.DuckDBPyConnection
@@ -557,6 +557,56 @@ def cancel_queued_job(con: Con, job_id: int) -> bool:
     return row is not None
 
 
+# --- workers (engine.runtime.worker registers itself; engine.runtime.supervisor reads) -----
+
+
+def register_worker(con: Con, name: str, host: str, pid: int, ray_address: str | None) -> None:
+    """Insert (or, for a reused PID, reset) worker ``name`` as started now and idle."""
+    now = time.time()
+    con.execute(
+        """INSERT OR REPLACE INTO workers (name, host, pid, started_at, heartbeat_at, job_id, ray_address,
+                                          stop_requested, stopped_at)
+           VALUES (?, ?, ?, ?, ?, NULL, ?, FALSE, NULL)""",
+        [name, host, pid, now, now, ray_address])
+
+
+def worker_heartbeat(con: Con, name: str, job_id: int | None) -> bool:
+    """Record that worker ``name`` is alive and runs ``job_id`` (None: idle); returns whether it
+    was asked to stop. A process with no row (``run_job`` called without ``serve``) records nothing."""
+    row = con.execute("UPDATE workers SET heartbeat_at = ?, job_id = ? WHERE name = ? RETURNING stop_requested",
+                      [time.time(), job_id, name]).fetchone()
+    return bool(row and row[0])
+
+
+def worker_stopped(con: Con, name: str) -> None:
+    """Worker ``name`` exits now."""
+    con.execute("UPDATE workers SET stopped_at = ?, job_id = NULL WHERE name = ?", [time.time(), name])
+
+
+def request_worker_stop(con: Con, names: Iterable[str]) -> None:
+    """Ask these workers to stop: each records its finished images, puts its job back in the
+    queue and exits at its next flush or poll."""
+    con.execute("UPDATE workers SET stop_requested = TRUE WHERE name IN (SELECT unnest(?)) AND stopped_at IS NULL",
+                [list(names)])
+
+
+def workers(con: Con, include_stopped: bool = False) -> list[WorkerRow]:
+    """The workers that have not said they stopped (every one with ``include_stopped``), newest first.
+    Whether one is alive is the supervisor's question (heartbeat age, local PID)."""
+    where = "" if include_stopped else "WHERE stopped_at IS NULL"
+    return [WorkerRow.from_row(r) for r in _dicts(con.execute(f"SELECT * FROM workers {where} ORDER BY started_at DESC"))]
+
+
+def requeue_job(con: Con, job_id: int) -> bool:
+    """running -> queued for a job its worker gave back (asked to stop): the attempt it used is
+    not counted, and its recorded images stay."""
+    row = con.execute(
+        """UPDATE jobs SET status = ?, attempts = greatest(attempts - 1, 0), worker = NULL
+           WHERE id = ? AND status = ? RETURNING id""",
+        [JobStatus.QUEUED.value, job_id, JobStatus.RUNNING.value]).fetchone()
+    return row is not None
+
+
 def class_image_counts(con: Con, dataset_id: str, split: str) -> dict[int, int]:
     """``{class_id: usable images of the split whose image-level labels hold it}``; background
     (0) is given as the number of usable images, since labels list foreground classes only."""
@@ -691,3 +741,48 @@ def mask_folder(con: Con, dataset_id: str) -> str | None:
         return str(mask.parent.relative_to(root))
     except ValueError:
         return str(mask.parent)
+
+
+# --- measured stage costs (the estimates of engine.runtime.plan) ---------------------------
+
+
+def record_stage_costs(con: Con, job_id: int, plugin: str, device: str, rows: Sequence[tuple[str, int, float]]) -> None:
+    """Add ``(stage, units, seconds)`` rows to job ``job_id``'s measured costs: a row already
+    there (an earlier flush or run of the same job) gets the units and seconds added, so each
+    run of a job counts only the work it did itself."""
+    now = time.time()
+    for stage, units, seconds in rows:
+        con.execute(
+            """INSERT INTO stage_costs VALUES (?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (job_id, stage) DO UPDATE SET units = stage_costs.units + excluded.units,
+                   seconds = stage_costs.seconds + excluded.seconds, finished_at = excluded.finished_at""",
+            [job_id, plugin, stage, int(units), float(seconds), device, now])
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """One ``stage_costs`` row: ``units`` (images, or training steps) done in ``seconds``."""
+
+    job_id: int
+    plugin: str
+    stage: str
+    units: int
+    seconds: float
+    device: str
+    finished_at: float
+
+
+def stage_costs(con: Con, job_id: int | None = None) -> list[StageCost]:
+    """The measured stage costs of ``job_id`` (every job's when None), by job and stage."""
+    where, params = ("WHERE job_id = ?", [job_id]) if job_id is not None else ("", [])
+    return [StageCost(*row) for row in con.execute(
+        f"SELECT job_id, plugin, stage, units, seconds, device, finished_at FROM stage_costs {where} "
+        "ORDER BY job_id, stage", params).fetchall()]
+
+
+def stage_cost_rates(con: Con, device: str) -> dict[tuple[str, str], float]:
+    """``{(plugin, stage): median seconds per unit}`` over the rows measured on ``device`` with
+    at least one unit."""
+    return {(plugin, stage): float(rate) for plugin, stage, rate in con.execute(
+        """SELECT plugin, stage, median(seconds / units) FROM stage_costs
+           WHERE device = ? AND units > 0 GROUP BY plugin, stage""", [device]).fetchall()}

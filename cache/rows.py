@@ -129,3 +129,26 @@ class Job:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
         return cls(**_fields(cls, row))
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    """A ``workers`` row: a worker process that served this cache (``engine.runtime.supervisor``).
+
+    name: ``"host:pid"``; times are epoch seconds; job_id: the job it runs (None: idle);
+    stopped_at: when it exited (None: running, or killed without a chance to say so).
+    """
+
+    name: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    job_id: int | None
+    ray_address: str | None
+    stop_requested: bool
+    stopped_at: float | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> WorkerRow:
+        return cls(**_fields(cls, row))

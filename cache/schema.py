@@ -14,8 +14,10 @@ import duckdb
 # 6: count_totals (per-split sums of counts), built once from the counts of an older cache;
 # 7: assignments.assign (the assignment rule), added to an older cache's table;
 # 8: sweep_counts and confusion (variants recorded before have no rows in them);
-# 9: sweep_totals (per-split sums of sweep_counts), built once from the rows of an older cache
-SCHEMA_VERSION = 9
+# 9: sweep_totals (per-split sums of sweep_counts), built once from the rows of an older cache;
+# 10: stage_costs (measured seconds per stage and unit of work), workers (live workers and their
+#     heartbeats, whether or not they run a job)
+SCHEMA_VERSION = 10
 TOTALS_SINCE = 6  # the version that added count_totals
 SWEEP_TOTALS_SINCE = 9  # the version that added sweep_totals
 
@@ -131,6 +133,22 @@ STATEMENTS = (
         attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL DEFAULT 3,
         worker VARCHAR, created_at DOUBLE NOT NULL, started_at DOUBLE, heartbeat_at DOUBLE,
         finished_at DOUBLE)""",
+    # What one stage of a job cost on this machine: seconds over units (images; training: steps)
+    # done in the runs of that job (a resumed run adds only its own), for the estimates shown
+    # before a run is queued (engine.runtime.plan). plugin: the step's registry name (the job's
+    # kind for a scan); device: "cpu" or "cuda".
+    """CREATE TABLE IF NOT EXISTS stage_costs (
+        job_id BIGINT NOT NULL, plugin VARCHAR NOT NULL, stage VARCHAR NOT NULL, units BIGINT NOT NULL,
+        seconds DOUBLE NOT NULL, device VARCHAR NOT NULL, finished_at DOUBLE NOT NULL,
+        PRIMARY KEY (job_id, stage))""",
+    # One row per worker process that ever served this cache (engine.runtime.supervisor): name =
+    # "host:pid"; heartbeat_at is written at every poll and flush, so an idle worker is seen alive
+    # too; job_id: the job it runs now (NULL: idle); stop_requested: asked to stop (Home's Stop, or
+    # ``python -m engine worker --stop``) after recording its finished images; stopped_at: it exited.
+    """CREATE TABLE IF NOT EXISTS workers (
+        name VARCHAR PRIMARY KEY, host VARCHAR NOT NULL, pid BIGINT NOT NULL, started_at DOUBLE NOT NULL,
+        heartbeat_at DOUBLE NOT NULL, job_id BIGINT, ray_address VARCHAR,
+        stop_requested BOOLEAN NOT NULL DEFAULT FALSE, stopped_at DOUBLE)""",
     # Bad input met while running a job: the image is skipped, the job goes on.
     """CREATE TABLE IF NOT EXISTS image_errors (
         job_id BIGINT NOT NULL, variant_id VARCHAR, image_id VARCHAR NOT NULL,

@@ -16,6 +16,10 @@ from PIL import Image, ImageFilter
 
 from engine.core.types import Cancelled, Item
 
+# The app starts a worker for its cache by itself (ui.common.keep_worker_alive); the page tests
+# queue jobs and read them as queued, so only tests/test_worker_alive.py turns it back on.
+os.environ["ISLE_WORKER"] = "off"
+
 REPO = Path(__file__).resolve().parents[1]
 VOC_ROOT = (REPO / ".." / "shared" / "data" / "voc2012-animals").resolve()
 
@@ -140,6 +144,18 @@ def baseline_cache(tmp_path_factory) -> tuple[Path, Path]:
     submit_chain(cache_dir, root, "train", [Step("cam", TINY_CAM), Step("dcrf")])
     serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.1))
     return cache_dir, root
+
+
+def grown_label_folder(root: Path, ids: list[str], folder: Path, size: int = 15) -> Path:
+    """``folder`` of ``<id>.png`` label maps: the ground truth of ``root`` grown by a ``size`` max
+    filter (``grown_mask``), a label-map variant to import that dCRF has work to do on."""
+    from cache.labelmaps import write_label_map
+
+    folder.mkdir(parents=True)
+    for image_id in ids:
+        mask = np.asarray(Image.open(root / "SegmentationClassAug" / f"{image_id}.png"))
+        write_label_map(folder / f"{image_id}.png", grown_mask(mask, size))
+    return folder
 
 
 def grown_mask(mask: np.ndarray, size: int = 15) -> np.ndarray:

@@ -34,10 +34,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(cache_dir: Path, root: Path) -> tuple[subprocess.Popen, str]:
-    """A fresh ``streamlit run app.py`` on a free loopback port; ``(process, url)`` once healthy."""
+def _serve(cache_dir: Path, root: Path, **env_vars: str) -> tuple[subprocess.Popen, str]:
+    """A fresh ``streamlit run app.py`` on a free loopback port, with ``env_vars`` added to this
+    process's environment; ``(process, url)`` once healthy."""
     port = _free_port()
-    env = {**os.environ, "ISLE_CACHE_DIR": str(cache_dir), "ISLE_VOC_ROOT": str(root)}
+    env = {**os.environ, "ISLE_CACHE_DIR": str(cache_dir), "ISLE_VOC_ROOT": str(root), **env_vars}
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
          "--server.port", str(port), "--browser.gatherUsageStats", "false"],

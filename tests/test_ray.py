@@ -14,20 +14,17 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import ray
-from PIL import Image
 
 from cache.db import connect
-from cache.labelmaps import write_label_map
 from engine.core.chains import Step
 from engine.core.types import LabelResult
 from engine.methods.imported import import_step
 from engine.ops.ray_pool import REPO, RayPool
 from engine.runtime.jobs import submit_chain
 from engine.runtime.worker import WorkerConfig, serve
-from tests.conftest import _split_ids, grown_mask, job_row, make_voc_copy, worker_process
+from tests.conftest import _split_ids, grown_label_folder, job_row, make_voc_copy, worker_process
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -121,11 +118,7 @@ def imported_cache(tmp_path_factory) -> tuple[Path, Path, Step]:
     grown by 7 pixels imported as a label-map variant (no scores: dCRF's label unary)."""
     base = tmp_path_factory.mktemp("ray")
     root = make_voc_copy(base / "voc", {"train": _split_ids("train")[:IMAGES]})
-    folder = base / "gt_grown"
-    folder.mkdir()
-    for image_id in _split_ids("train")[:IMAGES]:
-        write_label_map(folder / f"{image_id}.png",
-                        grown_mask(np.asarray(Image.open(root / "SegmentationClassAug" / f"{image_id}.png"))))
+    folder = grown_label_folder(root, _split_ids("train")[:IMAGES], base / "gt_grown")
     step = import_step(folder, "GT grown")
     cache_dir = base / "cache"
     submit_chain(cache_dir, root, "train", [step])

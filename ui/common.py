@@ -10,6 +10,7 @@ something new.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from engine.core import registry
 from engine.core.chains import Step, dataset_id_for
 from engine.core.dataset import DatasetError, default_voc_root
 from engine.core.registry import Offer, Plugin, Role
+from engine.runtime import supervisor
 from engine.runtime.jobs import cancel, submit_chain
 
 T = TypeVar("T")
@@ -38,6 +40,26 @@ def cache_dir() -> Path:
 
 def cache_exists() -> bool:
     return db_path(cache_dir()).exists()
+
+
+CHECK_SECONDS = 5.0  # how often one session looks for a live worker
+_CHECKED = "worker_checked_at"  # session key: when this session last looked
+
+
+def autostart_on() -> bool:
+    return os.environ.get(supervisor.AUTOSTART_ENV, "auto").lower() != "off"
+
+
+def keep_worker_alive() -> None:
+    """Start a worker when the cache exists, none is alive and none is starting; at most once
+    every ``CHECK_SECONDS`` per session, and never with ``ISLE_WORKER=off`` or after a Stop."""
+    if not autostart_on() or not cache_exists():
+        return
+    now = time.monotonic()
+    if now - st.session_state.get(_CHECKED, -CHECK_SECONDS) < CHECK_SECONDS:
+        return
+    st.session_state[_CHECKED] = now
+    supervisor.ensure_worker(cache_dir(), automatic=True)
 
 
 @st.cache_data(ttl=1, show_spinner=False)
@@ -126,6 +148,7 @@ def jobs_panel() -> None:
     if not cache_exists():
         st.info("No cache yet: queue a job to start.")
         return
+    keep_worker_alive()
     jobs = read(queries.recent_jobs, 30)
     if not jobs:
         st.info("No jobs yet.")
@@ -143,7 +166,8 @@ def jobs_panel() -> None:
             refresh()
     if any(j.status == JobStatus.QUEUED.value for j in active) and not any(
             j.status == JobStatus.RUNNING.value for j in active):
-        st.caption("Jobs are queued but none is running: is `python -m engine worker` started?")
+        st.caption("Jobs are queued but none is running: the worker is starting, or was stopped "
+                   "(Start on Home, or `python -m engine worker`).")
     st.dataframe(
         [{"job": j.id, "kind": j.kind, "variant": j.variant_name, "split": j.split, "status": j.status,
           "stage": j.stage, "done": j.done, "total": j.total, "bad images": j.n_errors, "error": j.error}

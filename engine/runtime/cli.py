@@ -1,11 +1,13 @@
 """Command line: ``python -m engine {submit,run,import,worker,isle,export,train,flags,status,sweep,confusion,recount,cancel}``.
 
     python -m engine run cam dcrf            # queue CAM and CAM -> dCRF on train, work until done
+    python -m engine run --all               # every standard chain: the plan with estimates, confirm, work
     python -m engine submit cam --param cam.epochs=3
     python -m engine import ~/irn/result/sem_seg --name "IRN"          # a folder of <id>.png
     python -m engine import ~/irn/result/cam --name "IRN CAM" --format npy --param import.bg_threshold=0.2
     python -m engine worker                  # the background worker the app relies on
     python -m engine worker --ray auto       # per-image work as Ray tasks (ray start --head first)
+    python -m engine worker --detach         # a worker in the background unless one is alive; --stop ends it
     python -m engine status                  # jobs, and mIoU per variant
     python -m engine status --metric precision --undecided ignore   # another figure and protocol
     python -m engine sweep 129b11ceecef --make-per-class   # CAM at every background threshold; tuned
@@ -29,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,14 +44,16 @@ from cache.db import connect, default_cache_dir
 from cache.rows import Job
 from cache.classes import ClassSet
 from engine.core.chains import Step, dataset_id_for
-from engine.core.dataset import default_voc_root
+from engine.core.dataset import DatasetError, default_voc_root
 from engine.isle import assignments
 from engine.isle.export import IMAGE_MODES, ExportError, export_assignment, export_variant
 from engine.isle.numerics import OVERLAP_RULES, Subset
 from engine.methods.imported import FORMATS, import_step
 from engine.runtime.jobs import cancel, submit_chain, submit_recount, threshold_step
+from engine.runtime.plan import ISLE_AFTER, Plan, estimate_text, make_plan, submit_plan
 from engine.runtime.trainings import final_plugin, submit_training, trainings
 from engine.ops.sweep import DEFAULT_GRID, check_grid
+from engine.runtime import supervisor
 from engine.runtime.worker import WorkerConfig, serve
 
 Handler = Callable[[argparse.Namespace], None]
@@ -95,6 +101,10 @@ def _cell(value: float | None) -> str:
 def _print_status(args: argparse.Namespace) -> None:
     metric = getattr(args, "metric", "iou")
     undecided = getattr(args, "undecided", "miss")
+    for state in supervisor.worker_states(args.cache):
+        job = f"job {state.row.job_id}" if state.row.job_id is not None else "idle"
+        print(f"worker {state.row.name} {'alive' if state.alive else 'gone'} since {time.ctime(state.row.started_at)}, "
+              f"{job}, heartbeat {state.heartbeat_age:.0f} s ago" + (" (asked to stop)" if state.row.stop_requested else ""))
     with connect(args.cache, read_only=True) as con:
         for job in reversed(queries.recent_jobs(con, limit=20)):
             print(f"job {job.id:>3} {job.kind:5} {job.variant_name or '':24} {job.status:9} "
@@ -153,15 +163,66 @@ def _queue_and_work(args: argparse.Namespace, steps: list[Step], source: str | N
 # --- subcommands: arguments and handler side by side ----------------------------------------
 
 
+def _print_plan(plan: Plan) -> None:
+    print(f"The whole comparison on {plan.split} ({plan.runs[0].images if plan.runs else 0} images); estimates "
+          f"from this machine's measured stage costs on {plan.device}, each of its chain's last step:")
+    width = max((len(run.label) for run in plan.runs), default=0)
+    for run in plan.runs:
+        print(f"  {run.label:{width}}  " + ("complete, skipped" if run.done else estimate_text(run.estimate_seconds)))
+    print(f"{len(plan.todo)} chain(s) to run: {plan.total_text()}.")
+    print(f"Then the ISLE ensemble of the complete variants: {ISLE_AFTER}")
+
+
+def _run_all(args: argparse.Namespace, work: bool) -> None:
+    """``--all``: print the plan of every standard chain; unless ``--plan``, confirm (a terminal's
+    question, or ``--yes``), queue its chains and, with ``work``, run them until idle."""
+    if args.steps or args.from_variant or args.param:
+        raise SystemExit(f"{args.command} --all: takes no steps, --param or --from-variant (it runs the standard chains)")
+    try:
+        plan = make_plan(args.cache, args.root, args.split)
+    except (DatasetError, KeyError, ValueError) as exc:
+        raise SystemExit(f"{args.command} --all: {exc}") from None
+    _print_plan(plan)
+    if args.plan or not plan.todo:
+        return
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise SystemExit(f"{args.command} --all: not queued; stdin is not a terminal, so pass --yes to queue "
+                             f"these {len(plan.todo)} chain(s) (or --plan to only print them)")
+        if input(f"Queue these {len(plan.todo)} chain(s)? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing queued")
+            return
+    ids = submit_plan(args.cache, args.root, plan)
+    print(f"queued jobs {ids}")
+    if work:
+        serve(WorkerConfig(args.cache, until_idle=True, sweep_grid=args.sweep_grid), _Bars())
+        _print_status(args)
+        print(f"\nnext, the ISLE ensemble: {ISLE_AFTER}")
+
+
 def _add_submit_and_run(sub: argparse._SubParsersAction) -> None:
     def handle(args: argparse.Namespace) -> None:
-        _queue_and_work(args, _steps(args.steps, args.param), args.from_variant, work=args.command == "run")
+        work = args.command == "run"
+        if args.all:
+            _run_all(args, work)
+            return
+        if args.plan or args.yes:
+            raise SystemExit(f"{args.command}: --plan and --yes go with --all")
+        if not args.steps:
+            raise SystemExit(f"{args.command}: give a method then refinements (e.g. cam dcrf), or --all")
+        _queue_and_work(args, _steps(args.steps, args.param), args.from_variant, work=work)
 
     for name in ("submit", "run"):
-        p = sub.add_parser(name, help="queue a chain" + (" and work until idle" if name == "run" else ""))
-        p.add_argument("steps", nargs="+", help="a method then refinements, e.g. cam dcrf")
+        p = sub.add_parser(name, help="queue a chain" + (" and work until idle" if name == "run" else "")
+                           + ", or with --all every standard chain (the whole comparison)")
+        p.add_argument("steps", nargs="*", help="a method then refinements, e.g. cam dcrf")
         p.add_argument("--param", action="append", default=[], metavar="STEP.KEY=VALUE")
         p.add_argument("--from-variant", default=None, help="refine this existing variant id")
+        p.add_argument("--all", action="store_true",
+                       help="every method and standard chain not complete on --split (engine/runtime/plan.py), "
+                            "after printing each one's estimated time and asking")
+        p.add_argument("--plan", action="store_true", help="with --all: only print the plan")
+        p.add_argument("--yes", action="store_true", help="with --all: queue without asking (needed without a terminal)")
         p.set_defaults(func=handle)
 
 
@@ -191,6 +252,21 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
         cfg = WorkerConfig(args.cache, until_idle=args.until_idle, stale_seconds=args.stale_seconds,
                            processes=args.processes, ray_address=args.ray, flush_seconds=args.flush_seconds,
                            sweep_grid=args.sweep_grid)
+        if args.stop:
+            names = supervisor.stop_workers(args.cache)
+            print(f"asked to stop: {', '.join(names)}" if names else "no live worker")
+            if names and not supervisor.wait_stopped(args.cache, names):
+                raise SystemExit("a worker did not stop within 60 s (it stops at its next flush; see `status`)")
+            return
+        if args.detach:
+            if args.until_idle or args.progress:
+                raise SystemExit("worker --detach: --until-idle and --progress are for a worker in this terminal")
+            alive, pid = supervisor.ensure_worker(args.cache, _worker_args(args), _global_args(args))
+            if alive:
+                print(f"a worker is alive already: {alive[0].name} (since {time.ctime(alive[0].started_at)})")
+            else:
+                print(f"worker started, PID {pid}; its log: {supervisor.log_path(args.cache)}")
+            return
         if args.ray:
             from engine.ops.ray_pool import connect
 
@@ -206,7 +282,24 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
                    help="run per-image work (dCRF, SVM, random walk, merges) as tasks on the Ray cluster at "
                         "ADDRESS (host:port of its head; auto: this machine's, started if none)")
     p.add_argument("--flush-seconds", type=float, default=1.0, help="how often results are recorded")
+    p.add_argument("--detach", action="store_true",
+                   help="start a worker in the background unless one is alive (engine/runtime/supervisor.py; "
+                        "its log: <cache>/logs/worker.log), then return")
+    p.add_argument("--stop", action="store_true",
+                   help="ask every live worker to stop (finished images recorded, its job requeued) and wait")
     p.set_defaults(func=handle)
+
+
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    """The worker options of ``args`` as arguments for a detached ``worker``."""
+    out = ["--processes", str(args.processes), "--stale-seconds", str(args.stale_seconds),
+           "--flush-seconds", str(args.flush_seconds)]
+    return out + (["--ray", args.ray] if args.ray else [])
+
+
+def _global_args(args: argparse.Namespace) -> list[str]:
+    """The common options a detached worker needs (its threshold grid)."""
+    return ["--sweep-grid", ",".join(f"{t:g}" for t in args.sweep_grid)]
 
 
 def _overrides(texts: list[str], classes: ClassSet) -> dict[int, str]:

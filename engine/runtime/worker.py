@@ -8,13 +8,21 @@ restarted job skips every image already recorded: nothing finished is redone or 
 
 Only this process writes label maps and counts; it holds the DuckDB file for a few milliseconds
 per batch (``cache.db.connect``), so the app can read in between.
+
+A serving worker has a ``workers`` row with a heartbeat written at every poll and flush, idle or
+not (``engine.runtime.supervisor`` reads it to keep one alive). Asked to stop (its row's
+``stop_requested``, or SIGTERM), it records its finished images, puts its job back in the queue
+(``StopRequested``) and exits; the next worker resumes the job where it stopped. Several workers
+may serve one cache: a job is claimed by one guarded UPDATE, so two never run the same job.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -38,6 +46,14 @@ from engine.ops.sweep import DEFAULT_GRID, check_grid, confusion_pairs, sweep_co
 log = logging.getLogger("isle.worker")
 
 ProgressFn = Callable[[Job, str, int, int], None]
+
+
+class StopRequested(Cancelled):
+    """The worker was asked to stop mid-job: the job goes back to the queue, not to cancelled.
+    A ``Cancelled`` to the plugins, so they unwind as for a cancel."""
+
+
+_signalled = threading.Event()  # SIGTERM or SIGINT seen by ``serve``: stop as if asked in the cache
 
 
 @dataclass(frozen=True)
@@ -108,14 +124,41 @@ class _JobRun:
         self.stage, self.done, self.total, self.n_errors = "start", 0, 0, 0
         self.pending = queries.ResultRows([], [], [])
         self.last_flush = 0.0
+        # Measured stage costs (``stage_costs``): the step's registry name (set by the label job),
+        # each stage's last ``done`` in this run, the last report's (stage, monotonic time), and
+        # the units and seconds not recorded yet, per stage.
+        self.plugin = job.kind
+        self.stage_done: dict[str, int] = {}
+        self.mark: tuple[str, float] | None = None
+        self.costs: dict[str, list[float]] = {}
 
     def report(self, stage: str, done: int, total: int) -> None:
-        """Progress from a plugin (e.g. training steps); raises ``Cancelled`` if asked to stop."""
+        """Progress from a plugin (e.g. training steps); raises ``Cancelled`` if asked to stop.
+        A change of stage records the costs measured so far (``_measure``)."""
+        ended = self._measure(stage, done, time.monotonic())
         self.stage, self.done, self.total = stage, done, total
         if self.on_progress:
             self.on_progress(self.job, stage, done, total)
-        if time.monotonic() - self.last_flush >= self.cfg.flush_seconds:
+        if ended or time.monotonic() - self.last_flush >= self.cfg.flush_seconds:
             self.flush()
+
+    def _measure(self, stage: str, done: int, now: float) -> bool:
+        """Count the units and seconds since the previous report towards ``stage``; True when the
+        previous report was of another stage (that stage ended, for now).
+
+        A stage's first report in this run is its starting mark (a resumed job's first ``done``
+        counts nothing); the time from the previous report is counted only when ``stage`` was
+        reported before in this run (CAM's labelling, resumed after its training), so units and
+        seconds always cover the same span."""
+        ended = self.mark is not None and self.mark[0] != stage
+        last = self.stage_done.get(stage)
+        if last is not None and self.mark is not None:
+            cost = self.costs.setdefault(stage, [0, 0.0])
+            cost[0] += max(0, done - last)
+            cost[1] += now - self.mark[1]
+        self.stage_done[stage] = done
+        self.mark = (stage, now)
+        return ended
 
     def log(self, name: str, step: int, value: float) -> None:
         """A training curve point from a plugin; recorded with the next flush."""
@@ -126,8 +169,15 @@ class _JobRun:
             if self.job.kind in ("label", "recount"):
                 queries.record_results(con, self.job.id, self.job.variant_id, self.pending)
             cancel = queries.set_progress(con, self.job.id, self.stage, self.done, self.total, self.n_errors)
+            stop = queries.worker_heartbeat(con, worker_name(), self.job.id) or _signalled.is_set()
+            measured = [(stage, int(units), seconds) for stage, (units, seconds) in self.costs.items() if units]
+            if measured:
+                queries.record_stage_costs(con, self.job.id, self.plugin, _device(), measured)
+                self.costs = {stage: cost for stage, cost in self.costs.items() if not cost[0]}
         self.pending = queries.ResultRows([], [], [])
         self.last_flush = time.monotonic()
+        if stop:
+            raise StopRequested(f"job {self.job.id}: worker {worker_name()} asked to stop")
         if cancel:
             raise Cancelled(f"job {self.job.id} cancelled")
 
@@ -236,6 +286,7 @@ def _run_label(run: _JobRun, dataset: Dataset) -> None:
     if not rows:
         raise DatasetError(f"split {job.split!r} of {dataset.root} has no usable images")
     plugin = registry.get(variant.step)
+    run.plugin = plugin.name
     refusal = plugin.refusal(dataset.classes)
     if refusal:
         raise ValueError(refusal)
@@ -307,6 +358,8 @@ def run_job(cfg: WorkerConfig, job: Job, on_progress: ProgressFn | None = None) 
         else:
             _run_label(run, dataset)
         run.flush()
+    except StopRequested:
+        status = JobStatus.QUEUED
     except Cancelled:
         status = JobStatus.CANCELLED
     except Exception as exc:  # the job fails, the worker goes on
@@ -318,7 +371,10 @@ def run_job(cfg: WorkerConfig, job: Job, on_progress: ProgressFn | None = None) 
         except Cancelled:
             pass
     with connect(cfg.cache_dir) as con:
-        queries.finish_job(con, job.id, status, error)
+        if status is JobStatus.QUEUED:
+            queries.requeue_job(con, job.id)
+        else:
+            queries.finish_job(con, job.id, status, error)
     return status
 
 
@@ -341,14 +397,43 @@ def run_next(cfg: WorkerConfig, on_progress: ProgressFn | None = None) -> bool:
     return True
 
 
+def _on_signal(signum: int, frame: object) -> None:
+    if _signalled.is_set():  # a second Ctrl-C: stop now (the job is requeued when its heartbeat ages)
+        raise KeyboardInterrupt
+    log.warning("worker %s: signal %s, stopping after recording the finished images", worker_name(), signum)
+    _signalled.set()
+
+
 def serve(cfg: WorkerConfig, on_progress: ProgressFn | None = None) -> None:
-    """The worker loop: sweep dead workers' jobs, run jobs, poll; returns only with ``until_idle``."""
-    while True:
-        sweep_stale_jobs(cfg.cache_dir, cfg.stale_seconds)
-        if run_next(cfg, on_progress):
-            continue
-        if cfg.until_idle:
-            with connect(cfg.cache_dir, read_only=True) as con:
-                if not queries.has_unfinished_jobs(con):
+    """The worker loop: register, sweep dead workers' jobs, run jobs, poll with a heartbeat.
+
+    Returns when asked to stop (``workers.stop_requested``, or SIGTERM / SIGINT when called on the
+    main thread), and with ``until_idle`` when no job is queued or running; the row then says it
+    stopped. A job running at a stop is put back in the queue with its finished images recorded.
+    """
+    name = worker_name()
+    with connect(cfg.cache_dir) as con:
+        queries.register_worker(con, name, socket.gethostname(), os.getpid(), cfg.ray_address)
+    _signalled.clear()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not _signalled.is_set():
+            with connect(cfg.cache_dir) as con:
+                if queries.worker_heartbeat(con, name, None):
+                    log.info("worker %s: asked to stop", name)
                     return
-        time.sleep(cfg.poll_seconds)
+            sweep_stale_jobs(cfg.cache_dir, cfg.stale_seconds)
+            if run_next(cfg, on_progress):
+                continue
+            if cfg.until_idle:
+                with connect(cfg.cache_dir, read_only=True) as con:
+                    if not queries.has_unfinished_jobs(con):
+                        return
+            _signalled.wait(cfg.poll_seconds)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        with connect(cfg.cache_dir) as con:
+            queries.worker_stopped(con, name)

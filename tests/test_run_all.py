@@ -18,7 +18,7 @@ from engine.core.chains import Step, chain_variants, dataset_id_for
 from engine.runtime import cli
 from engine.runtime.jobs import cancel, submit_chain
 from engine.runtime.plan import make_plan, stage_units, standard_runs
-from engine.runtime.worker import WorkerConfig, _device, serve
+from engine.runtime.worker import WorkerConfig, serve, torch_device
 from tests.conftest import REPO, TINY_CAM
 
 DCRF_5 = [Step("cam", TINY_CAM), Step("dcrf", {"iters": 5})]
@@ -60,7 +60,7 @@ def test_a_real_job_records_its_stages_images_and_seconds(baseline_cache):
     cam_costs, dcrf_costs = _costs(cache_dir, jobs[cam.id]), _costs(cache_dir, jobs[dcrf.id])
     assert set(dcrf_costs) == {"label"}
     assert dcrf_costs["label"].units == 8 and dcrf_costs["label"].seconds > 0  # the 8 images it labelled
-    assert dcrf_costs["label"].plugin == "dcrf" and dcrf_costs["label"].device == _device()
+    assert dcrf_costs["label"].plugin == "dcrf" and dcrf_costs["label"].device == torch_device()
     # CAM: its labelling resumes after the training, so all 8 images count; the training's first
     # report (after step 1 of 8 // 4 = 2) is its starting mark, so 1 step is timed.
     assert set(cam_costs) == {"train", "label"} and {c.plugin for c in cam_costs.values()} == {"cam"}

@@ -28,7 +28,7 @@ from engine.core.dataset import open_layout
 from engine.core.layouts import read_split_ids
 from engine.core.registry import Offer, Role
 from engine.runtime.jobs import submit_chain
-from engine.runtime.worker import _device
+from engine.runtime.worker import torch_device
 
 # The chains of the README's results table after the methods themselves, each after its prefix
 # (the variant it refines is an earlier run of the plan).
@@ -170,7 +170,7 @@ def make_plan(cache_dir: Path, root: Path, split: str,
     root = Path(root).resolve()
     runs = standard_runs() if runs is None else tuple(tuple(r) for r in runs)
     dataset_id = dataset_id_for(root)
-    device = _device()
+    device = torch_device()
     usable, labelled, rates = None, {}, {}
     if db_path(cache_dir).exists():
         with connect(cache_dir, read_only=True) as con:

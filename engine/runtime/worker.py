@@ -101,7 +101,8 @@ def sweep_stale_jobs(cache_dir: Path, stale_seconds: float) -> list[int]:
     return swept
 
 
-def _device() -> str:
+def torch_device() -> str:
+    """"cuda" when torch sees a GPU, else "cpu": where plugins run and what stage costs are measured on."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -172,7 +173,7 @@ class _JobRun:
             stop = queries.worker_heartbeat(con, worker_name(), self.job.id) or _signalled.is_set()
             measured = [(stage, int(units), seconds) for stage, (units, seconds) in self.costs.items() if units]
             if measured:
-                queries.record_stage_costs(con, self.job.id, self.plugin, _device(), measured)
+                queries.record_stage_costs(con, self.job.id, self.plugin, torch_device(), measured)
                 self.costs = {stage: cost for stage, cost in self.costs.items() if not cost[0]}
         self.pending = queries.ResultRows([], [], [])
         self.last_flush = time.monotonic()
@@ -303,7 +304,7 @@ def _run_label(run: _JobRun, dataset: Dataset) -> None:
                 raise KeyError(f"no variant {variant_id!r} in the cache")
             return _variant_reader(cache_dir, variant_id, queries.label_map_rows(con, variant_id))
 
-    ctx = RunContext(classes=dataset.classes, items=items, todo=todo, workdir=cache_dir / "work" / variant.id, device=_device(),
+    ctx = RunContext(classes=dataset.classes, items=items, todo=todo, workdir=cache_dir / "work" / variant.id, device=torch_device(),
                      report=run.report, source=source, processes=run.cfg.processes, ray_address=run.cfg.ray_address,
                      models=cache_dir / "models",
                      variants=open_variant, log=run.log,

@@ -56,7 +56,8 @@ def training_step(cfg: cam.CAMConfig, paths: list, repeats: int) -> None:
         batch = paths[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         rgbs = timed(parts, "decode", lambda: [np.asarray(read_image(p)) for p in batch])
         x = timed(parts, "augment", lambda: torch.stack(
-            [to_input(augment(rgb, rng, cfg.resize_long, cfg.crop_size)) for rgb in rgbs]))
+            [to_input(augment(rgb, rng, cfg.resize_long, cfg.crop_size)) for rgb in rgbs]).contiguous(
+            memory_format=torch.channels_last))
         loss = timed(parts, "forward", lambda: loss_fn(net(x), target))
         optimiser.zero_grad()
         timed(parts, "backward", loss.backward)

@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cache.classes import VOC
 from engine.core import registry
@@ -139,6 +140,66 @@ def test_camnet_logits_are_the_mean_of_its_cams():
         maps = net.class_maps(x)
         assert maps.shape == (2, 20, 4, 6)
         assert torch.allclose(net(x), maps.mean(dim=(2, 3)), atol=1e-5)
+
+
+def test_channels_last_gives_the_nchw_cams_and_gradients(tmp_path):
+    """The engine runs CAM channels-last for speed (``bench.cam_speed``); the CAMs of real images
+    and one training step's gradients must be those of the NCHW network up to float rounding."""
+    from engine.core.dataset import default_voc_root, read_image
+    from engine.ops.backbone import to_input
+    from engine.ops.cams import multiscale_cams
+
+    items = split_items(default_voc_root(), "train", 4)
+    fast = cam.build_net(TINY, 20).eval()
+    assert fast.classifier.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = cam.build_net(TINY, 20).to(memory_format=torch.contiguous_format).eval()
+    for item in items:
+        rgb = read_image(item.image_path)
+        ours = normalise_cams(multiscale_cams(fast, rgb, item.labels, (1.0,), True))
+        with torch.no_grad():  # the NCHW computation multiscale_cams made before, at scale 1 with the flip
+            x = to_input(rgb)[None].contiguous()
+            maps = F.relu(select_classes(plain.class_maps(torch.cat([x, x.flip(-1)])), item.labels))
+            hw = rgb.shape[:2]
+            reference = normalise_cams(cam_to_image_size(maps[0] + maps[1].flip(-1), 16, hw, hw).numpy())
+        np.testing.assert_allclose(ours, reference, atol=1e-4)
+        differ = cams_to_label(ours, item.labels, 0.3) != cams_to_label(reference, item.labels, 0.3)
+        assert differ.mean() < 1e-4  # a tie at the threshold may flip a pixel, no more
+
+    x, target = cam._batch(items, TINY, 20, 0, 0)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    fast.train(), plain.train()
+    loss = torch.nn.MultiLabelSoftMarginLoss()
+    loss(fast(x), target).backward()
+    loss(plain(x.contiguous()), target).backward()
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-2, atol=1e-5, msg=name)
+
+
+def test_onnx_runtime_cams_match_pytorch_on_real_images():
+    """CAM labelling on CPU runs through ONNX Runtime (``engine.ops.onnx_runtime``): on real
+    images of several sizes (TF "same" padding depends on the size) at scales 1 and 0.5 with
+    flips, its CAMs are PyTorch's within 1e-4 and its label maps PyTorch's."""
+    from engine.core.dataset import default_voc_root, read_image
+    from engine.ops.cams import multiscale_cams
+    from engine.ops.onnx_runtime import class_maps_runner
+
+    net = cam.build_net(TINY, 20).eval()
+    runner = class_maps_runner(net, "cpu")
+    assert runner != net.class_maps  # the export passed its own check
+    items = split_items(default_voc_root(), "train", 40)
+    sizes = {}
+    for item in items:
+        sizes.setdefault((item.height, item.width), item)
+    assert len(sizes) >= 3
+    for item in list(sizes.values())[:4]:
+        rgb = read_image(item.image_path)
+        ours = normalise_cams(multiscale_cams(net, rgb, item.labels, (1.0, 0.5), True, class_maps=runner))
+        reference = normalise_cams(multiscale_cams(net, rgb, item.labels, (1.0, 0.5), True))
+        np.testing.assert_allclose(ours, reference, atol=1e-4)
+        differ = cams_to_label(ours, item.labels, 0.3) != cams_to_label(reference, item.labels, 0.3)
+        assert differ.mean() < 1e-4
+    assert class_maps_runner(net, "cuda") == net.class_maps  # GPUs keep PyTorch
 
 
 # ---------------------------------------------------------------- real training and inference

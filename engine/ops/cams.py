@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from engine.core.types import Item, LabelResult
 from engine.ops.backbone import to_input
+from engine.ops.onnx_runtime import ClassMaps
 from engine.ops.scores import argmax_label, downsample_scores, strided_to_image
 from engine.ops.sweep import label_at, peak
 
@@ -87,14 +88,17 @@ def select_classes(class_maps: torch.Tensor, classes: Sequence[int]) -> torch.Te
     return class_maps[:, [c - 1 for c in classes]]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def multiscale_cams(net: torch.nn.Module, rgb: np.ndarray, classes: Sequence[int], scales: Sequence[float],
-                    flip: bool, device: str = "cpu") -> np.ndarray:
+                    flip: bool, device: str = "cpu", class_maps: ClassMaps | None = None) -> np.ndarray:
     """Multi-scale, flipped CAMs of one image for its classes (IRN ``make_cam``; isim Sec. 4.1).
 
     rgb: ``(H, W, 3) uint8``; classes: the image's object class ids (1..N).
     At each scale the image (and its mirror image if ``flip``) is resized, the CAMs of ``classes``
-    computed, ReLU'd, un-flipped and added, upsampled to ``(H, W)`` and summed over scales.
+    computed, ReLU'd, un-flipped and added, upsampled to ``(H, W)`` and summed over scales. The
+    image and its mirror go through ``net`` as one channels-last batch of 2 (oneDNN's fast layout
+    on CPU; the CAMs equal the NCHW ones up to float rounding). ``class_maps`` runs the network
+    instead of ``net.class_maps`` (``engine.ops.onnx_runtime.class_maps_runner``).
     Returns ``(K, H, W) float32 >= 0`` (not normalised), K = ``len(classes)``.
     """
     height, width = rgb.shape[:2]
@@ -102,13 +106,15 @@ def multiscale_cams(net: torch.nn.Module, rgb: np.ndarray, classes: Sequence[int
     if not classes:
         return total.numpy()
     image = to_input(rgb)[None].to(device)
+    class_maps = class_maps or net.class_maps
     for scale in scales:
         scaled_hw = (max(1, round(height * scale)), max(1, round(width * scale)))
         x = image if scaled_hw == (height, width) else F.interpolate(
             image, size=scaled_hw, mode="bilinear", align_corners=False, antialias=scale < 1)
         if flip:
             x = torch.cat([x, x.flip(-1)])
-        cams = F.relu(select_classes(net.class_maps(x), classes))
+        x = x.contiguous(memory_format=torch.channels_last)
+        cams = F.relu(select_classes(class_maps(x), classes))
         cam = cams[0] + cams[1].flip(-1) if flip else cams[0]
         total += strided_to_image(cam.float().cpu(), net.features.output_stride, scaled_hw, (height, width))
     return total.numpy()
@@ -128,17 +134,17 @@ def class_threshold_vector(bg_threshold: float, class_thresholds: Sequence[float
 
 def cam_result(net: torch.nn.Module, rgb: np.ndarray, item: Item, scales: Sequence[float], flip: bool,
                bg_threshold: float, score_max_side: int, device: str = "cpu",
-               class_thresholds: Sequence[float] = ()) -> LabelResult:
+               class_thresholds: Sequence[float] = (), class_maps: ClassMaps | None = None) -> LabelResult:
     """One image's CAM pseudo-label ``(H, W) uint8`` and its scores ``(K + 1, h, w) float16``
     (channel 0 the constant background ``bg_threshold``, long side ``score_max_side``), for the
     image-level classes of ``item``, with the full-resolution ``peak`` the worker sweeps.
 
     The label is ``cams_to_label`` at ``bg_threshold``, or with ``class_thresholds`` (one per
     object class, ``class_threshold_vector``) a pixel keeps its best class c only when the
-    score exceeds c's threshold. Raises ``ValueError`` when ``class_thresholds`` is shorter than
+    score exceeds c's threshold. ``class_maps``: as for ``multiscale_cams``. Raises ``ValueError`` when ``class_thresholds`` is shorter than
     an image class needs."""
     classes = tuple(item.labels)
-    cams = normalise_cams(multiscale_cams(net, rgb, classes, scales, flip, device))
+    cams = normalise_cams(multiscale_cams(net, rgb, classes, scales, flip, device, class_maps))
     score, best = peak(cams, classes)
     if class_thresholds:
         if classes and max(classes) > len(class_thresholds):

@@ -139,6 +139,11 @@ def _label_bytes(cache_dir: Path, variant_id: str) -> dict[str, bytes]:
     return {image_id: (cache_dir / path).read_bytes() for image_id, path in rows}
 
 
+# The Ray task of a dCRF image: the worker's run_jobs runs dCRF's _refine_job and the recording of
+# its result in one task, engine.ops.pool.finished.
+DCRF_TASK = "finished"
+
+
 def _task_pids(name: str) -> list[int]:
     """PIDs of Ray worker processes running a task of function ``name`` now (Ray titles a busy
     worker process ``ray::<function>``, an idle one ``ray::IDLE``)."""
@@ -172,7 +177,7 @@ def test_dcrf_through_ray_equals_the_local_pool_byte_for_byte(cluster, imported_
 
     def watch() -> None:  # proof the images ran as Ray tasks, not in this process
         while not stop.is_set():
-            seen.update(_task_pids("_refine_job"))
+            seen.update(_task_pids(DCRF_TASK))
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch)
@@ -196,7 +201,7 @@ def test_worker_ray_loses_no_image_when_a_ray_worker_process_is_killed(cluster, 
     try:
         deadline = time.monotonic() + 120
         while killed is None:
-            busy = _task_pids("_refine_job")
+            busy = _task_pids(DCRF_TASK)
             if busy:
                 killed = busy[0]
                 os.kill(killed, signal.SIGKILL)  # mid-task: this image's task must be retried by Ray

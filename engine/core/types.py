@@ -61,6 +61,8 @@ class LabelResult:
         ``threshold_sweep``): ``((H, W) float32 best object score, (H, W) uint8 its class)`` at
         full resolution, from which the worker records the threshold sweep
         (``engine.ops.sweep``).
+    recorded: set instead of the arrays once ``RunContext.finish`` wrote the files and counted
+        the rows (in a pool process); the worker then only records the rows.
     """
 
     image_id: str
@@ -70,6 +72,26 @@ class LabelResult:
     error: str | None = None
     conflicts: np.ndarray | None = None
     peak: tuple[np.ndarray, np.ndarray] | None = None
+    recorded: Recorded | None = None
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One image's result as the worker records it: its files, written, and its rows, counted
+    (``engine.runtime.recording.Recorder``).
+
+    label_path, scores_path: relative to the cache folder (scores_path None without scores).
+    counts: ``(class, tp, fp, fn)``; confusion: ``(gt, pred, pixels)``; sweep:
+    ``(threshold, class, tp, fp, fn, fp_bg)``; conflicts: ``(winner, loser, pixels)``; all pixel
+    counts, empty without ground truth (or without a merge, for conflicts).
+    """
+
+    label_path: str
+    scores_path: str | None
+    counts: tuple[tuple[int, int, int, int], ...] = ()
+    confusion: tuple[tuple[int, int, int], ...] = ()
+    sweep: tuple[tuple, ...] = ()
+    conflicts: tuple[tuple[int, int, int], ...] = ()
 
 
 class SourceVariant:
@@ -148,6 +170,10 @@ class RunContext:
         for (a segmentation network trains on these and predicts ``todo``, e.g. the val split).
     log: ``log(name, step, value)`` records a training curve point (loss, validation mIoU) with
         the variant, written with the next batch of results.
+    finish: ``finish(result, item) -> LabelResult``, set by the worker: writes the result's files
+        and counts its rows. ``engine.ops.pool.run_jobs`` applies it in the process (or Ray task)
+        that made the result, so that work runs in parallel too; picklable. None: the worker
+        does it when it records the result.
     """
 
     classes: ClassSet = field(kw_only=True)
@@ -163,6 +189,7 @@ class RunContext:
     variants: Callable[[str], SourceVariant] | None = None
     source_items: Sequence[Item] = ()
     log: Callable[[str, int, float], None] = field(default=lambda name, step, value: None)
+    finish: Callable[[LabelResult, Item], LabelResult] | None = None
 
     def model_dir(self, family: str, params: dict[str, Any], images: Sequence[Item] | None = None) -> Path:
         """The directory of the model of ``family`` trained with ``params`` (created).

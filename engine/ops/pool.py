@@ -14,7 +14,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from engine.core.processes import process_pool
-from engine.core.types import LabelResult, RunContext
+from engine.core.types import Item, LabelResult, RunContext
 
 if TYPE_CHECKING:
     from engine.ops.ray_pool import RayPool
@@ -65,9 +65,24 @@ def open_pool(ctx: RunContext) -> LazyPool | RayPool:
 
 def run_jobs(fn: Callable[..., LabelResult], jobs: Iterable[Any], ctx: RunContext, *args: Any) -> Iterator[LabelResult]:
     """``open_pool(ctx).map(fn, jobs, *args)``, the pool closed when the generator ends or is
-    closed. Results come in input order only on a local pool: consumers key them by image id."""
+    closed. Results come in input order only on a local pool: consumers key them by image id.
+
+    With ``ctx.finish`` set, each job's result is finished (files written, rows counted) in the
+    process that made it; a job is matched to its ``ctx.todo`` item by its ``image_id``."""
     with open_pool(ctx) as pool:
-        yield from pool.map(fn, jobs, *args)
+        if ctx.finish is None:
+            yield from pool.map(fn, jobs, *args)
+            return
+        items = {item.image_id: item for item in ctx.todo}
+        paired = (job if isinstance(job, LabelResult) else (job, items[job.image_id]) for job in jobs)
+        yield from pool.map(finished, paired, fn, ctx.finish, *args)
+
+
+def finished(pair: tuple[Any, Item], fn: Callable[..., LabelResult], finish: Callable[[LabelResult, Item], LabelResult],
+             *args: Any) -> LabelResult:
+    """``finish(fn(job, *args), item)`` for one ``(job, item)`` pair: a pool job of ``run_jobs``."""
+    job, item = pair
+    return finish(fn(job, *args), item)
 
 
 def map_in_order(

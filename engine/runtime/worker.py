@@ -6,8 +6,11 @@ job whose worker died (a dead local PID, or a heartbeat older than ``stale_secon
 again while attempts remain. Label maps are written one by one and recorded in batches, so a
 restarted job skips every image already recorded: nothing finished is redone or lost.
 
-Only this process writes label maps and counts; it holds the DuckDB file for a few milliseconds
-per batch (``cache.db.connect``), so the app can read in between.
+Only this process writes the DuckDB file; it holds it for a few milliseconds per batch
+(``cache.db.connect``), so the app can read in between. A result's label map and scores are
+written (atomically) and its rows counted by ``engine.runtime.recording.Recorder`` where the result
+is made: a pool process or Ray task for ``run_jobs`` steps, else here. A file written but not yet
+recorded when a job is killed is written again when the job resumes.
 
 A serving worker has a ``workers`` row with a heartbeat written at every poll and flush, idle or
 not (``engine.runtime.supervisor`` reads it to keep one alive). Asked to stop (its row's
@@ -29,19 +32,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from cache import queries
-from cache.classes import ClassSet
 from cache.db import connect
-from cache.labelmaps import LabelMapError, read_label_map, write_label_map, write_scores
+from cache.labelmaps import LabelMapError, read_label_map
 from cache.rows import Dataset, ImageRow, Job
 from cache.schema import JobStatus
 from engine.core import registry
-from engine.core.dataset import DatasetError, ImageRecord, open_layout, read_mask, scan_split, to_item
-from engine.core.types import Cancelled, ImageError, Item, LabelResult, RunContext, SourceVariant
-from engine.ops.metrics import confusion_counts
-from engine.ops.sweep import DEFAULT_GRID, check_grid, confusion_pairs, sweep_counts
+from engine.core.dataset import DatasetError, ImageRecord, open_layout, scan_split, to_item
+from engine.core.types import Cancelled, ImageError, Item, LabelResult, Recorded, RunContext, SourceVariant
+from engine.ops.sweep import DEFAULT_GRID, check_grid
+from engine.runtime.recording import Recorder, count_rows
 
 log = logging.getLogger("isle.worker")
 
@@ -209,58 +209,24 @@ def _run_scan(run: _JobRun, dataset: Dataset) -> str | None:
     return "; ".join(problems) or None
 
 
-def _record(run: _JobRun, result: LabelResult, item: Item, labels_dir: Path, variant_id: str,
-            classes: ClassSet) -> None:
-    """Write one result's files and queue its rows; bad results become per-image errors."""
-    cache_dir = run.cfg.cache_dir
-    try:
-        if result.error is not None:
-            raise ImageError(result.error)
-        label = result.label
-        if label is None or label.shape != (item.height, item.width):
-            shape = None if label is None else label.shape
-            raise ImageError(f"{item.image_path}: pseudo-label shape {shape} differs from image size {(item.height, item.width)}")
-        path = labels_dir / f"{item.image_id}.png"
-        write_label_map(cache_dir / path, label, classes)
-        scores_path = None
-        if result.scores is not None:
-            scores_path = Path("scores") / variant_id / f"{item.image_id}.npz"
-            write_scores(cache_dir / scores_path, result.score_classes, result.scores)
-        if item.mask_path is not None:
-            _count(run, item, label, result.peak, classes)
-        if result.conflicts is not None:
-            winners, losers = np.nonzero(result.conflicts)
-            run.pending.conflicts.extend((item.image_id, int(w), int(l), int(result.conflicts[w, l]))
-                                         for w, l in zip(winners, losers))
-        run.pending.label_maps.append((item.image_id, str(path), str(scores_path) if scores_path else None))
-    except (ImageError, ValueError) as exc:
+def _record(run: _JobRun, result: LabelResult, item: Item, recorder: Recorder) -> None:
+    """Queue one result's rows (its files written by ``recorder``, here or already in the pool
+    process that made it); bad results become per-image errors."""
+    result = recorder(result, item)
+    if result.error is not None:
         run.n_errors += 1
-        run.pending.errors.append((item.image_id, str(exc)))
-        log.warning("job %s: %s", run.job.id, exc)
+        run.pending.errors.append((item.image_id, result.error))
+        log.warning("job %s: %s", run.job.id, result.error)
+        return
+    _queue(run, item.image_id, result.recorded)
 
 
-def _count(run: _JobRun, item: Item, label: np.ndarray, peak: tuple[np.ndarray, np.ndarray] | None,
-           classes: ClassSet) -> None:
-    """Queue the rows of one label map against its image's ground truth: counts, confusion cells
-    and, with a ``peak``, the threshold sweep. Raises ``ImageError`` / ``ValueError`` for a bad
-    mask or label values before anything is queued."""
-    gt = read_mask(item.mask_path, (item.height, item.width))
-    counts = confusion_counts(gt, label, classes.num_classes)
-    cells = confusion_pairs(gt, label, classes.num_classes)
-    sweep = None if peak is None else sweep_counts(gt, *peak, run.cfg.sweep_grid, classes.num_classes)
-    for class_id, (tp, fp, fn) in enumerate(counts.tolist()):
-        if tp or fp or fn:
-            run.pending.counts.append((item.image_id, class_id, tp, fp, fn))
-    run.pending.confusion.extend((item.image_id, g, p, n) for g, p, n in cells.tolist())
-    if sweep is not None:
-        _queue_sweep(run, item.image_id, sweep)
-
-
-def _queue_sweep(run: _JobRun, image_id: str, sweep: np.ndarray) -> None:
-    """Queue the non-zero rows of one image's ``(J, C, 4)`` sweep counts."""
-    for threshold, by_class in zip(run.cfg.sweep_grid, sweep.tolist()):
-        run.pending.sweep.extend((image_id, threshold, class_id, *row)
-                                 for class_id, row in enumerate(by_class) if row[0] or row[1] or row[2])
+def _queue(run: _JobRun, image_id: str, rows: Recorded) -> None:
+    run.pending.counts.extend((image_id, *row) for row in rows.counts)
+    run.pending.confusion.extend((image_id, *row) for row in rows.confusion)
+    run.pending.sweep.extend((image_id, *row) for row in rows.sweep)
+    run.pending.conflicts.extend((image_id, *row) for row in rows.conflicts)
+    run.pending.label_maps.append((image_id, rows.label_path, rows.scores_path))
 
 
 def _variant_reader(cache_dir: Path, variant_id: str, rows: dict[str, tuple[str, str | None]]) -> SourceVariant:
@@ -304,19 +270,18 @@ def _run_label(run: _JobRun, dataset: Dataset) -> None:
                 raise KeyError(f"no variant {variant_id!r} in the cache")
             return _variant_reader(cache_dir, variant_id, queries.label_map_rows(con, variant_id))
 
+    recorder = Recorder(cache_dir, variant.id, dataset.classes, run.cfg.sweep_grid)
     ctx = RunContext(classes=dataset.classes, items=items, todo=todo, workdir=cache_dir / "work" / variant.id, device=torch_device(),
                      report=run.report, source=source, processes=run.cfg.processes, ray_address=run.cfg.ray_address,
-                     models=cache_dir / "models",
-                     variants=open_variant, log=run.log,
+                     models=cache_dir / "models", variants=open_variant, log=run.log, finish=recorder,
                      source_items=[_item(r) for r in source_images if r.image_id in (source_rows or {})])
     ctx.workdir.mkdir(parents=True, exist_ok=True)
-    labels_dir = Path("labels") / variant.id
     done = len(items) - len(todo)
     run.report("label", done, len(items))
     if not todo:
         return
     for result in plugin.run(cfg, ctx):
-        _record(run, result, by_id[result.image_id], labels_dir, variant.id, dataset.classes)
+        _record(run, result, by_id[result.image_id], recorder)
         done += 1
         run.report("label", done, len(items))
 
@@ -336,12 +301,12 @@ def _run_recount(run: _JobRun, dataset: Dataset) -> None:
     for count, item in enumerate(todo, start=1):
         path, scores_path = maps[item.image_id]
         try:
-            _count(run, item, read_label_map(cache_dir / path), None, dataset.classes)
+            rows = count_rows(item, read_label_map(cache_dir / path), None, dataset.classes, run.cfg.sweep_grid)
         except (LabelMapError, ImageError, OSError, ValueError) as exc:
             run.n_errors += 1
             run.pending.errors.append((item.image_id, f"{cache_dir / path}: {exc}"))
         else:
-            run.pending.label_maps.append((item.image_id, path, scores_path))
+            _queue(run, item.image_id, Recorded(path, scores_path, *rows))
         run.report("recount", count, len(todo))
 
 

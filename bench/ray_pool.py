@@ -26,8 +26,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
+from bench.data import grown_mask
 from cache.db import connect
 from cache.labelmaps import write_label_map
 from engine.core.chains import Step
@@ -36,16 +37,6 @@ from engine.methods.imported import import_step
 from engine.ops.ray_pool import REPO
 from engine.runtime.jobs import submit_chain
 from engine.runtime.worker import WorkerConfig, serve
-
-
-def _grown(mask: np.ndarray, size: int = 15) -> np.ndarray:
-    """The ground truth with every object class grown by a ``size`` max filter (255 read as background)."""
-    label = np.where(mask == 255, 0, mask).astype(np.uint8)
-    out = label.copy()
-    for c in np.unique(label[label > 0]):
-        near = np.asarray(Image.fromarray((label == c).astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(size))) > 0
-        out[near & (out == 0)] = c
-    return out
 
 
 def base_cache(root: Path, count: int, dest: Path) -> tuple[Path, Path, Step]:
@@ -60,7 +51,7 @@ def base_cache(root: Path, count: int, dest: Path) -> tuple[Path, Path, Step]:
         (voc / "JPEGImages" / f"{image_id}.jpg").symlink_to(root / "JPEGImages" / f"{image_id}.jpg")
         mask = root / "SegmentationClassAug" / f"{image_id}.png"
         (voc / "SegmentationClassAug" / f"{image_id}.png").symlink_to(mask)
-        write_label_map(folder / f"{image_id}.png", _grown(np.asarray(Image.open(mask))))
+        write_label_map(folder / f"{image_id}.png", grown_mask(np.asarray(Image.open(mask))))
     (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("".join(f"{i}\n" for i in ids))
     step = import_step(folder, "GT grown")
     cache_dir = dest / "cache"

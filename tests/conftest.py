@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image
 
+from bench.data import grown_mask
 from engine.core.types import Cancelled, Item
 
 # The app starts a worker for its cache by itself (ui.common.keep_worker_alive); the page tests
@@ -156,17 +157,6 @@ def grown_label_folder(root: Path, ids: list[str], folder: Path, size: int = 15)
         mask = np.asarray(Image.open(root / "SegmentationClassAug" / f"{image_id}.png"))
         write_label_map(folder / f"{image_id}.png", grown_mask(mask, size))
     return folder
-
-
-def grown_mask(mask: np.ndarray, size: int = 15) -> np.ndarray:
-    """A ground-truth mask with every object class grown by a ``size`` max filter into the
-    background (255 read as background): an over-reaching pseudo-label."""
-    label = np.where(mask == 255, 0, mask).astype(np.uint8)
-    out = label.copy()
-    for c in np.unique(label[label > 0]):
-        near = np.asarray(Image.fromarray((label == c).astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(size))) > 0
-        out[near & (out == 0)] = c
-    return out
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.data import grown_mask
+from bench.data import grown_mask, voc_subset
 from cache.db import connect
 from cache.labelmaps import write_label_map
 from engine.core.chains import Step
@@ -42,17 +42,12 @@ from engine.runtime.worker import WorkerConfig, serve
 def base_cache(root: Path, count: int, dest: Path) -> tuple[Path, Path, Step]:
     """``(cache dir, dataset dir, import step)``: a VOC folder of symlinks to ``count`` train images
     of ``root``, scanned, with the grown ground truth imported as a variant."""
-    ids = (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[:count]
-    voc, folder = dest / "voc", dest / "gt_grown"
-    for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
-        (voc / sub).mkdir(parents=True)
+    voc, ids = voc_subset(root, count, dest / "voc")
+    folder = dest / "gt_grown"
     folder.mkdir()
     for image_id in ids:
-        (voc / "JPEGImages" / f"{image_id}.jpg").symlink_to(root / "JPEGImages" / f"{image_id}.jpg")
         mask = root / "SegmentationClassAug" / f"{image_id}.png"
-        (voc / "SegmentationClassAug" / f"{image_id}.png").symlink_to(mask)
         write_label_map(folder / f"{image_id}.png", grown_mask(np.asarray(Image.open(mask))))
-    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("".join(f"{i}\n" for i in ids))
     step = import_step(folder, "GT grown")
     cache_dir = dest / "cache"
     submit_chain(cache_dir, voc, "train", [step])

@@ -1,7 +1,8 @@
 """engine/ops/ray_pool.py on a real local Ray cluster (2 CPUs, one declared GPU): the pool's window,
 completion order, errors and resources; the dCRF plugin's label maps through Ray byte-identical to
 the local pool's; ``python -m engine worker --ray ADDRESS`` with a Ray worker process SIGKILLed
-mid-job losing no image and recording none twice; a local run never imports Ray."""
+mid-job losing no image and recording none twice; CAM labelling as Ray tasks that load the trained
+model, matching the local worker; a local run never imports Ray."""
 
 from __future__ import annotations
 
@@ -225,3 +226,53 @@ def test_worker_ray_loses_no_image_when_a_ray_worker_process_is_killed(cluster, 
     assert maps == (IMAGES, IMAGES) and errors == 0
     assert counts[0] == counts[1] and counts[2] == IMAGES  # every image counted, none twice
     assert _label_bytes(cache_dir, variant_id) == expected  # the retried image too
+
+
+# --- CAM labelling with a loaded model ------------------------------------------------------------
+
+
+def test_cam_labelling_through_ray_loads_the_trained_model_and_matches_the_local_worker(cluster, tmp_path):
+    """CAM's images run as Ray tasks that load the trained model from the cache's model store; with
+    the same model file the label maps and counts are the local worker's."""
+    from cache.labelmaps import read_label_map
+    from tests.conftest import TINY_CAM
+
+    root = make_voc_copy(tmp_path / "voc", {"train": _split_ids("train")[:8]})
+    step = Step("cam", TINY_CAM)
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    *_, local_job = submit_chain(local, root, "train", [step])  # a scan first: the caches are new
+    serve(WorkerConfig(local, until_idle=True, poll_seconds=0.05, processes=1))
+    *_, remote_job = submit_chain(remote, root, "train", [step])
+    shutil.copytree(local / "models", remote / "models")  # the same trained network: only labelling differs
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.update(_task_pids("finished"))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        serve(WorkerConfig(remote, until_idle=True, poll_seconds=0.05, processes=1, ray_address=cluster))
+    finally:
+        stop.set()
+        watcher.join()
+    jobs = job_row(local, local_job), job_row(remote, remote_job)
+    assert all(j.status == "done" and j.n_errors == 0 and j.done == 8 for j in jobs)
+    assert jobs[0].variant_id == jobs[1].variant_id and seen and os.getpid() not in seen
+    query = "SELECT image_id, class_id, tp, fp, fn FROM counts WHERE variant_id = ? ORDER BY ALL"
+    rows = []
+    for cache_dir in (local, remote):
+        with connect(cache_dir, read_only=True) as con:
+            paths = dict(con.execute("SELECT image_id, path FROM label_maps WHERE variant_id = ?",
+                                     [jobs[0].variant_id]).fetchall())
+            rows.append(con.execute(query, [jobs[0].variant_id]).fetchall())
+        if cache_dir == local:
+            local_paths = paths
+    assert sorted(paths) == sorted(local_paths) and len(paths) == 8
+    for image_id, path in paths.items():
+        ours, theirs = read_label_map(remote / path), read_label_map(local / local_paths[image_id])
+        assert (ours != theirs).mean() < 1e-3  # ONNX Runtime on 1 thread per task vs 2: rounding at ties
+    assert len(rows[0]) == len(rows[1])

@@ -24,21 +24,25 @@ Measurements: docs/methods/cam.md.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from engine.core.dataset import label_each
+from engine.core.dataset import label_each, label_image_file
 from engine.core.registry import Offer, Role, inference, register, training_key
 from engine.core.types import Item, LabelResult, RunContext
 from engine.ops.augment import augment
 from engine.ops.backbone import FeatureExtractor, freeze_batchnorm, load_feature_extractor, to_input
 from engine.ops.cams import cam_result, multilabel_target
-from engine.ops.onnx_runtime import class_maps_runner
+from engine.ops.checkpoints import final_path, load_checked
+from engine.ops.onnx_runtime import ClassMaps, class_maps_runner
+from engine.ops.pool import run_jobs
 from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable
 
 FAMILY = "cam"  # ctx.model_dir family; the files are cam_checkpoint.pt (during training), cam_model.pt (done)
@@ -190,12 +194,50 @@ def train(cfg: CAMConfig, ctx: RunContext) -> CAMNet:
     return net
 
 
+@dataclass(frozen=True)
+class _TrainedModel:
+    """Where a Ray task finds the trained network: its final model file and how it was built."""
+
+    path: Path
+    cfg: CAMConfig
+    num_objects: int
+    class_names: tuple[str, ...]  # the training key holds them
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded(model: _TrainedModel, mtime_ns: int) -> tuple[CAMNet, ClassMaps]:
+    """The network of a final model file and its ``class_maps_runner``, loaded once per process
+    (and again when the file changes)."""
+    net = build_net(model.cfg, model.num_objects)
+    key = training_key(model.cfg, classes=list(model.class_names))
+    net.load_state_dict(load_checked(model.path, key)["model"], strict=True)
+    net.eval()
+    return net, class_maps_runner(net, "cpu")
+
+
+def _label_task(item: Item, model: _TrainedModel) -> LabelResult:
+    """One image's CAM result in a Ray task: the trained network is loaded there once per process."""
+    net, class_maps = _loaded(model, model.path.stat().st_mtime_ns)
+    cfg = model.cfg
+    return label_image_file(item.image_id, item.image_path, lambda rgb: cam_result(
+        net, rgb, item, cfg.scales, cfg.flip, cfg.bg_threshold, cfg.score_max_side, "cpu", cfg.class_thresholds,
+        class_maps))
+
+
 @register("cam", role=Role.METHOD, config=CAMConfig, title="CAM", offers={Offer.QUEUE}, needs_background=True,
           threshold_sweep=True)
 def run(cfg: CAMConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Train on ``ctx.items`` (or load the trained model), then one result per ``ctx.todo`` image;
-    on CPU the CAMs come from ONNX Runtime when it matches PyTorch (``class_maps_runner``)."""
+    on CPU the CAMs come from ONNX Runtime when it matches PyTorch (``class_maps_runner``). With
+    ``ctx.ray_address`` (CPU) the images are labelled as Ray tasks that load the trained model
+    from the cache's model store (a path every node sees), once per Ray worker process."""
     net = train(cfg, ctx)
+    if ctx.ray_address is not None and ctx.device == "cpu" and ctx.todo:
+        names = tuple(ctx.classes.names)
+        model_dir = ctx.model_dir(FAMILY, training_key(cfg, classes=list(names)))
+        model = _TrainedModel(final_path(model_dir, FAMILY), cfg, len(ctx.classes.foreground), names)
+        yield from run_jobs(_label_task, ctx.todo, ctx, model)
+        return
     class_maps = class_maps_runner(net, ctx.device) if ctx.todo else net.class_maps
     yield from label_each(ctx.todo, lambda rgb, item: cam_result(
         net, rgb, item, cfg.scales, cfg.flip, cfg.bg_threshold, cfg.score_max_side, ctx.device,

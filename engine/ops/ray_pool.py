@@ -1,10 +1,11 @@
 """Per-image work of a plugin as Ray tasks (``python -m engine worker --ray ADDRESS``): the
-``map`` of ``engine.ops.pool.LazyPool`` (dCRF, SVM expansion, random walks, merges) spread over
-every CPU of a Ray cluster (Moritz et al., "Ray: A Distributed Framework for Emerging AI
+``map`` of ``engine.ops.pool.LazyPool`` (dCRF, SVM expansion, random walks, merges, CAM
+labelling) spread over every CPU of a Ray cluster (Moritz et al., "Ray: A Distributed Framework for Emerging AI
 Applications", OSDI 2018; docs.ray.io "Tasks", "Fault tolerance").
 
-The worker stays the only process that writes the cache: a task gets one picklable job (paths and
-small arrays) and returns its ``LabelResult``, which the worker records by image id. Each task
+The worker stays the only process that writes the DuckDB file: a task gets one picklable job (paths
+and small arrays), writes its image's files when the worker asked for it (``RunContext.finish``)
+and returns its ``LabelResult``, which the worker records by image id. Each task
 asks for ``num_cpus=1`` (and ``num_gpus`` when its step needs one); a task whose Ray worker
 process dies is run again by Ray (``max_retries``). Images, label maps and scores are read from
 their paths on whichever node runs the task, so the dataset and the cache must sit at the same

@@ -140,8 +140,8 @@ def _label_bytes(cache_dir: Path, variant_id: str) -> dict[str, bytes]:
     return {image_id: (cache_dir / path).read_bytes() for image_id, path in rows}
 
 
-# The Ray task of a dCRF image: the worker's run_jobs runs dCRF's _refine_job and the recording of
-# its result in one task, engine.ops.pool.finished.
+# The Ray task of one image (dCRF, CAM labelling): the worker's run_jobs runs the step's function
+# and the recording of its result in one task, engine.ops.pool.finished.
 DCRF_TASK = "finished"
 
 
@@ -156,6 +156,27 @@ def _task_pids(name: str) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def _serve_on_ray(cache_dir: Path, cluster: str) -> set[int]:
+    """Run the cache's queued jobs with ``worker --ray``; the PIDs seen running ``DCRF_TASK`` tasks
+    meanwhile (proof the images ran as Ray tasks, not in this process)."""
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.update(_task_pids(DCRF_TASK))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.05, processes=1, ray_address=cluster))
+    finally:
+        stop.set()
+        watcher.join()
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -173,21 +194,7 @@ def local_labels(imported_cache, tmp_path_factory) -> tuple[str, dict[str, bytes
 def test_dcrf_through_ray_equals_the_local_pool_byte_for_byte(cluster, imported_cache, local_labels, tmp_path):
     variant_id, expected = local_labels
     cache_dir, job_id = _queue_dcrf(imported_cache, tmp_path / "cache")
-    seen: set[int] = set()
-    stop = threading.Event()
-
-    def watch() -> None:  # proof the images ran as Ray tasks, not in this process
-        while not stop.is_set():
-            seen.update(_task_pids(DCRF_TASK))
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        serve(WorkerConfig(cache_dir, until_idle=True, poll_seconds=0.05, processes=1, ray_address=cluster))
-    finally:
-        stop.set()
-        watcher.join()
+    seen = _serve_on_ray(cache_dir, cluster)
     job = job_row(cache_dir, job_id)
     assert job.status == "done" and job.n_errors == 0 and job.variant_id == variant_id
     assert seen and os.getpid() not in seen
@@ -244,21 +251,7 @@ def test_cam_labelling_through_ray_loads_the_trained_model_and_matches_the_local
     serve(WorkerConfig(local, until_idle=True, poll_seconds=0.05, processes=1))
     *_, remote_job = submit_chain(remote, root, "train", [step])
     shutil.copytree(local / "models", remote / "models")  # the same trained network: only labelling differs
-    seen: set[int] = set()
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            seen.update(_task_pids("finished"))
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        serve(WorkerConfig(remote, until_idle=True, poll_seconds=0.05, processes=1, ray_address=cluster))
-    finally:
-        stop.set()
-        watcher.join()
+    seen = _serve_on_ray(remote, cluster)
     jobs = job_row(local, local_job), job_row(remote, remote_job)
     assert all(j.status == "done" and j.n_errors == 0 and j.done == 8 for j in jobs)
     assert jobs[0].variant_id == jobs[1].variant_id and seen and os.getpid() not in seen

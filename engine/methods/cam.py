@@ -142,8 +142,8 @@ def build_net(cfg: CAMConfig, num_objects: int) -> CAMNet:
     from ``cfg.seed``, its weights stored channels-last.
 
     Channels-last (NHWC) lets oneDNN run EfficientNet's depthwise and 1x1 convolutions without
-    layout reorders: the same training step takes about two thirds of the time on CPU
-    (``bench.cam_speed``); the values are those of the NCHW network up to float rounding.
+    layout reorders (the gain depends on the CPU: ``bench.cam_speed``, docs/methods/cam.md); the
+    values are those of the NCHW network up to float rounding.
     """
     generator = torch.Generator().manual_seed(cfg.seed)
     net = CAMNet(load_feature_extractor(cfg.backbone, cfg.output_stride), cfg.frozen_stages, generator, num_objects)

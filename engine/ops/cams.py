@@ -96,9 +96,9 @@ def multiscale_cams(net: torch.nn.Module, rgb: np.ndarray, classes: Sequence[int
     rgb: ``(H, W, 3) uint8``; classes: the image's object class ids (1..N).
     At each scale the image (and its mirror image if ``flip``) is resized, the CAMs of ``classes``
     computed, ReLU'd, un-flipped and added, upsampled to ``(H, W)`` and summed over scales. The
-    image and its mirror go through ``net`` as one channels-last batch of 2 (oneDNN's fast layout
-    on CPU; the CAMs equal the NCHW ones up to float rounding). ``class_maps`` runs the network
-    instead of ``net.class_maps`` (``engine.ops.onnx_runtime.class_maps_runner``).
+    image and its mirror go through ``net`` as one batch of 2, channels-last for PyTorch (oneDNN's
+    fast layout on CPU; the CAMs equal the NCHW ones up to float rounding). ``class_maps`` runs
+    the network instead of ``net.class_maps`` (``engine.ops.onnx_runtime.class_maps_runner``).
     Returns ``(K, H, W) float32 >= 0`` (not normalised), K = ``len(classes)``.
     """
     height, width = rgb.shape[:2]
@@ -106,14 +106,15 @@ def multiscale_cams(net: torch.nn.Module, rgb: np.ndarray, classes: Sequence[int
     if not classes:
         return total.numpy()
     image = to_input(rgb)[None].to(device)
-    class_maps = class_maps or net.class_maps
+    if class_maps is None:  # PyTorch: a channels-last batch (ONNX Runtime takes NCHW as it is)
+        def class_maps(x: torch.Tensor) -> torch.Tensor:
+            return net.class_maps(x.contiguous(memory_format=torch.channels_last))
     for scale in scales:
         scaled_hw = (max(1, round(height * scale)), max(1, round(width * scale)))
         x = image if scaled_hw == (height, width) else F.interpolate(
             image, size=scaled_hw, mode="bilinear", align_corners=False, antialias=scale < 1)
         if flip:
             x = torch.cat([x, x.flip(-1)])
-        x = x.contiguous(memory_format=torch.channels_last)
         cams = F.relu(select_classes(class_maps(x), classes))
         cam = cams[0] + cams[1].flip(-1) if flip else cams[0]
         total += strided_to_image(cam.float().cpu(), net.features.output_stride, scaled_hw, (height, width))
@@ -141,8 +142,8 @@ def cam_result(net: torch.nn.Module, rgb: np.ndarray, item: Item, scales: Sequen
 
     The label is ``cams_to_label`` at ``bg_threshold``, or with ``class_thresholds`` (one per
     object class, ``class_threshold_vector``) a pixel keeps its best class c only when the
-    score exceeds c's threshold. ``class_maps``: as for ``multiscale_cams``. Raises ``ValueError`` when ``class_thresholds`` is shorter than
-    an image class needs."""
+    score exceeds c's threshold. ``class_maps``: as for ``multiscale_cams``. Raises
+    ``ValueError`` when ``class_thresholds`` is shorter than an image class needs."""
     classes = tuple(item.labels)
     cams = normalise_cams(multiscale_cams(net, rgb, classes, scales, flip, device, class_maps))
     score, best = peak(cams, classes)

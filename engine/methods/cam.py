@@ -14,7 +14,8 @@ logits; resumable (``engine.ops.training``), keyed by the training settings. Inf
 ``engine.ops.cams.cam_result``: label ``(H, W) uint8`` in ``{0, *image classes}``, scores
 ``(K + 1, h, w) float16`` (channel 0 = the background threshold). The network runs channels-last;
 on CPU its labelling forward passes run in ONNX Runtime (``engine.ops.onnx_runtime``, checked
-against PyTorch when the model is loaded).
+against PyTorch when the model is loaded), on the worker's process pool. Training runs the
+dilated convolutions through their sub-grids (``engine.ops.atrous``).
 
 Deviations, for 2 CPU cores: ImageNet EfficientNet-Lite0 instead of ResNet-50, its first four
 stages frozen, 2 epochs at crop 256 (IRN: 5 at 512), scales 1 and 0.5 (IRN: 1, 0.5, 1.5, 2),
@@ -216,7 +217,8 @@ def _loaded(model: _TrainedModel, mtime_ns: int) -> tuple[CAMNet, ClassMaps]:
 
 
 def _label_task(item: Item, model: _TrainedModel) -> LabelResult:
-    """One image's CAM result in a Ray task: the trained network is loaded there once per process."""
+    """One image's CAM result in a pool process or Ray task: the trained network is loaded there
+    once per process."""
     net, class_maps = _loaded(model, model.path.stat().st_mtime_ns)
     cfg = model.cfg
     return label_image_file(item.image_id, item.image_path, lambda rgb: cam_result(
@@ -228,11 +230,15 @@ def _label_task(item: Item, model: _TrainedModel) -> LabelResult:
           threshold_sweep=True)
 def run(cfg: CAMConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Train on ``ctx.items`` (or load the trained model), then one result per ``ctx.todo`` image;
-    on CPU the CAMs come from ONNX Runtime when it matches PyTorch (``class_maps_runner``). With
-    ``ctx.ray_address`` (CPU) the images are labelled as Ray tasks that load the trained model
-    from the cache's model store (a path every node sees), once per Ray worker process."""
+    on CPU the CAMs come from ONNX Runtime when it matches PyTorch (``class_maps_runner``).
+
+    On CPU with ``ctx.processes > 1`` or ``ctx.ray_address`` the images are labelled by
+    ``run_jobs``: on the local pool (each process on its share of the cores, which keeps them
+    busier than one process on all of them) or as Ray tasks. Each pool process or Ray worker
+    loads the trained model once from the cache's model store (a path every node sees) and
+    records its images' files and rows itself."""
     net = train(cfg, ctx)
-    if ctx.ray_address is not None and ctx.device == "cpu" and ctx.todo:
+    if ctx.device == "cpu" and ctx.todo and (ctx.ray_address is not None or ctx.processes > 1):
         names = tuple(ctx.classes.names)
         model_dir = ctx.model_dir(FAMILY, training_key(cfg, classes=list(names)))
         model = _TrainedModel(final_path(model_dir, FAMILY), cfg, len(ctx.classes.foreground), names)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.ops.atrous import train_dilated_by_subgrids
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -131,12 +133,14 @@ def load_imagenet_model(name: str = "efficientnet_lite0", output_stride: int = 3
     """The full ImageNet classifier: timm EfficientNet-Lite with the shipped weights, in eval mode.
 
     ``output_stride`` 32 is the original network; 16 or 8 replace the last strides by dilation
-    (timm ``output_stride``, DeepLab-style). Forward: ``(B, 3, H, W) float32`` normalised with
+    (timm ``output_stride``, DeepLab-style); those dilated convolutions train through their
+    sub-grids (``engine.ops.atrous``: the same values, a fast backward pass on CPU). Forward: ``(B, 3, H, W) float32`` normalised with
     ``INPUT_MEAN``/``INPUT_STD`` -> ``(B, 1000) float32`` logits. Loading is strict: every weight
     of the package fills exactly one parameter/buffer and nothing is left at its init.
     """
     spec = _spec(name)
     model = timm.create_model(spec.timm_name, pretrained=False, output_stride=output_stride)
+    train_dilated_by_subgrids(model)
     source = torch.load(weights_path(name), map_location="cpu", weights_only=True)
     model.load_state_dict(convert_state_dict(source, model), strict=True)
     return model.eval()

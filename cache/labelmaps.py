@@ -49,7 +49,7 @@ def write_label_map(path: Path, label: np.ndarray, classes: ClassSet | None = No
     image = Image.fromarray(label, mode="P")
     image.putpalette(_BIT_PALETTE if classes is None else classes.palette.flatten().tolist())
     tmp = atomic_target(path)
-    image.save(tmp, format="PNG")
+    image.save(tmp, format="PNG", compress_level=1)  # zlib's fastest: label maps are flat regions
     os.replace(tmp, path)
 
 

@@ -213,14 +213,17 @@ def merge_slices(
     label = np.full(shape, unclaimed(classes), np.uint8)
     if not kept:
         return label, conflicts
-    stack = np.stack([np.asarray(claims[c], dtype=bool) for c in kept])  # (k, H, W), priority order
-    n_claims = stack.sum(axis=0)
-    single = n_claims == 1
-    label[single] = np.asarray(kept, np.uint8)[np.argmax(stack[:, single], axis=0)]
+    # Painted from the lowest priority up, each pixel ends with its highest-priority claimant;
+    # only the overlap pixels need more (their claimants as a small (k, n) array).
+    n_claims = np.zeros(shape, np.uint8)
+    for c in reversed(kept):
+        claim = np.asarray(claims[c], dtype=bool)
+        label[claim] = c
+        n_claims += claim
     overlap = n_claims > 1
     if not overlap.any():
         return label, conflicts
-    where = stack[:, overlap]  # (k, n) which classes claim each overlap pixel
+    where = np.stack([np.asarray(claims[c], dtype=bool)[overlap] for c in kept])  # (k, n), priority order
     # argmax returns the first True, i.e. the highest-priority claimant.
     winner = np.argmax(where, axis=0)
     if rule == "score" and score_of is not None:

@@ -12,6 +12,29 @@ import numpy as np
 from cache.classes import IGNORE_INDEX
 
 
+def confusion_cells(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """The confusion matrix of one image: ``cells[g, p]`` pixels of ground-truth class g labelled
+    p, column ``num_classes`` for a predicted 255; ground-truth 255 pixels are left out.
+
+    gt, pred: ``(H, W) uint8``, values ``0..num_classes-1`` or 255; num_classes: of the class set.
+    Returns ``(num_classes, num_classes + 1) int64``, from one joint histogram of the value pairs.
+    Raises ``ValueError`` when the shapes differ or a value is out of range.
+    """
+    if gt.shape != pred.shape:
+        raise ValueError(f"label map shape {pred.shape} differs from ground truth {gt.shape}")
+    joint = np.bincount(((gt.astype(np.intp) << 8) | pred).ravel(), minlength=1 << 16).reshape(256, 256)
+    if joint[num_classes:IGNORE_INDEX].any() or joint[:num_classes, num_classes:IGNORE_INDEX].any():
+        raise ValueError(f"label values must be 0..{num_classes - 1} or {IGNORE_INDEX}")
+    return np.concatenate([joint[:num_classes, :num_classes], joint[:num_classes, IGNORE_INDEX:]], axis=1)
+
+
+def counts_from_cells(cells: np.ndarray) -> np.ndarray:
+    """``confusion_cells`` ``(C, C + 1)`` -> ``(C, 3) int64`` TP, FP, FN per class."""
+    classified = cells[:, :-1]
+    tp = np.diag(classified)
+    return np.stack([tp, classified.sum(axis=0) - tp, cells.sum(axis=1) - tp], axis=1)
+
+
 def confusion_counts(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
     """TP, FP, FN per class for one image.
 
@@ -19,20 +42,7 @@ def confusion_counts(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.n
     Returns ``(num_classes, 3) int64``: columns TP, FP, FN.
     Raises ``ValueError`` when the shapes differ or a value is out of range.
     """
-    if gt.shape != pred.shape:
-        raise ValueError(f"label map shape {pred.shape} differs from ground truth {gt.shape}")
-    valid = gt != IGNORE_INDEX
-    g = gt[valid].astype(np.int64)
-    p = pred[valid].astype(np.int64)
-    p[p == IGNORE_INDEX] = num_classes  # an extra "no class" column
-    if g.size and (g.max() >= num_classes or p.max() > num_classes):
-        raise ValueError(f"label values must be 0..{num_classes - 1} or {IGNORE_INDEX}")
-    confusion = np.bincount(g * (num_classes + 1) + p, minlength=num_classes * (num_classes + 1))
-    confusion = confusion.reshape(num_classes, num_classes + 1)
-    tp = np.diag(confusion[:, :num_classes])
-    fp = confusion[:, :num_classes].sum(axis=0) - tp
-    fn = confusion.sum(axis=1) - tp
-    return np.stack([tp, fp, fn], axis=1)
+    return counts_from_cells(confusion_cells(gt, pred, num_classes))
 
 
 def iou_from_counts(counts: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cache.classes import IGNORE_INDEX
+from engine.ops.metrics import confusion_cells
 
 # 0.05, 0.10, ..., 0.60: the range the reference repositories sweep (IRN 0.15, isim 0.3, SEAM 0.2 ... 0.4)
 DEFAULT_GRID: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 13))
@@ -113,16 +114,13 @@ def confusion_pairs(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.nd
     give ``confusion_counts``: TP = (c, c), FN = the other rows of gt c (255 included), FP = the
     other rows of predicted c. Raises ``ValueError`` for mismatched shapes or values out of range.
     """
-    if gt.shape != pred.shape:
-        raise ValueError(f"label map shape {pred.shape} differs from ground truth {gt.shape}")
-    valid = gt != IGNORE_INDEX
-    g = gt[valid].astype(np.int64)
-    p = pred[valid].astype(np.int64)
-    p[p == IGNORE_INDEX] = num_classes
-    if g.size and (g.max() >= num_classes or p.max() > num_classes):
-        raise ValueError(f"label values must be 0..{num_classes - 1} or {IGNORE_INDEX}")
-    cells = np.bincount(g * (num_classes + 1) + p, minlength=num_classes * (num_classes + 1))
+    return pairs_from_cells(confusion_cells(gt, pred, num_classes))
+
+
+def pairs_from_cells(cells: np.ndarray) -> np.ndarray:
+    """``metrics.confusion_cells`` ``(C, C + 1)`` -> the ``confusion_pairs`` rows ``(n, 3) int64``."""
+    num_classes = cells.shape[0]
     nonzero = np.flatnonzero(cells)
     gt_class, pred_class = np.divmod(nonzero, num_classes + 1)
     pred_class = np.where(pred_class == num_classes, IGNORE_INDEX, pred_class)
-    return np.stack([gt_class, pred_class, cells[nonzero]], axis=1).astype(np.int64)
+    return np.stack([gt_class, pred_class, cells.ravel()[nonzero]], axis=1).astype(np.int64)

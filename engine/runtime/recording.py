@@ -19,8 +19,8 @@ from cache.classes import ClassSet
 from cache.labelmaps import write_label_map, write_scores
 from engine.core.dataset import read_mask
 from engine.core.types import ImageError, Item, LabelResult, Recorded
-from engine.ops.metrics import confusion_counts
-from engine.ops.sweep import confusion_pairs, sweep_counts
+from engine.ops.metrics import confusion_cells, counts_from_cells
+from engine.ops.sweep import pairs_from_cells, sweep_counts
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,10 @@ def count_rows(item: Item, label: np.ndarray, peak: tuple[np.ndarray, np.ndarray
     (``engine.ops.sweep.sweep_counts``). Raises ``ImageError`` / ``ValueError`` for a bad mask or
     label values."""
     gt = read_mask(item.mask_path, (item.height, item.width))
+    cells = confusion_cells(gt, label, classes.num_classes)  # one pass gives both kinds of rows
     counts = tuple((class_id, tp, fp, fn) for class_id, (tp, fp, fn)
-                   in enumerate(confusion_counts(gt, label, classes.num_classes).tolist()) if tp or fp or fn)
-    confusion = tuple(map(tuple, confusion_pairs(gt, label, classes.num_classes).tolist()))
+                   in enumerate(counts_from_cells(cells).tolist()) if tp or fp or fn)
+    confusion = tuple(map(tuple, pairs_from_cells(cells).tolist()))
     sweep = ()
     if peak is not None:
         by_threshold = sweep_counts(gt, *peak, sweep_grid, classes.num_classes).tolist()

@@ -3,10 +3,12 @@ NCHW code it ran before, in one run on this machine.
 
     python -m bench.cam_speed [--steps 4] [--images 8]
 
-- **training step** (channels-last against NCHW): the default ``CAMConfig`` (Lite0, stages 0-3 frozen, batch 16, crop 256) on
-  real bundled crops (``cam._batch``): forward, ``MultiLabelSoftMarginLoss``, backward, SGD step.
-  Both layouts start from the same weights and see the same batches; the first step of each is
-  untimed.
+- **training step** (the engine's against NCHW with plain dilated convolutions, and channels-last
+  alone): the default ``CAMConfig`` (Lite0, stages 0-3 frozen, batch 16, crop 256) on real
+  bundled crops (``cam._batch``): forward, ``MultiLabelSoftMarginLoss``, backward, SGD step. The
+  engine runs channels-last and trains the dilated convolutions through their sub-grids
+  (``engine.ops.atrous``). All start from the same weights and see the same batches; the first
+  step of each is untimed.
 - **labelling** (ONNX Runtime on CPU, ``engine.ops.onnx_runtime``, against PyTorch NCHW):
   ``multiscale_cams`` (scales 1.0 and 0.5, each with its flip, one batch of 2) on real VOC train
   images; the baseline is the same loop with NCHW input to PyTorch under ``torch.no_grad``.
@@ -30,6 +32,7 @@ from torch import nn
 from engine.core.dataset import default_voc_root, read_image, scan_chunks, to_item
 from engine.methods import cam
 from engine.ops import cams
+from engine.ops.atrous import train_dilated_plainly
 from engine.ops.backbone import to_input
 from engine.ops.onnx_runtime import class_maps_runner
 from engine.ops.scores import strided_to_image
@@ -62,13 +65,18 @@ def nchw_multiscale_cams(net: nn.Module, rgb: np.ndarray, classes: tuple[int, ..
     return total.numpy()
 
 
-def training(cfg: cam.CAMConfig, items: list, steps: int) -> tuple[float, float]:
-    """Median seconds of a training step: (NCHW, channels-last)."""
+def training(cfg: cam.CAMConfig, items: list, steps: int) -> list[float]:
+    """Median seconds of a training step: NCHW with plain dilated convolutions (the code before
+    this work), channels-last with plain dilated convolutions, and the engine's (channels-last,
+    dilated convolutions trained by sub-grids)."""
     batches = [cam._batch(items, cfg, 20, 0, i) for i in range(steps + 1)]
     loss_fn = nn.MultiLabelSoftMarginLoss()
     seconds = []
-    for memory_format in (torch.contiguous_format, torch.channels_last):
+    for memory_format, subgrids in ((torch.contiguous_format, False), (torch.channels_last, False),
+                                    (torch.channels_last, True)):
         net = cam.build_net(cfg, 20).to(memory_format=memory_format).train()
+        if not subgrids:
+            train_dilated_plainly(net)
         optimiser = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum)
         step = iter(batches)
 
@@ -79,7 +87,7 @@ def training(cfg: cam.CAMConfig, items: list, steps: int) -> tuple[float, float]
             optimiser.step()
 
         seconds.append(_median_seconds(one_step, steps))
-    return seconds[0], seconds[1]
+    return seconds
 
 
 def labelling(cfg: cam.CAMConfig, items: list, images: int) -> tuple[float, float, float, float]:
@@ -117,8 +125,9 @@ def main() -> None:
         if len(items) >= cfg.batch_size * (args.steps + 1):
             break
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    old, new = training(cfg, items, args.steps)
-    print(f"training step: NCHW {old:.2f} s, channels-last {new:.2f} s, ratio new/old {new / old:.2f}")
+    nchw, channels_last, engine = training(cfg, items, args.steps)
+    print(f"training step: NCHW {nchw:.2f} s, channels-last {channels_last:.2f} s, channels-last with sub-grid "
+          f"dilated convolutions (the engine) {engine:.2f} s; ratio engine/NCHW {engine / nchw:.2f}")
     old, new, worst, share = labelling(cfg, items, args.images)
     print(f"labelling one image: PyTorch NCHW {old:.3f} s, ONNX Runtime {new:.3f} s, ratio new/old {new / old:.2f}; "
           f"max |normalised CAM difference| {worst:.1e}, label pixels differing {share:.2e}")

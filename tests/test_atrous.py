@@ -13,7 +13,7 @@ from torch import nn
 from engine.core.dataset import default_voc_root
 from engine.methods import cam
 from engine.methods.cam import CAMConfig
-from engine.ops.atrous import SubgridConv2d, subgrid_conv2d, train_dilated_by_subgrids
+from engine.ops.atrous import SubgridConv2d, subgrid_conv2d, train_dilated_by_subgrids, train_dilated_plainly
 from engine.ops.backbone import load_feature_extractor
 from tests.conftest import split_items
 
@@ -64,14 +64,8 @@ def test_cam_network_gradients_equal_the_dilated_networks_on_real_crops():
     items = split_items(default_voc_root(), "train", 8)
     ours = cam.build_net(cfg, 20).train()
     plain = copy.deepcopy(ours)
-    swaps = [(parent, name, child) for parent in plain.modules() for name, child in parent.named_children()
-             if isinstance(child, SubgridConv2d)]
-    assert len(swaps) == 4
-    for parent, name, child in swaps:
-        conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, padding=child.padding,
-                         dilation=child.dilation, groups=child.groups, bias=child.bias is not None)
-        conv.load_state_dict(child.state_dict())
-        setattr(parent, name, conv.to(memory_format=torch.channels_last))
+    assert train_dilated_plainly(plain) == 4
+    assert not any(isinstance(m, SubgridConv2d) for m in plain.modules())
     plain.train()
     x, target = cam._batch(items, cfg, 20, 0, 0)
     loss = nn.MultiLabelSoftMarginLoss()

@@ -16,6 +16,7 @@ Only training takes this path: in eval mode or without gradients the layer is a 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,17 +63,28 @@ def _eligible(conv: nn.Module) -> bool:
     return (sh, sw) == (1, 1) and dh == dw > 1 and ph == pw and ph % dh == 0
 
 
-def train_dilated_by_subgrids(model: nn.Module) -> int:
-    """Replace, in place, every eligible dilated ``nn.Conv2d`` of ``model`` (stride 1, equal
-    dilation > 1 on both axes, zero padding a multiple of it) by a ``SubgridConv2d`` holding the
-    same parameters. Returns how many were replaced."""
+def _swap(model: nn.Module, picked: Callable[[nn.Module], bool], cls: type[nn.Conv2d]) -> int:
+    """Replace every ``picked`` conv of ``model`` by a ``cls`` holding the same parameters."""
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if _eligible(child)]
+             if picked(child)]
     for parent, name, conv in swaps:
-        replacement = SubgridConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                                    conv.dilation, conv.groups, conv.bias is not None, device=conv.weight.device,
-                                    dtype=conv.weight.dtype)
+        replacement = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                          conv.dilation, conv.groups, conv.bias is not None, device=conv.weight.device,
+                          dtype=conv.weight.dtype)
         replacement.weight, replacement.bias = conv.weight, conv.bias
         replacement.train(conv.training)
         setattr(parent, name, replacement)
     return len(swaps)
+
+
+def train_dilated_by_subgrids(model: nn.Module) -> int:
+    """Replace, in place, every eligible dilated ``nn.Conv2d`` of ``model`` (stride 1, equal
+    dilation > 1 on both axes, zero padding a multiple of it) by a ``SubgridConv2d`` holding the
+    same parameters. Returns how many were replaced."""
+    return _swap(model, _eligible, SubgridConv2d)
+
+
+def train_dilated_plainly(model: nn.Module) -> int:
+    """The inverse of ``train_dilated_by_subgrids`` (every ``SubgridConv2d`` back to an
+    ``nn.Conv2d`` with the same parameters), for comparisons. Returns how many were replaced."""
+    return _swap(model, lambda m: isinstance(m, SubgridConv2d), nn.Conv2d)

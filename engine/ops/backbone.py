@@ -134,8 +134,9 @@ def load_imagenet_model(name: str = "efficientnet_lite0", output_stride: int = 3
 
     ``output_stride`` 32 is the original network; 16 or 8 replace the last strides by dilation
     (timm ``output_stride``, DeepLab-style); those dilated convolutions train through their
-    sub-grids (``engine.ops.atrous``: the same values, a fast backward pass on CPU). Forward: ``(B, 3, H, W) float32`` normalised with
-    ``INPUT_MEAN``/``INPUT_STD`` -> ``(B, 1000) float32`` logits. Loading is strict: every weight
+    sub-grids (``engine.ops.atrous``: the same values, a fast backward pass on CPU). Forward:
+    ``(B, 3, H, W) float32`` normalised with ``INPUT_MEAN``/``INPUT_STD`` -> ``(B, 1000) float32``
+    logits. Loading is strict: every weight
     of the package fills exactly one parameter/buffer and nothing is left at its init.
     """
     spec = _spec(name)

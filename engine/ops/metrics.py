@@ -22,7 +22,11 @@ def confusion_cells(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.nd
     """
     if gt.shape != pred.shape:
         raise ValueError(f"label map shape {pred.shape} differs from ground truth {gt.shape}")
-    joint = np.bincount(((gt.astype(np.intp) << 8) | pred).ravel(), minlength=1 << 16).reshape(256, 256)
+    for values in (gt, pred):  # the joint histogram packs a pair into 16 bits: wider values must fit
+        if values.dtype != np.uint8 and values.size and (values.min() < 0 or values.max() > IGNORE_INDEX):
+            raise ValueError(f"label values must be 0..{num_classes - 1} or {IGNORE_INDEX}")
+    joint = np.bincount(((gt.astype(np.intp) << 8) | pred.astype(np.intp)).ravel(),
+                        minlength=1 << 16).reshape(256, 256)
     if joint[num_classes:IGNORE_INDEX].any() or joint[:num_classes, num_classes:IGNORE_INDEX].any():
         raise ValueError(f"label values must be 0..{num_classes - 1} or {IGNORE_INDEX}")
     return np.concatenate([joint[:num_classes, :num_classes], joint[:num_classes, IGNORE_INDEX:]], axis=1)

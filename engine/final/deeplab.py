@@ -227,7 +227,8 @@ def train(cfg: DeepLabConfig, ctx: RunContext) -> SegNet:
         # ASPP's dropout draws from torch's RNG: seeded per step so that a resumed run repeats the
         # uninterrupted one.
         seed=lambda step: cfg.seed * 1_000_003 + step,
-        after_step=after_step, report=lambda done: ctx.report("train", done, total), device=ctx.device))
+        after_step=after_step, report=lambda done: ctx.report("train", done, total), device=ctx.device,
+        prefetch=True))
     return net
 
 

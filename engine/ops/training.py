@@ -13,7 +13,9 @@ uninterrupted one.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +85,9 @@ class Training:
     lr: ``lr(step, base_lr)`` of each group at a step (e.g. ``poly_lr``).
     batch: ``batch(step)``, called in train mode; None skips the step's update (an unreadable
         batch) but not its bookkeeping.
+    prefetch: make step ``i + 1``'s batch on a thread while step ``i`` trains (JPEG decoding and
+        resizing release the GIL, and a step leaves a core partly idle). Only for a ``batch``
+        that depends on nothing but the step (not on the net, which is training meanwhile).
     loss: a batch's scalar loss tensor.
     seed: ``seed(step)`` reseeds torch's RNG for that step's loss and backward pass (dropout draws);
         None leaves the RNG alone.
@@ -109,6 +114,7 @@ class Training:
     extra: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
     device: str = "cpu"
+    prefetch: bool = False
 
 
 def trained_state(model_dir: Path, name: str, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -136,10 +142,9 @@ def train_resumable(net: nn.Module, model_dir: Path, training: Training) -> None
     optimizer = training.optimizer([{"params": list(g.params), "lr": g.lr} for g in groups])
     start = resume(checkpoint, training.key, net, optimizer)
     devices = [torch.device(training.device).index or 0] if training.device.startswith("cuda") else []
-    with torch_threads(training.threads):
-        for index in range(start, training.total):
+    with torch_threads(training.threads), _batches(training, start) as batches:
+        for index, batch in zip(range(start, training.total), batches):
             net.train()
-            batch = training.batch(index)
             loss_value = None
             if batch is not None:
                 for group, spec in zip(optimizer.param_groups, groups):
@@ -163,6 +168,30 @@ def train_resumable(net: nn.Module, model_dir: Path, training: Training) -> None
                 final_path(model_dir, training.name))
     checkpoint.unlink(missing_ok=True)
     net.eval()
+
+
+@contextmanager
+def _batches(training: Training, start: int) -> Iterator[Iterator[Any]]:
+    """``training.batch(i)`` for the steps from ``start``: made when asked for, or with
+    ``prefetch`` one step ahead on a thread."""
+    steps = range(start, training.total)
+    if not training.prefetch:
+        yield (training.batch(i) for i in steps)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix=f"{training.name}-batches") as loader:
+        ahead = deque(loader.submit(training.batch, i) for i in steps[:1])
+
+        def batches() -> Iterator[Any]:
+            for i in steps:
+                if i + 1 < training.total:
+                    ahead.append(loader.submit(training.batch, i + 1))
+                yield ahead.popleft().result()
+
+        try:
+            yield batches()
+        finally:
+            for future in ahead:
+                future.cancel()
 
 
 @contextmanager

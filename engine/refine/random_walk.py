@@ -466,7 +466,7 @@ def train(cfg: RandomWalkConfig, ctx: RunContext) -> AffinityNet:
         lr=lambda step, base: poly_lr(base, step, total, cfg.poly_power),
         batch=lambda step: _batch(ctx.items, labels, cfg, *divmod(step, steps_per_epoch)),
         loss=lambda batch: affinity_loss(net(batch[0].to(ctx.device)), batch[1].to(ctx.device), offsets),
-        report=lambda done: ctx.report("train", done, total), device=ctx.device))
+        report=lambda done: ctx.report("train", done, total), device=ctx.device, prefetch=True))
     for path in model_dir.glob("affinity_labels_*.npz"):
         path.unlink()  # the model is final; the labels are only training input
     return net

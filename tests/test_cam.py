@@ -142,6 +142,14 @@ def test_camnet_logits_are_the_mean_of_its_cams():
         assert torch.allclose(net(x), maps.mean(dim=(2, 3)), atol=1e-5)
 
 
+def _assert_gradient_close(ours: torch.Tensor, reference: torch.Tensor, name: str) -> None:
+    """Equal up to float rounding: within 0.5 % of the reference's norm. oneDNN sums in another
+    order per layout and per CPU (AVX-512 kernels more so), so near-zero entries of a deep layer's
+    gradient differ by more than an element-wise rtol while the tensor agrees to ~1e-3."""
+    error = float((ours - reference).norm() / reference.norm().clamp_min(1e-12))
+    assert error < 5e-3, f"{name}: gradient differs by {error:.1e} of its norm"
+
+
 def test_channels_last_gives_the_nchw_cams_and_gradients(tmp_path):
     """The engine runs CAM channels-last for speed (``bench.cam_speed``); the CAMs of real images
     and one training step's gradients must be those of the NCHW network up to float rounding."""
@@ -173,7 +181,7 @@ def test_channels_last_gives_the_nchw_cams_and_gradients(tmp_path):
     loss(plain(x.contiguous()), target).backward()
     for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
         if a.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-2, atol=1e-5, msg=name)
+            _assert_gradient_close(a.grad, b.grad, name)
 
 
 def test_onnx_runtime_cams_match_pytorch_on_real_images():
@@ -200,6 +208,39 @@ def test_onnx_runtime_cams_match_pytorch_on_real_images():
         differ = cams_to_label(ours, item.labels, 0.3) != cams_to_label(reference, item.labels, 0.3)
         assert differ.mean() < 1e-4
     assert class_maps_runner(net, "cuda") == net.class_maps  # GPUs keep PyTorch
+
+
+def test_frozen_stages_in_onnx_runtime_give_pytorchs_loss_and_gradients():
+    """CAM training on CPU computes the frozen stages' output in ONNX Runtime (``frozen_prefix``)
+    on the batch thread: on a real batch, the loss and every trained parameter's gradient are
+    those of the PyTorch forward within float rounding; no prefix on CUDA or with nothing frozen."""
+    from engine.core.dataset import default_voc_root
+
+    items = split_items(default_voc_root(), "train", 4)
+    cfg = replace(TINY, frozen_stages=4)
+    ours, reference = cam.build_net(cfg, 20), cam.build_net(cfg, 20)
+    prefix = cam.frozen_prefix(ours, "cpu")
+    assert prefix is not None
+    x, target = cam._batch(items, cfg, 20, 0, 0)
+    features, same_target = cam._batch(items, cfg, 20, 0, 0, prefix)
+    assert features.shape == (4, 40, cfg.crop_size // 8, cfg.crop_size // 8)  # block stage 2: 40 channels, stride 8
+    assert features.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(same_target, target)
+    ours.train(), reference.train()
+    loss = torch.nn.MultiLabelSoftMarginLoss()
+    ours_loss = loss(ours(features, first_stage=cfg.frozen_stages), target)
+    reference_loss = loss(reference(x), target)
+    ours_loss.backward(), reference_loss.backward()
+    torch.testing.assert_close(ours_loss, reference_loss, rtol=1e-4, atol=1e-6)
+    trained = 0
+    for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            _assert_gradient_close(a.grad, b.grad, name)
+            trained += 1
+    assert trained > 10
+    assert cam.frozen_prefix(ours, "cuda") is None
+    assert cam.frozen_prefix(cam.build_net(replace(TINY, frozen_stages=0), 20), "cpu") is None
 
 
 # ---------------------------------------------------------------- real training and inference

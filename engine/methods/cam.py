@@ -15,7 +15,8 @@ logits; resumable (``engine.ops.training``), keyed by the training settings. Inf
 ``(K + 1, h, w) float16`` (channel 0 = the background threshold). The network runs channels-last;
 on CPU its labelling forward passes run in ONNX Runtime (``engine.ops.onnx_runtime``, checked
 against PyTorch when the model is loaded), on the worker's process pool. Training runs the
-dilated convolutions through their sub-grids (``engine.ops.atrous``).
+dilated convolutions through their sub-grids (``engine.ops.atrous``) and, on CPU, the frozen
+stages in ONNX Runtime on the thread that makes the next batch (``frozen_prefix``).
 
 Deviations, for 2 CPU cores: ImageNet EfficientNet-Lite0 instead of ResNet-50, its first four
 stages frozen, 2 epochs at crop 256 (IRN: 5 at 512), scales 1 and 0.5 (IRN: 1, 0.5, 1.5, 2),
@@ -42,7 +43,7 @@ from engine.ops.augment import augment
 from engine.ops.backbone import FeatureExtractor, freeze_batchnorm, load_feature_extractor, to_input
 from engine.ops.cams import cam_result, multilabel_target
 from engine.ops.checkpoints import final_path, load_checked
-from engine.ops.onnx_runtime import ClassMaps, class_maps_runner
+from engine.ops.onnx_runtime import ClassMaps, checked_onnx, class_maps_runner
 from engine.ops.pool import run_jobs
 from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable
 
@@ -105,7 +106,9 @@ class CAMNet(nn.Module):
     N = ``num_objects`` (the object classes; label value c is row c - 1).
     class_maps: same input -> ``(B, N, H / s, W / s) float32`` raw CAMs (classifier applied at
     every position, before ReLU); ``forward`` equals their spatial mean.
-    The first ``frozen_stages`` backbone stages run without gradients.
+    The first ``frozen_stages`` backbone stages run without gradients; ``forward(x, first_stage=k)``
+    takes instead of an image the output of the stages before ``k`` (CAM training on CPU computes
+    the frozen stages' output in ONNX Runtime beforehand).
     """
 
     def __init__(self, features: FeatureExtractor, frozen_stages: int, generator: torch.Generator,
@@ -118,14 +121,14 @@ class CAMNet(nn.Module):
         for stage in features.stages[:frozen_stages]:
             stage.requires_grad_(False)
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        for index, stage in enumerate(self.features.stages):
+    def _features(self, x: torch.Tensor, first_stage: int = 0) -> torch.Tensor:
+        for index, stage in enumerate(self.features.stages[first_stage:], first_stage):
             with torch.set_grad_enabled(torch.is_grad_enabled() and index >= self.frozen_stages):
                 x = stage(x)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self._features(x).mean(dim=(2, 3), keepdim=True)
+    def forward(self, x: torch.Tensor, first_stage: int = 0) -> torch.Tensor:
+        pooled = self._features(x, first_stage).mean(dim=(2, 3), keepdim=True)
         return self.classifier(pooled).flatten(1)
 
     def class_maps(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,10 +154,10 @@ def build_net(cfg: CAMConfig, num_objects: int) -> CAMNet:
     return net.to(memory_format=torch.channels_last)
 
 
-def _batch(items: Sequence[Item], cfg: CAMConfig, num_objects: int, epoch: int,
-           index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Batch ``index`` of ``epoch``: ``(B, 3, c, c) float32`` crops (channels-last, as the net) and
-    ``(B, N) float32`` targets.
+def _batch(items: Sequence[Item], cfg: CAMConfig, num_objects: int, epoch: int, index: int,
+           prefix: ClassMaps | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Batch ``index`` of ``epoch``: ``(B, 3, c, c) float32`` crops (channels-last, as the net), or
+    with ``prefix`` (the frozen stages) their output, and ``(B, N) float32`` targets.
 
     Order and augmentation depend only on (seed, epoch, index), so a resumed run sees the same
     batches. Unreadable images are skipped; None when the whole batch is unreadable.
@@ -166,7 +169,24 @@ def _batch(items: Sequence[Item], cfg: CAMConfig, num_objects: int, epoch: int,
         targets.append(torch.from_numpy(multilabel_target(item.labels, num_objects)))
     if not images:
         return None
-    return torch.stack(images).contiguous(memory_format=torch.channels_last), torch.stack(targets)
+    x = torch.stack(images)
+    if prefix is not None:
+        x = prefix(x)
+    return x.contiguous(memory_format=torch.channels_last), torch.stack(targets)
+
+
+def frozen_prefix(net: CAMNet, device: str) -> ClassMaps | None:
+    """The frozen stages of ``net`` as an ONNX Runtime session checked against PyTorch
+    (``checked_onnx``), on CPU with at least one frozen stage; else None (PyTorch runs them in the
+    forward pass as before).
+
+    Their output depends only on the batch (frozen weights and batch-norm statistics, no dropout),
+    so the training's batch thread computes it while the previous step trains, and without
+    autograd's bookkeeping.
+    """
+    if device != "cpu" or net.frozen_stages == 0:
+        return None
+    return checked_onnx(nn.Sequential(*net.features.stages[:net.frozen_stages]))
 
 
 def train(cfg: CAMConfig, ctx: RunContext) -> CAMNet:
@@ -183,15 +203,18 @@ def train(cfg: CAMConfig, ctx: RunContext) -> CAMNet:
     steps_per_epoch = max(1, len(ctx.items) // cfg.batch_size)  # last partial batch dropped (IRN)
     total = cfg.epochs * steps_per_epoch
     loss_fn = nn.MultiLabelSoftMarginLoss()
+    # Made on the first batch: a finished training is only loaded and needs no export.
+    prefix = functools.cache(lambda: frozen_prefix(net, ctx.device))
     train_resumable(net, ctx.model_dir(FAMILY, key), Training(
         name=FAMILY, key=key, total=total, steps_per_epoch=steps_per_epoch, checkpoint_every=cfg.checkpoint_every,
         groups=lambda: [ParamGroup([p for p in net.features.parameters() if p.requires_grad], cfg.lr),
                         ParamGroup(list(net.classifier.parameters()), cfg.lr * cfg.classifier_lr_mult)],
         optimizer=sgd(cfg.momentum, cfg.weight_decay),
         lr=lambda step, base: poly_lr(base, step, total, cfg.poly_power),
-        batch=lambda step: _batch(ctx.items, cfg, num_objects, *divmod(step, steps_per_epoch)),
-        loss=lambda batch: loss_fn(net(batch[0].to(ctx.device)), batch[1].to(ctx.device)),
-        report=lambda done: ctx.report("train", done, total), device=ctx.device))
+        batch=lambda step: _batch(ctx.items, cfg, num_objects, *divmod(step, steps_per_epoch), prefix()),
+        loss=lambda batch: loss_fn(net(batch[0].to(ctx.device), net.frozen_stages if prefix() else 0),
+                                   batch[1].to(ctx.device)),
+        report=lambda done: ctx.report("train", done, total), device=ctx.device, prefetch=True))
     return net
 
 

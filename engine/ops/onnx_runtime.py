@@ -1,10 +1,12 @@
-"""CAM inference on CPU through ONNX Runtime: the same network, executed faster.
+"""Gradient-free forward passes on CPU through ONNX Runtime: the same network, executed faster.
 
-``class_maps_runner(net, device)`` exports a trained network's ``class_maps`` (dynamic batch,
-height and width) to ONNX in memory with torch's exporter, opens an ONNX Runtime CPU session on
-as many threads as torch uses, and checks it against the PyTorch forward on a probe image before
-it is used: the CAMs must agree within ``TOLERANCE`` of their peak, else (or when the export
-fails) PyTorch runs as before and a warning says why. On CUDA the PyTorch forward is used.
+``checked_runner(fn, channels, device)`` exports ``fn`` (a module, or a method such as a trained
+network's ``class_maps``; dynamic batch, height and width) to ONNX in memory with torch's
+exporter, opens an ONNX Runtime CPU session on as many threads as torch uses, and checks it
+against the PyTorch forward on a probe before it is used: the outputs must agree within
+``TOLERANCE`` of their peak, else (or when the export fails) PyTorch runs as before and a warning
+says why. On CUDA the PyTorch forward is used. ``class_maps_runner`` is it for CAM labelling;
+CAM training runs its frozen stages through it (their forward pass needs no gradient).
 
 ONNX Runtime: onnxruntime.ai, "CPU execution provider"; torch.onnx: pytorch.org/docs, "torch.onnx
 (TorchScript-based exporter)". Its speed against PyTorch on this machine: ``bench.cam_speed``.
@@ -25,38 +27,52 @@ log = logging.getLogger("isle.onnx")
 
 ClassMaps = Callable[[torch.Tensor], torch.Tensor]
 
-# Largest |ONNX Runtime - PyTorch| on the probe, relative to the largest |CAM| (float32 rounding
+# Largest |ONNX Runtime - PyTorch| on the probe, relative to the largest output (float32 rounding
 # of a reordered convolution is ~1e-6 of it).
 TOLERANCE = 1e-4
 PROBE_HW = (96, 128)  # a small probe: odd strides of the TF "same" padding are covered by any size
 
 
-class _ClassMapsModule(nn.Module):
-    def __init__(self, net: nn.Module):
+class _Method(nn.Module):
+    """A bound method (e.g. ``net.class_maps``) as a module, for the exporter."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
-        self.net = net
+        self.owner = fn.__self__
+        self.name = fn.__name__
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.class_maps(x)
+        return getattr(self.owner, self.name)(x)
 
 
-def export_class_maps(net: nn.Module) -> bytes:
-    """``net.class_maps`` as an ONNX model (opset 17), input ``x: (B, 3, H, W) float32`` with B,
-    H, W dynamic, output ``cams: (B, N, h, w) float32``. ``net`` is put in eval mode."""
-    net.eval()
+def _as_module(fn: nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
+    return fn if isinstance(fn, nn.Module) else _Method(fn)
+
+
+def export_forward(fn: nn.Module | Callable[[torch.Tensor], torch.Tensor], channels: int = 3) -> bytes:
+    """``fn`` (a module or a module's method) as an ONNX model (opset 17), input
+    ``x: (B, channels, H, W) float32`` with B, H, W dynamic, output ``y`` (``cams`` for CAMs).
+    The module is put in eval mode for the export and left so."""
+    module = _as_module(fn)
+    module.eval()
     buffer = io.BytesIO()
-    probe = torch.zeros(2, 3, *PROBE_HW)
+    probe = torch.zeros(2, channels, *PROBE_HW)
     with warnings.catch_warnings():  # the TorchScript exporter warns that it is deprecated
         warnings.simplefilter("ignore")
-        torch.onnx.export(_ClassMapsModule(net), (probe,), buffer, input_names=["x"], output_names=["cams"],
+        torch.onnx.export(module, (probe,), buffer, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}}, opset_version=17,
                           dynamo=False)
     return buffer.getvalue()
 
 
-def onnx_class_maps(model: bytes, threads: int) -> ClassMaps:
-    """An ONNX Runtime CPU session of ``model`` as a function ``(B, 3, H, W) float32`` ->
-    ``(B, N, h, w) float32`` tensor, on ``threads`` intra-op threads."""
+def export_class_maps(net: nn.Module) -> bytes:
+    """``net.class_maps`` as an ONNX model: ``export_forward`` of it, ``(B, 3, H, W)`` input."""
+    return export_forward(net.class_maps)
+
+
+def onnx_forward(model: bytes, threads: int) -> ClassMaps:
+    """An ONNX Runtime CPU session of ``model`` as a function ``(B, C, H, W) float32`` tensor ->
+    its output tensor (float32), on ``threads`` intra-op threads."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -64,30 +80,48 @@ def onnx_class_maps(model: bytes, threads: int) -> ClassMaps:
     options.inter_op_num_threads = 1
     session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
-    def class_maps(x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"x": x.detach().contiguous().numpy()})[0])
 
-    return class_maps
+    return forward
+
+
+def checked_onnx(fn: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+                 channels: int = 3) -> ClassMaps | None:
+    """An ONNX Runtime CPU session of ``fn`` (a module or a module's method, ``(B, channels, H, W)
+    float32`` in) when its export matches PyTorch on a probe within ``TOLERANCE`` of the peak, else
+    None (a warning says why). Export and check take a few seconds once per network. Puts the
+    module in eval mode; ``fn``'s output must not depend on the mode afterwards (a trained network,
+    or frozen stages with frozen batch norm and no dropout)."""
+    module = _as_module(fn)
+    try:
+        runner = onnx_forward(export_forward(module, channels), torch.get_num_threads())
+        probe = torch.from_numpy(np.random.default_rng(0).standard_normal((2, channels, *PROBE_HW), dtype=np.float32))
+        with torch.inference_mode():
+            expected = module(probe.contiguous(memory_format=torch.channels_last))
+        error = float((runner(probe) - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+    except Exception as exc:  # an exporter or runtime that cannot take this network: PyTorch still can
+        log.warning("ONNX Runtime not used for %s (%s: %s); PyTorch runs it", _name(fn), type(exc).__name__, exc)
+        return None
+    if error > TOLERANCE:
+        log.warning("ONNX Runtime not used for %s: its output differs from PyTorch's by %.1e of the peak "
+                    "(tolerance %.0e)", _name(fn), error, TOLERANCE)
+        return None
+    return runner
+
+
+def checked_runner(fn: nn.Module | Callable[[torch.Tensor], torch.Tensor], device: str,
+                   channels: int = 3) -> ClassMaps:
+    """The fastest checked way to run ``fn`` without gradients on ``device``: ``checked_onnx(fn)``
+    on CPU when it matches PyTorch, else ``fn`` itself (and always on CUDA)."""
+    return (checked_onnx(fn, channels) if device == "cpu" else None) or fn
+
+
+def _name(fn: nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> str:
+    return type(fn).__name__ if isinstance(fn, nn.Module) else f"{type(fn.__self__).__name__}.{fn.__name__}"
 
 
 def class_maps_runner(net: nn.Module, device: str) -> ClassMaps:
-    """The fastest checked way to run ``net.class_maps`` on ``device``: ONNX Runtime on CPU when
-    its export matches PyTorch on a probe (``TOLERANCE``), else ``net.class_maps`` itself.
-    Export and check take a few seconds once per trained model."""
-    if device != "cpu":
-        return net.class_maps
-    try:
-        runner = onnx_class_maps(export_class_maps(net), torch.get_num_threads())
-        probe = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, *PROBE_HW), dtype=np.float32))
-        with torch.inference_mode():
-            expected = net.class_maps(probe.contiguous(memory_format=torch.channels_last))
-        error = float((runner(probe) - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
-    except Exception as exc:  # an exporter or runtime that cannot take this network: PyTorch still can
-        log.warning("ONNX Runtime not used for %s (%s: %s); CAMs computed by PyTorch", type(net).__name__,
-                    type(exc).__name__, exc)
-        return net.class_maps
-    if error > TOLERANCE:
-        log.warning("ONNX Runtime not used for %s: its CAMs differ from PyTorch's by %.1e of the peak "
-                    "(tolerance %.0e)", type(net).__name__, error, TOLERANCE)
-        return net.class_maps
-    return runner
+    """``checked_runner(net.class_maps, device)``: the CAMs ``(B, N, h, w) float32`` of a trained
+    network, through ONNX Runtime on CPU when it matches PyTorch."""
+    return checked_runner(net.class_maps, device)

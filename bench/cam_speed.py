@@ -3,12 +3,15 @@ NCHW code it ran before, in one run on this machine.
 
     python -m bench.cam_speed [--steps 4] [--images 8]
 
-- **training step** (the engine's against NCHW with plain dilated convolutions, and channels-last
-  alone): the default ``CAMConfig`` (Lite0, stages 0-3 frozen, batch 16, crop 256) on real
-  bundled crops (``cam._batch``): forward, ``MultiLabelSoftMarginLoss``, backward, SGD step. The
-  engine runs channels-last and trains the dilated convolutions through their sub-grids
-  (``engine.ops.atrous``). All start from the same weights and see the same batches; the first
-  step of each is untimed.
+- **training step**, its batch included (the engine's against NCHW with plain dilated
+  convolutions, channels-last alone, and channels-last with sub-grids): the default ``CAMConfig``
+  (Lite0, stages 0-3 frozen, batch 16, crop 256) on real bundled crops (``cam._batch``): batch,
+  forward, ``MultiLabelSoftMarginLoss``, backward, SGD step. The engine runs channels-last, trains
+  the dilated convolutions through their sub-grids where that pays off on the CPU
+  (``engine.ops.atrous.subgrids_pay_off``: AVX2) and makes each batch,
+  with its frozen stages' output in ONNX Runtime (``cam.frozen_prefix``), on a thread while the
+  previous step trains (``Training.prefetch``). All start from the same weights and see the same
+  batches; the first step of each is untimed.
 - **labelling** (ONNX Runtime on CPU, ``engine.ops.onnx_runtime``, against PyTorch NCHW):
   ``multiscale_cams`` (scales 1.0 and 0.5, each with its flip, one batch of 2) on real VOC train
   images; the baseline is the same loop with NCHW input to PyTorch under ``torch.no_grad``.
@@ -20,9 +23,11 @@ difference of the normalised CAMs and the share of label pixels that differ betw
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -32,7 +37,7 @@ from torch import nn
 from engine.core.dataset import default_voc_root, read_image, scan_chunks, to_item
 from engine.methods import cam
 from engine.ops import cams
-from engine.ops.atrous import train_dilated_plainly
+from engine.ops.atrous import SubgridConv2d, subgrids_pay_off
 from engine.ops.backbone import to_input
 from engine.ops.onnx_runtime import class_maps_runner
 from engine.ops.scores import strided_to_image
@@ -66,27 +71,41 @@ def nchw_multiscale_cams(net: nn.Module, rgb: np.ndarray, classes: tuple[int, ..
 
 
 def training(cfg: cam.CAMConfig, items: list, steps: int) -> list[float]:
-    """Median seconds of a training step: NCHW with plain dilated convolutions (the code before
-    this work), channels-last with plain dilated convolutions, and the engine's (channels-last,
-    dilated convolutions trained by sub-grids)."""
-    batches = [cam._batch(items, cfg, 20, 0, i) for i in range(steps + 1)]
+    """Median seconds of a training step, its batch included: NCHW with plain dilated convolutions
+    (the code before this work), channels-last with plain dilated convolutions, channels-last with
+    sub-grid dilated convolutions, and the engine's (channels-last, sub-grids where
+    ``subgrids_pay_off`` on this CPU, each batch and its frozen stages' output made in ONNX
+    Runtime on a thread while the previous step trains)."""
     loss_fn = nn.MultiLabelSoftMarginLoss()
     seconds = []
-    for memory_format, subgrids in ((torch.contiguous_format, False), (torch.channels_last, False),
-                                    (torch.channels_last, True)):
+    for memory_format, subgrids, ahead in ((torch.contiguous_format, False, False),
+                                           (torch.channels_last, False, False), (torch.channels_last, True, False),
+                                           (torch.channels_last, subgrids_pay_off(), True)):
+        SubgridConv2d.active = subgrids
         net = cam.build_net(cfg, 20).to(memory_format=memory_format).train()
-        if not subgrids:
-            train_dilated_plainly(net)
+        prefix = cam.frozen_prefix(net, "cpu") if ahead else None
+        first_stage = net.frozen_stages if prefix is not None else 0
+        net.train()
         optimiser = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum)
-        step = iter(batches)
+        make = functools.partial(cam._batch, items, cfg, 20, 0, prefix=prefix)
+        with ThreadPoolExecutor(1) as loader:
+            step = iter(range(steps + 1))
+            next_batch = loader.submit(make, 0)
 
-        def one_step() -> None:
-            x, target = next(step)
-            optimiser.zero_grad()
-            loss_fn(net(x.contiguous(memory_format=memory_format)), target).backward()
-            optimiser.step()
+            def one_step() -> None:
+                nonlocal next_batch
+                index = next(step)
+                if ahead:
+                    x, target = next_batch.result()
+                    next_batch = loader.submit(make, index + 1)
+                else:
+                    x, target = make(index)
+                optimiser.zero_grad()
+                loss_fn(net(x.contiguous(memory_format=memory_format), first_stage), target).backward()
+                optimiser.step()
 
-        seconds.append(_median_seconds(one_step, steps))
+            seconds.append(_median_seconds(one_step, steps))
+    SubgridConv2d.active = subgrids_pay_off()
     return seconds
 
 
@@ -125,9 +144,11 @@ def main() -> None:
         if len(items) >= cfg.batch_size * (args.steps + 1):
             break
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    nchw, channels_last, engine = training(cfg, items, args.steps)
-    print(f"training step: NCHW {nchw:.2f} s, channels-last {channels_last:.2f} s, channels-last with sub-grid "
-          f"dilated convolutions (the engine) {engine:.2f} s; ratio engine/NCHW {engine / nchw:.2f}")
+    nchw, channels_last, subgrids, engine = training(cfg, items, args.steps)
+    print(f"training step with its batch ({torch.backends.cpu.get_cpu_capability()}): NCHW {nchw:.2f} s, "
+          f"channels-last {channels_last:.2f} s, channels-last with sub-grid dilated convolutions {subgrids:.2f} s, "
+          f"the engine (sub-grids {'on' if subgrids_pay_off() else 'off'} here, the batch and frozen stages in ONNX "
+          f"Runtime made a step ahead) {engine:.2f} s; ratio engine/NCHW {engine / nchw:.2f}")
     old, new, worst, share = labelling(cfg, items, args.images)
     print(f"labelling one image: PyTorch NCHW {old:.3f} s, ONNX Runtime {new:.3f} s, ratio new/old {new / old:.2f}; "
           f"max |normalised CAM difference| {worst:.1e}, label pixels differing {share:.2e}")

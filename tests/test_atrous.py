@@ -57,9 +57,27 @@ def test_backbone_trains_its_dilated_convs_by_subgrids_and_infers_with_them_plai
     assert holder[0].state_dict().keys() == conv.state_dict().keys()
 
 
-def test_cam_network_gradients_equal_the_dilated_networks_on_real_crops():
+def test_the_subgrid_path_is_taken_only_while_active_in_training_on_cpu(monkeypatch):
+    """Off (a CPU where oneDNN's dilated kernels are faster, ``atrous.subgrids_pay_off``) the layer trains
+    as the plain dilated convolution, bit for bit; on, it trains through the sub-grids."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 5, padding=4, dilation=2, groups=8)
+    holder = nn.Sequential(conv)
+    train_dilated_by_subgrids(holder)
+    x = torch.randn(2, 8, 13, 17)
+    plain = F.conv2d(x, conv.weight, conv.bias, padding=4, dilation=2, groups=8)
+    holder.train()
+    monkeypatch.setattr(SubgridConv2d, "active", False)
+    assert torch.equal(holder(x), plain)
+    monkeypatch.setattr(SubgridConv2d, "active", True)
+    ours = holder(x)
+    torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_cam_network_gradients_equal_the_dilated_networks_on_real_crops(monkeypatch):
     """One CAM training batch of real VOC crops: the loss and every trained parameter's gradient
     with sub-grid convolutions equal those of the same weights with plain dilated convolutions."""
+    monkeypatch.setattr(SubgridConv2d, "active", True)  # on any CPU, whether or not it pays off there
     cfg = CAMConfig(batch_size=4, crop_size=128, resize_long=(128, 192), frozen_stages=4)
     items = split_items(default_voc_root(), "train", 8)
     ours = cam.build_net(cfg, 20).train()

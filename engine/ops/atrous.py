@@ -9,7 +9,8 @@ implementation of atrous convolution (Chen et al., DeepLab, TPAMI 2017, Sec. 3.1
 ``space_to_batch_nd``). Autograd then runs the fast undilated kernels both ways; the values and
 gradients are those of the dilated convolution up to float rounding.
 
-Only training takes this path: in eval mode or without gradients the layer is a plain
+Only training on a CPU where it pays off takes this path (``subgrids_pay_off``: oneDNN's AVX2
+kernels); in eval mode, without gradients, on CUDA or on other CPUs the layer is a plain
 ``nn.Conv2d`` (so inference and the ONNX export see the dilated convolution itself).
 """
 
@@ -45,12 +46,24 @@ def subgrid_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def subgrids_pay_off() -> bool:
+    """Whether training dilated convolutions through their sub-grids is faster on this CPU than
+    oneDNN's own dilated kernels: on its AVX2 kernels (a CAM step's backward 3.26 s -> 1.77 s on an
+    AVX2 EPYC), not on its AVX-512 ones (the step slower, 1.08 s -> 1.28 s, on an AVX-512 Xeon;
+    docs/methods/cam.md). Decided by ``torch.backends.cpu.get_cpu_capability()``, so a run and
+    its resumption take the same path."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
 class SubgridConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` (stride 1, square dilation r > 1, padding ``r * q``) that trains through
-    ``subgrid_conv2d``; same parameters and state-dict keys."""
+    ``subgrid_conv2d`` on CPU while ``active``; same parameters and state-dict keys."""
+
+    # Class-wide, decided once per process; tests and bench.cam_speed set it to compare both paths.
+    active: bool = subgrids_pay_off()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and torch.is_grad_enabled()):
+        if not (self.active and self.training and torch.is_grad_enabled() and x.device.type == "cpu"):
             return super().forward(x)
         return subgrid_conv2d(x, self.weight, self.bias, self.dilation[0], self.padding[0] // self.dilation[0],
                               self.groups)

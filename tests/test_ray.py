@@ -2,7 +2,9 @@
 completion order, errors and resources; the dCRF plugin's label maps through Ray byte-identical to
 the local pool's; ``python -m engine worker --ray ADDRESS`` with a Ray worker process SIGKILLed
 mid-job losing no image and recording none twice; CAM labelling as Ray tasks that load the trained
-model, matching the local worker; a local run never imports Ray."""
+model, matching the local worker; a training as one Ray task asking for the cluster's GPU, its
+progress relayed, a SIGKILLed task rerun by Ray from its checkpoint, a cancel stopping it; a local
+run never imports Ray."""
 
 from __future__ import annotations
 
@@ -17,15 +19,20 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 
 from cache.db import connect
 from engine.core.chains import Step
-from engine.core.types import LabelResult
+from cache.classes import VOC
+from engine.core.dataset import default_voc_root
+from engine.core.types import Cancelled, LabelResult, RunContext
+from engine.methods import cam
 from engine.methods.imported import import_step
 from engine.ops.ray_pool import REPO, RayPool
 from engine.runtime.jobs import submit_chain
+from engine.ops.training import torch_threads, trained_model
 from engine.runtime.worker import WorkerConfig, serve
-from tests.conftest import _split_ids, grown_label_folder, job_row, make_voc_copy, worker_process
+from tests.conftest import _split_ids, grown_label_folder, job_row, make_voc_copy, split_items, worker_process
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -269,3 +276,100 @@ def test_cam_labelling_through_ray_loads_the_trained_model_and_matches_the_local
         ours, theirs = read_label_map(remote / path), read_label_map(local / local_paths[image_id])
         assert (ours != theirs).mean() < 1e-3  # ONNX Runtime on 1 thread per task vs 2: rounding at ties
     assert len(rows[0]) == len(rows[1])
+
+
+# --- a training as one Ray task on a GPU node -----------------------------------------------------
+
+RAY_CAM = {"epochs": 1, "batch_size": 2, "crop_size": 128, "resize_long": (128, 192), "checkpoint_every": 2}
+
+
+def _training_ctx(tmp_path: Path, address: str | None, reports: list, cancel_at: int | None = None) -> RunContext:
+    items = split_items(default_voc_root(), "train", 40)
+
+    def report(stage: str, done: int, total: int) -> None:
+        reports.append((stage, done, total))
+        if done == cancel_at:
+            raise Cancelled("test")
+
+    return RunContext(classes=VOC, items=items, todo=items, workdir=tmp_path / "work", models=tmp_path / "models",
+                      report=report, ray_address=address)
+
+
+def _trained_weights(tmp_path: Path, address: str | None, reports: list, cancel_at: int | None = None,
+                     during=None) -> dict:
+    ctx = _training_ctx(tmp_path, address, reports, cancel_at)
+    if during is not None:
+        ctx.report = during(ctx.report)
+    net = trained_model(cam.train, cam.CAMConfig(**RAY_CAM), ctx)
+    return {name: value.clone() for name, value in net.state_dict().items()}
+
+
+def _assert_same_training(ours: dict, reference: dict) -> None:
+    for name, value in reference.items():
+        assert torch.equal(ours[name], value), name
+
+
+@pytest.fixture(scope="module")
+def local_training(tmp_path_factory) -> dict:
+    """The training in this process on 1 torch thread, as in a Ray task of ``num_cpus=1`` (Ray sets
+    its ``OMP_NUM_THREADS``), so the weights must be equal bit for bit."""
+    with torch_threads(1):
+        return _trained_weights(tmp_path_factory.mktemp("local-training"), None, [])
+
+
+def test_a_training_runs_as_one_ray_task_on_the_gpu_cluster_and_relays_its_progress(cluster, local_training,
+                                                                                     tmp_path):
+    seen: set[int] = set()
+
+    def watching(report):
+        def watched(stage, done, total):
+            seen.update(_task_pids("_train_task"))
+            report(stage, done, total)
+        return watched
+
+    reports: list = []
+    weights = _trained_weights(tmp_path, cluster, reports, during=watching)
+    assert seen and os.getpid() not in seen  # trained in a Ray worker process
+    assert reports[0] == ("starting on Ray", 0, 1)
+    steps = [done for stage, done, _ in reports if stage == "train"]
+    assert steps[-1] == 20 and set(range(1, 21)) <= set(steps)  # every step's progress came back
+    assert (tmp_path / "models" / "cam").is_dir()
+    _assert_same_training(weights, local_training)
+
+
+def test_a_killed_training_task_is_rerun_by_ray_and_resumes_from_its_checkpoint(cluster, local_training, tmp_path):
+    killed: list[int] = []
+    reruns: set[int] = set()
+
+    def killing(report):
+        def kill_once(stage, done, total):
+            if stage == "train" and done >= 5 and not killed:
+                pids = _task_pids("_train_task")
+                assert pids, "no training task running"
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            elif killed:
+                reruns.update(_task_pids("_train_task"))
+            report(stage, done, total)
+        return kill_once
+
+    reports: list = []
+    weights = _trained_weights(tmp_path, cluster, reports, during=killing)
+    assert killed and reruns, "the training task was not seen again after the kill"
+    assert killed[0] not in reruns  # Ray ran it again in another process ...
+    steps = [done for stage, done, _ in reports if stage == "train"]
+    assert steps.count(1) == 1 and steps[-1] == 20  # ... from its checkpoint, not from step 0
+    _assert_same_training(weights, local_training)
+
+
+def test_a_cancelled_training_task_stops_and_keeps_its_checkpoint(cluster, tmp_path):
+    reports: list = []
+    with pytest.raises(Cancelled):
+        _trained_weights(tmp_path, cluster, reports, cancel_at=4)
+    assert [done for stage, done, _ in reports if stage == "train"][-1] == 4
+    assert list((tmp_path / "models" / "cam").glob("*/cam_checkpoint.pt"))
+    assert not list((tmp_path / "models" / "cam").glob("*/cam_model.pt"))
+    deadline = time.monotonic() + 30
+    while _task_pids("_train_task"):  # the task was cancelled, not left training
+        assert time.monotonic() < deadline, "the training task still runs"
+        time.sleep(0.1)

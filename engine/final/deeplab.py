@@ -39,7 +39,7 @@ from engine.ops.augment import augment_with_label
 from engine.ops.backbone import BACKBONES, freeze_batchnorm, load_imagenet_encoder, pad_to_multiple, to_input
 from engine.ops.metrics import confusion_counts, iou_from_counts
 from engine.ops.scores import downsample_scores
-from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable
+from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable, trained_model
 
 FAMILY = "deeplab"
 PAPER_PARAMS = {"crop_size": 320, "epochs": 30, "batch_size": 16}  # isim Sec. 4.1 crop; a GPU budget
@@ -235,7 +235,7 @@ def train(cfg: DeepLabConfig, ctx: RunContext) -> SegNet:
 @register("deeplab", role=Role.FINAL, config=DeepLabConfig, title="DeepLabV3+", offers={Offer.TRAIN})
 def run(cfg: DeepLabConfig, ctx: RunContext) -> Iterator[LabelResult]:
     """Train on the source label set (once), then predict every ``ctx.todo`` image."""
-    net = train(cfg, ctx)
+    net = trained_model(train, cfg, ctx)
     yield from label_each(ctx.todo, lambda rgb, item: label_from_probs(
         predict_probs(net, rgb, cfg.output_stride, cfg.test_flip, ctx.device), item.image_id, cfg.keep_prob,
         cfg.score_max_side, ctx.classes))

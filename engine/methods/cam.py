@@ -45,7 +45,7 @@ from engine.ops.cams import cam_result, multilabel_target
 from engine.ops.checkpoints import final_path, load_checked
 from engine.ops.onnx_runtime import ClassMaps, checked_onnx, class_maps_runner
 from engine.ops.pool import run_jobs
-from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable
+from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable, trained_model
 
 FAMILY = "cam"  # ctx.model_dir family; the files are cam_checkpoint.pt (during training), cam_model.pt (done)
 
@@ -260,7 +260,7 @@ def run(cfg: CAMConfig, ctx: RunContext) -> Iterator[LabelResult]:
     busier than one process on all of them) or as Ray tasks. Each pool process or Ray worker
     loads the trained model once from the cache's model store (a path every node sees) and
     records its images' files and rows itself."""
-    net = train(cfg, ctx)
+    net = trained_model(train, cfg, ctx)
     if ctx.device == "cpu" and ctx.todo and (ctx.ray_address is not None or ctx.processes > 1):
         names = tuple(ctx.classes.names)
         model_dir = ctx.model_dir(FAMILY, training_key(cfg, classes=list(names)))

@@ -48,7 +48,7 @@ from engine.ops.checkpoints import chunked_labels
 from engine.ops.crf import IRN_LABEL_DCRF, DCRFConfig, refine_pseudo_label, scaled_dcrf
 from engine.ops.pool import open_pool
 from engine.ops.scores import argmax_label, downsample_scores, resize_channels
-from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable
+from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable, trained_model
 
 FAMILY = "isim"  # ctx.model_dir family shared by both variants
 PSEUDO_CHUNK = 64  # images per pseudo-label file: a killed regeneration loses at most this many
@@ -500,7 +500,7 @@ def train(cfg: ISIMConfig, ctx: RunContext) -> DeepLabCAM:
 
 
 def _label_all(cfg: ISIMConfig, ctx: RunContext, label_fn) -> Iterator[LabelResult]:
-    net = train(cfg, ctx)
+    net = trained_model(train, cfg, ctx)
     yield from label_each(ctx.todo, lambda rgb, item: label_fn(net, rgb, item, cfg, ctx.device))
 
 

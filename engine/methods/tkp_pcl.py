@@ -49,7 +49,8 @@ from engine.core.types import ImageError, Item, LabelResult, RunContext
 from engine.ops.backbone import INPUT_MEAN, INPUT_STD, load_feature_extractor
 from engine.ops.cams import multilabel_target
 from engine.ops.scores import argmax_label, downsample_scores
-from engine.ops.training import ParamGroup, Training, adam, batch_draw, torch_threads, train_resumable, trained_state
+from engine.ops.training import (ParamGroup, Training, adam, batch_draw, torch_threads, train_resumable,
+                                trained_model, trained_state)
 
 FAMILY = "tkp-pcl"  # ctx.model_dir family of the trained classifier
 NAME = "tkp_pcl"  # its files: tkp_pcl_checkpoint.pt while training, tkp_pcl_model.pt when done
@@ -516,7 +517,7 @@ def run(cfg: TKPPCLConfig, ctx: RunContext) -> Iterator[LabelResult]:
     (e.g. another split) are read and encoded here. The classifier runs on ``LABEL_BATCH`` images
     at a time (its LSTMs are slow one image at a time); results still come in ``ctx.todo`` order.
     """
-    net, store = train(cfg, ctx)
+    net, store = trained_model(train, cfg, ctx)
     encoder: PatchEncoder | None = None
     for start in range(0, len(ctx.todo), LABEL_BATCH):
         chunk: list[tuple[Item, np.ndarray | str]] = []

@@ -11,15 +11,19 @@ process dies is run again by Ray (``max_retries``). Images, label maps and score
 their paths on whichever node runs the task, so the dataset and the cache must sit at the same
 absolute paths on every node (README, "Per-image work on a Ray cluster"). Ray is imported only
 here, when a Ray pool is first used.
+
+A training (``train_remotely``) runs as one Ray task asking for a GPU, when the cluster has one
+and the worker's machine has none; its progress and curves come back through a Ray queue.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from engine.core.types import LabelResult
+from engine.core.types import LabelResult, RunContext
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -107,3 +111,79 @@ class RayPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Relay:
+    """A training task's ``report`` or ``log``: puts its calls on a Ray queue that the engine
+    worker drains (the task cannot reach the worker's DuckDB connection)."""
+
+    def __init__(self, queue: Any, kind: str):
+        self.queue, self.kind = queue, kind
+
+    def __call__(self, *args: Any) -> None:
+        self.queue.put((self.kind, args))
+
+
+def _train_task(train: Callable[[Any, RunContext], Any], cfg: Any, ctx: RunContext) -> None:
+    """One training in a Ray worker process, on its node's GPU when Ray gave it one; the model
+    files land in ``ctx``'s model store, which the engine worker sees at the same path."""
+    import ray
+    import torch
+
+    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    train(cfg, replace(ctx, device=device))
+
+
+def cluster_has_gpu(address: str) -> bool:
+    """Whether the Ray cluster at ``address`` declares at least one GPU (joins it first)."""
+    import ray
+
+    connect(address)
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def train_remotely(train: Callable[[Any, RunContext], Any], cfg: Any, ctx: RunContext, poll_seconds: float = 0.5,
+                   max_retries: int = 3) -> None:
+    """``train(cfg, ctx)`` as one Ray task asking for 1 CPU and 1 GPU, until its final model file
+    is written; the caller then loads it with ``train(cfg, ctx)`` (a finished training is only
+    loaded).
+
+    The task's ``report`` and ``log`` calls travel back through a Ray queue and are replayed on
+    ``ctx`` here, so progress, heartbeat, training curves and cancellation work as for a local
+    training: a ``Cancelled`` raised by ``ctx.report`` cancels the task (its last checkpoint
+    stays). A task whose process or node dies is rerun by Ray (``max_retries``) and resumes from
+    its last checkpoint (``engine.ops.training``). ``ctx.workdir`` and ``ctx.models`` must be on
+    storage the GPU node sees at the same path. Raises the training's own error, or Ray's
+    ``WorkerCrashedError`` after ``max_retries`` deaths.
+    """
+    import ray
+    from ray.util.queue import Empty, Queue
+
+    connect(ctx.ray_address)
+    relay = Queue()
+    remote = ray.remote(num_cpus=1, num_gpus=1, max_retries=max_retries)(_train_task)
+    task_ctx = replace(ctx, todo=(), report=_Relay(relay, "report"), log=_Relay(relay, "log"), variants=None,
+                       finish=None, ray_address=None)
+    ref = remote.remote(train, cfg, task_ctx)
+    finished = False
+    last = ("starting on Ray", 0, 1)
+    try:
+        ctx.report(*last)
+        while not finished:
+            finished = bool(ray.wait([ref], timeout=poll_seconds)[0])
+            reported = False
+            while True:
+                try:
+                    kind, args = relay.get_nowait()
+                except Empty:
+                    break
+                getattr(ctx, kind)(*args)
+                if kind == "report":
+                    last, reported = args, True
+            if not reported:
+                ctx.report(*last)  # the heartbeat while the task waits for a GPU or runs a long step
+        ray.get(ref)
+    finally:
+        if not finished:
+            ray.cancel(ref, force=True)
+        relay.shutdown()

@@ -8,7 +8,8 @@ runs the steps not yet done, checkpoints atomically (``engine.ops.checkpoints``)
 killed job resumes at its last checkpoint, and a finished model is only loaded. Batches must
 depend only on the step index (the plugins seed their order and augmentation by (seed, epoch,
 index)), and ``seed`` reseeds torch's RNG per step (dropout), so a resumed run equals an
-uninterrupted one.
+uninterrupted one. A plugin calls its training through ``trained_model``, which on a Ray cluster
+with a GPU runs it there as one task first.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from engine.core.dataset import read_image
-from engine.core.types import ImageError, Item
+from engine.core.types import ImageError, Item, RunContext
 from engine.ops.checkpoints import checkpoint_path, final_path, load_checked, resume, save_atomic, save_training_state
+
+T = TypeVar("T")
 
 
 def batch_draw(n_items: int, batch_size: int, seed: int, epoch: int, index: int
@@ -53,7 +56,6 @@ def readable(items: Sequence[Item], indices: Iterable[int]) -> Iterator[tuple[It
 def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
     """DeepLab "poly" schedule used by PSA/IRN/isim: ``base_lr * (1 - step / total_steps) ** power``."""
     return base_lr * (1 - step / total_steps) ** power
-
 
 @dataclass(frozen=True)
 class ParamGroup:
@@ -115,6 +117,19 @@ class Training:
     threads: int | None = None
     device: str = "cpu"
     prefetch: bool = False
+
+
+def trained_model(train: Callable[[Any, RunContext], T], cfg: Any, ctx: RunContext) -> T:
+    """``train(cfg, ctx)``, a plugin's training, run where it is fastest: in this process, or, when the worker runs with a
+    Ray cluster (``ctx.ray_address``) that has a GPU and this machine has none, first as one Ray
+    task on a GPU node (``engine.ops.ray_pool.train_remotely``), whose final model this call then
+    loads. A training is one process, so a cluster of CPU nodes gains nothing from moving it."""
+    if ctx.ray_address is not None and ctx.device == "cpu":
+        from engine.ops import ray_pool  # imported only when used: a local run needs no Ray
+
+        if ray_pool.cluster_has_gpu(ctx.ray_address):
+            ray_pool.train_remotely(train, cfg, ctx)
+    return train(cfg, ctx)
 
 
 def trained_state(model_dir: Path, name: str, key: dict[str, Any]) -> dict[str, Any] | None:

@@ -47,7 +47,7 @@ from engine.ops.checkpoints import chunked_labels
 from engine.ops.crf import IRN_LABEL_DCRF, refine_pseudo_label, scaled_dcrf
 from engine.ops.pool import open_pool, run_jobs
 from engine.ops.scores import argmax_label, downsample_scores, resize_channels, strided_to_image
-from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable
+from engine.ops.training import ParamGroup, Training, batch_draw, poly_lr, readable, sgd, train_resumable, trained_model
 
 FAMILY = "affinitynet"  # ctx.model_dir family of the trained AffinityNet and its affinity labels
 STRIDE = 8  # AffinityNet's output stride (PSA)
@@ -545,5 +545,5 @@ def run(cfg: RandomWalkConfig, ctx: RunContext) -> Iterator[LabelResult]:
     (in-process when 1). The worker records each result as it comes, so a killed walk resumes at
     the first unfinished image.
     """
-    net = train(cfg, ctx)
+    net = trained_model(train, cfg, ctx)
     yield from run_jobs(_walk_job, (_make_walk_job(net, ctx, item, cfg) for item in ctx.todo), ctx, cfg)

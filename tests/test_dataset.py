@@ -236,6 +236,32 @@ def test_missing_split_file(tiny_voc):
         read_list(split)
 
 
+def test_a_list_entry_escaping_the_root_is_one_problem_not_a_lost_split(tiny_voc, tmp_path):
+    """``../../../etc/passwd`` in a split list: that entry is refused unread with a problem naming
+    the list file and line; the other images are scanned and registered by the worker."""
+    from cache import queries
+    from cache.db import connect
+    from engine.core.chains import dataset_id_for
+    from engine.runtime.jobs import submit_chain
+    from engine.runtime.worker import WorkerConfig, serve
+
+    ids = _ids(tiny_voc, "train")
+    path = tiny_voc / "ImageSets" / "Segmentation" / "train.txt"
+    path.write_text("\n".join([ids[0], "../../../etc/passwd", *ids[1:]]) + "\n")
+    records = scan_split(tiny_voc, "train", processes=1)
+    refused = [r for r in records if r.image_id == "train.txt:2"]
+    assert len(refused) == 1 and len(records) == len(ids) + 1
+    assert refused[0].problem == f"{path}, line 2: '../../../etc/passwd' is not a plain file name; refused unread"
+    assert [r.image_id for r in records if r.problem is None] == ids
+    submit_chain(tmp_path / "cache", tiny_voc, "train", [])
+    serve(WorkerConfig(tmp_path / "cache", until_idle=True, poll_seconds=0.05, processes=1))
+    with connect(tmp_path / "cache", read_only=True) as con:
+        problems = queries.image_problems(con, dataset_id_for(tiny_voc))
+        usable = queries.usable_image_ids(con, dataset_id_for(tiny_voc), "train")
+    assert [(p["split"], p["image_id"], p["problem"]) for p in problems] == [("train", "train.txt:2", refused[0].problem)]
+    assert usable == sorted(ids)
+
+
 def test_duplicate_ids_are_reported(tiny_voc):
     ids = _ids(tiny_voc, "val")
     path = tiny_voc / "ImageSets" / "Segmentation" / "val.txt"

@@ -13,7 +13,8 @@ from PIL import Image
 
 from cache.classes import COCO, VOC, ClassSet, read_classes_txt
 from engine.core.image_labels import decode_voc_int_id, labels_from_vector, read_image_labels
-from engine.core.layouts import DatasetError, LabelSource, detect_layout, read_description, read_split_ids
+from engine.core.layouts import (DatasetError, LabelSource, detect_layout, read_description, read_split_entries,
+                                 read_split_ids)
 from tests.conftest import REPO, VOC_ROOT, make_voc_copy
 
 COCO_ROOT = (REPO / ".." / "shared" / "data" / "coco2014-mini").resolve()
@@ -104,7 +105,7 @@ def test_detection_errors_name_the_path(tmp_path):
 @pytest.mark.parametrize("text, problem", [
     ("", "holds no image ids"),
     ("a\nb\na\n", r"listed more than once: \['a'\]"),
-    ("a\n../b\n", "plain file names"),
+    ("../b\n/etc/passwd\n", r"holds no image ids \(2 entries refused: not plain file names\)"),
 ])
 def test_read_split_ids_refuses_bad_lists(tmp_path, text, problem):
     voc = make_voc_copy(tmp_path / "voc", {"train": VOC_IDS["train"]})
@@ -112,6 +113,16 @@ def test_read_split_ids_refuses_bad_lists(tmp_path, text, problem):
     split = detect_layout(voc).split("train")
     with pytest.raises(DatasetError, match=f"{split.list_path}: .*{problem}"):
         read_split_ids(split)
+
+
+def test_entries_that_are_not_plain_file_names_are_refused_and_the_rest_kept(tmp_path):
+    voc = make_voc_copy(tmp_path / "voc", {"train": VOC_IDS["train"]})
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text(
+        "a\n../../../etc/passwd\n\nb\n..\\x 1\n/etc/shadow\n..\nc\n")
+    split = detect_layout(voc).split("train")
+    assert read_split_entries(split) == (["a", "b", "c"], [(2, "../../../etc/passwd"), (5, "..\\x"),
+                                                            (6, "/etc/shadow"), (7, "..")])
+    assert read_split_ids(split) == ["a", "b", "c"]
 
 
 def test_read_split_ids_takes_the_first_token_in_file_order(tmp_path):

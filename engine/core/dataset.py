@@ -4,7 +4,9 @@
 it out, or a description file) and which class set the dataset has. ``scan_split`` validates
 every image of a split once (decodes the JPEG, checks the mask's mode, size and values against
 the class set) and returns one ``ImageRecord`` per id; a bad image gets a record whose
-``problem`` names the file and what is wrong, so one broken file never hides the others.
+``problem`` names the file and what is wrong, so one broken file never hides the others. A split
+list entry that is not a plain file name (``../../etc/passwd``) is refused unread and gets a
+problem record naming the list file and line; the other entries are scanned.
 
 The image-level labels are the weak supervision of WSSS, as in the ``cls_labels`` of PSA (Ahn &
 Kwak, CVPR 2018) and IRN (Ahn et al., CVPR 2019): the object classes present in the mask, or,
@@ -29,7 +31,8 @@ from PIL import Image
 
 from cache.classes import ClassSet
 from engine.core.image_labels import read_image_labels
-from engine.core.layouts import DatasetError, Layout, detect_layout, read_split_ids
+from engine.core.layouts import (DatasetError, Layout, SplitLayout, detect_layout, read_split_entries,
+                                 refused_entry_problem)
 from engine.core.processes import process_pool
 from engine.core.types import ImageError, Item, LabelResult
 
@@ -237,15 +240,23 @@ def _scan_chunk(jobs: list[_ScanJob]) -> list[ImageRecord]:
     return [_scan_one(*job) for job in jobs]
 
 
-def _scan_jobs(layout: Layout, split: str) -> tuple[list[_ScanJob], set[str]]:
-    """What validating each id of ``split`` needs, and the ids the label file does not list."""
+def _scan_jobs(layout: Layout, split: str) -> tuple[list[_ScanJob], set[str], list[ImageRecord]]:
+    """What validating each id of ``split`` needs, the ids the label file does not list, and a
+    problem record per refused list entry (``refused_records``)."""
     part = layout.split(split)
-    ids = read_split_ids(part)
+    ids, refused = read_split_entries(part)
     listed = None if layout.labels.kind == "masks" else read_image_labels(layout.labels, layout.classes)
     unlisted = set() if listed is None else {i for i in ids if i not in listed}
     jobs = [(i, split, layout.image_path(part, i), layout.mask_path(part, i),
              None if listed is None else listed.get(i, ()), layout.classes) for i in ids]
-    return jobs, unlisted
+    return jobs, unlisted, refused_records(part, refused)
+
+
+def refused_records(part: SplitLayout, refused: list[tuple[int, str]]) -> list[ImageRecord]:
+    """One problem ``ImageRecord`` per refused list entry, nothing read: its id is
+    ``<list file name>:<line>`` (the entry itself is no safe id), its path the list file."""
+    return [ImageRecord(f"{part.list_path.name}:{number}", part.name, part.list_path, None, 0, 0, (),
+                        refused_entry_problem(part, number, entry)) for number, entry in refused]
 
 
 def scan_chunks(root: Path | Layout, split: str, processes: int = 2, chunk: int = CHUNK) -> Iterator[list[ImageRecord]]:
@@ -259,7 +270,9 @@ def scan_chunks(root: Path | Layout, split: str, processes: int = 2, chunk: int 
     processes: worker processes for decoding (spawned; used for splits of 64 images or more).
     """
     layout = root if isinstance(root, Layout) else open_layout(root)
-    jobs, unlisted = _scan_jobs(layout, split)
+    jobs, unlisted, refused = _scan_jobs(layout, split)
+    if refused:
+        yield refused
 
     def finish(records: list[ImageRecord]) -> list[ImageRecord]:
         return [_unlisted(r, layout) if r.image_id in unlisted and r.problem is None else r for r in records]

@@ -149,10 +149,18 @@ def detect_layout(path: Path) -> Layout:
 
 
 def read_split_ids(split: SplitLayout) -> list[str]:
-    """The image ids of ``split`` in file order (first token of each non-blank line).
+    """The usable image ids of ``split`` in file order (``read_split_entries`` without the refused
+    lines)."""
+    return read_split_entries(split)[0]
 
-    Raises ``DatasetError`` naming the list file when it is missing or unreadable, holds no ids,
-    repeats an id or holds an id that is not a plain file name.
+
+def read_split_entries(split: SplitLayout) -> tuple[list[str], list[tuple[int, str]]]:
+    """``(ids, refused)`` of ``split``'s list: the first token of each non-blank line in file order,
+    and ``(line number, entry)`` of every entry that is not a plain file name (``..``, a slash, a
+    backslash: it could lead out of the dataset root), refused unread so the rest stays usable.
+
+    Raises ``DatasetError`` naming the list file when it is missing or unreadable, holds no usable
+    ids, or repeats an id.
     """
     path = split.list_path
     if not path.is_file():
@@ -161,16 +169,27 @@ def read_split_ids(split: SplitLayout) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: cannot read the split list ({exc})") from exc
-    ids = [line.split()[0] for line in text.splitlines() if line.strip()]
+    ids, refused = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        entry = line.split()[0]
+        if "/" in entry or "\\" in entry or entry in (".", ".."):
+            refused.append((number, entry))
+        else:
+            ids.append(entry)
     if not ids:
-        raise DatasetError(f"{path}: split list holds no image ids")
+        detail = f" ({len(refused)} entries refused: not plain file names)" if refused else ""
+        raise DatasetError(f"{path}: split list holds no image ids{detail}")
     repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
     if repeated:
         raise DatasetError(f"{path}: {len(repeated)} id(s) listed more than once: {repeated[:10]}")
-    unsafe = [i for i in ids if "/" in i or "\\" in i or i in (".", "..")]
-    if unsafe:
-        raise DatasetError(f"{path}: ids must be plain file names, got {unsafe[:10]}")
-    return ids
+    return ids, refused
+
+
+def refused_entry_problem(split: SplitLayout, number: int, entry: str) -> str:
+    """The problem recorded for a refused list entry: the list file, the line and the entry."""
+    return f"{split.list_path}, line {number}: {entry!r} is not a plain file name; refused unread"
 
 
 # -- automatic layouts ----------------------------------------------------------------------

@@ -328,6 +328,7 @@ st.subheader("Save and run")
 left, middle = st.columns(2)
 with left:
     state.setdefault("assignment_name", "auto")
+    state.setdefault("page_opened_at", time.time())
     st.text_input("Assignment name", key="assignment_name")
     note = st.text_input("Note (optional)", key="assignment_note")
     if st.button("Save assignment", key="save_assignment", type="primary"):
@@ -338,8 +339,14 @@ with left:
             st.error(str(exc))
         else:
             refresh()
-            count = len(read(queries.assignment_history, dataset.id, split, name))
-            st.success(f"Saved {name!r} version {count} (id {version_id}).")
+            mine = state.setdefault("my_assignment_saves", [])
+            number, others = assignments.saved_meanwhile(read(queries.assignment_history, dataset.id, split, name),
+                                                         version_id, state["page_opened_at"], mine)
+            mine.append(version_id)
+            st.success(f"Saved {name!r} version {number} (id {version_id}).")
+            if others:
+                st.info(f"Meanwhile another session saved {name!r} as id(s) {', '.join(map(str, others))}; "
+                        "every version is kept (Saved versions below).")
 with middle:
     st.write(f"The exact merge makes the variant “ISLE ({name})”; naive ISLE uses the automatic choice.")
     run_merge, run_naive = st.columns(2)

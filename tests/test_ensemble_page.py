@@ -290,6 +290,34 @@ def test_save_restore_merge_and_export(writable_env, tmp_path):
     assert not (dest / "JPEGImages").exists()
 
 
+def test_two_sessions_saving_one_name_both_get_versions_and_the_second_is_told(writable_env):
+    """No lost update: two page sessions open, each overrides a different class and saves under
+    the same name; both versions are stored with their own choice, and the later saver is told
+    that another session saved meanwhile."""
+    cache_dir, root = writable_env
+    plan = _direct_plan(cache_dir, root)
+    first_class, second_class = [c for c in OBJECT_CLASSES if plan.selection.n_images[:, c].max() > 0][:2]
+    sessions = [_page().run(), _page().run()]
+    for at, c in zip(sessions, (first_class, second_class)):
+        at.text_input(key="assignment_name").input("team").run()
+        at.selectbox(key=f"choice_{c}").set_value(plan.candidates[1 - plan.auto.choice[c]]).run()
+    one, two = sessions
+    one.button(key="save_assignment").click().run()
+    assert not one.exception and "Saved 'team' version 1" in one.success[0].value and not one.info
+    two.button(key="save_assignment").click().run()
+    assert not two.exception and "Saved 'team' version 2" in two.success[0].value
+    with connect(cache_dir, read_only=True) as con:
+        history = queries.assignment_history(con, dataset_id_for(root), "train", "team")
+    first, second = (assignments.decode(r) for r in history)
+    assert any(f"another session saved 'team' as id(s) {first.id}" in i.value for i in two.info)
+    auto = {c: plan.candidates[plan.auto.choice[c]] for c in OBJECT_CLASSES}
+    assert first.choice == {**auto, first_class: plan.candidates[1 - plan.auto.choice[first_class]]}
+    assert second.choice == {**auto, second_class: plan.candidates[1 - plan.auto.choice[second_class]]}
+    one.button(key="save_assignment").click().run()  # session one again: it is told about version 2 only
+    assert "Saved 'team' version 3" in one.success[0].value
+    assert any(f"as id(s) {second.id};" in i.value for i in one.info)
+
+
 def test_a_seeded_fraction_selects_and_the_rest_reports(app_env):
     cache_dir, root = app_env
     dataset_id = dataset_id_for(root)

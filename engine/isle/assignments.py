@@ -9,7 +9,7 @@ an assignment into what the page and the command line show and queue.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
 
@@ -267,6 +267,22 @@ def save(con: queries.Con, plan: Plan, name: str, note: str | None = None) -> in
         "auto": json.dumps(plan.choice_dict(plan.auto.choice)), "note": note,
         "assign": json.dumps(asdict(plan.assign)),
     })
+
+
+def saved_meanwhile(history: Sequence[dict[str, Any]], version_id: int, since: float,
+                    mine: Collection[int]) -> tuple[int, list[int]]:
+    """``(version number, ids saved meanwhile)`` of the just saved ``version_id`` among a name's
+    ``history`` (``queries.assignment_history`` rows, oldest first): its 1-based position, and the
+    earlier versions created at or after ``since`` (e.g. when a page session opened) that are not
+    in ``mine`` (that session's own saves), i.e. saved by someone else in between. Versions are
+    only ever added, so both are kept; this says so instead of letting one look overwritten.
+    Raises ``KeyError`` when ``version_id`` is not in ``history``."""
+    ids = [row["id"] for row in history]
+    if version_id not in ids:
+        raise KeyError(f"assignment version {version_id} is not in this history")
+    others = [row["id"] for row in history
+              if row["id"] < version_id and row["created_at"] >= since and row["id"] not in mine]
+    return ids.index(version_id) + 1, others
 
 
 @dataclass(frozen=True)

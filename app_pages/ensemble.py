@@ -26,12 +26,14 @@ import streamlit as st
 
 from cache import qa, queries
 from cache.db import connect
+from engine.core.roots import PathRefused
 from engine.isle import assignments
 from engine.isle.assignments import AssignRule, ClassConfidence, ClassSummary
 from engine.isle.export import IMAGE_MODES, ExportError, export_assignment
 from engine.isle.numerics import OVERLAP_RULES, Subset
 from ui.charts import budget_chart
-from ui.common import cache_dir, has_active_jobs, jobs_panel, pick_dataset_and_split, queue_chain, read, refresh
+from ui.common import (cache_dir, data_roots, has_active_jobs, jobs_panel, pick_dataset_and_split, queue_chain, read,
+                       refresh)
 
 RULES = {"score": "score: the class whose variant is more confident at the pixel (precision where "
                   "a variant stored no scores)",
@@ -422,9 +424,9 @@ if st.button("Export", key="export"):
         st.error(f"Save the assignment {name!r} first: the export is of a saved version.")
     else:
         try:
-            exported = export_assignment(directory, dataset.id, split, assignments.decode(history[-1]),
-                                         Path(dest.strip() or default_dest), images)
-        except ExportError as exc:
+            target = data_roots().check_write(dest.strip() or default_dest, "export destination")
+            exported = export_assignment(directory, dataset.id, split, assignments.decode(history[-1]), target, images)
+        except (ExportError, PathRefused) as exc:
             st.error(str(exc))
         else:
             st.success(f"Exported {exported.images} image(s) to {exported.dest}.")

@@ -16,7 +16,7 @@ from engine.core.dataset import default_voc_root
 from engine.core.registry import Offer
 from engine.methods.imported import DEFAULT_BG_THRESHOLDS, FORMATS, KEY_CONVENTIONS, SCORE_KEYS, import_step
 from engine.runtime.jobs import BASELINE
-from ui.common import cache_exists, jobs_panel, pick_dataset, queue_chain, read, refinement_steps
+from ui.common import cache_exists, data_roots, jobs_panel, pick_dataset, queue_chain, read, refinement_steps
 from ui.run_all import whole_comparison
 from ui.worker_panel import worker_panel
 
@@ -82,6 +82,7 @@ with import_tab:
         params["score_key"] = None if score_key == "first present" else score_key
     if st.button("Import", key="queue_import", disabled=not folder.strip()):
         try:
+            data_roots().check_read(folder.strip(), "import folder")  # before anything is read
             step = import_step(folder.strip(), name, **params)
         except (OSError, ValueError) as exc:
             st.error(str(exc))

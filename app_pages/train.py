@@ -36,6 +36,7 @@ from ui.common import (
     ACTIVE,
     cache_dir,
     cache_exists,
+    data_roots,
     has_active_jobs,
     jobs_panel,
     param_widgets,
@@ -124,6 +125,7 @@ then = refinement_steps("train_then", "Test-time refinements of the predictions 
 st.caption("Command line: `" + _cli(label_set, params, then, train_split, eval_split) + "`")
 if st.button("Train", key="train_submit", type="primary"):
     try:
+        data_roots().check_steps([Step(FINAL.name, params), *then])  # e.g. encoder_weights: under the roots
         queued = submit_training(directory, root, label_set, params, then=then, split=eval_split,
                                  train_split=train_split)
     except (DatasetError, KeyError, ValueError) as exc:

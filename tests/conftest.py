@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 from bench.data import grown_mask
+from engine.core.roots import ENV_DATA_ROOTS, ENV_EXPORT_ROOTS
 from engine.core.types import Cancelled, Item
 
 # The app starts a worker for its cache by itself (ui.common.keep_worker_alive); the page tests
@@ -112,6 +114,22 @@ class Reports:
 
     def done(self, name: str) -> list[int]:
         return [d for d, _ in self.stage(name)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_roots_for_tests(tmp_path_factory) -> Iterator[Path]:
+    """The tests' scratch folders are data roots (read and export), as a lab adds its own with
+    ``ISLE_DATA_ROOTS`` / ``ISLE_EXPORT_ROOTS`` (``engine.core.roots``); subprocesses inherit them.
+    Session-wide, so session fixtures that queue jobs see them too."""
+    base = tmp_path_factory.getbasetemp().resolve()
+    saved = {name: os.environ.get(name) for name in (ENV_DATA_ROOTS, ENV_EXPORT_ROOTS)}
+    os.environ[ENV_DATA_ROOTS] = os.environ[ENV_EXPORT_ROOTS] = str(base)
+    yield base
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

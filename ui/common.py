@@ -26,6 +26,7 @@ from engine.core import registry
 from engine.core.chains import Step, dataset_id_for
 from engine.core.dataset import DatasetError, default_voc_root
 from engine.core.registry import Offer, Plugin, Role
+from engine.core.roots import DataRoots
 from engine.runtime import supervisor
 from engine.runtime.jobs import cancel, submit_chain
 
@@ -180,11 +181,17 @@ def jobs_panel() -> None:
                 st.dataframe(read(queries.image_errors, job.id), hide_index=True)
 
 
+def data_roots() -> DataRoots:
+    """The folders under which this app reads and writes for a user (``engine.core.roots``)."""
+    return DataRoots.configured(cache_dir())
+
+
 def queue_chain(root: Path, split: str, steps: list[Step], source_variant_id: str | None = None,
                 nothing: str = "every variant of the chain is complete") -> list[int] | None:
     """Submit a chain (``engine.runtime.jobs.submit_chain``) and say what was queued, or why nothing was;
     returns the job ids, or None after showing the error of a refused chain."""
     try:
+        data_roots().check_steps(steps)  # a path parameter outside the data roots: refused, unread
         ids = submit_chain(cache_dir(), Path(root), split, steps, source_variant_id)
     except (DatasetError, KeyError, ValueError) as exc:
         st.error(str(exc))

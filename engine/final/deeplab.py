@@ -23,7 +23,7 @@ Deviation: GroupNorm in the ASPP image-pooling branch (``pool_norm``). Costs: do
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,8 @@ class DeepLabConfig:
     Inference fields re-predict with the same trained model."""
 
     encoder: str = "efficientnet_lite0"  # engine.ops.backbone.BACKBONES key, or an smp encoder name
-    encoder_weights: str | None = None  # local state dict for a non-Lite encoder (None: random init)
+    # a local state dict for a non-Lite encoder (None: random init); a user's path (engine.core.roots)
+    encoder_weights: str | None = field(default=None, metadata={"path": "read"})
     output_stride: int = 16
     # The ASPP image-pooling branch normalises one value per image and channel: with smp's
     # BatchNorm and batch 8 its running variance collapsed to 5e-16 in one training (val

@@ -25,7 +25,7 @@ and the settings, not the files' contents. Measurements: docs/methods/imported.m
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,8 @@ class ImportConfig:
     png, so one folder read one way is one variant.
     """
 
-    folder: str = ""  # absolute path of the folder holding <image id>.<format>
+    # absolute path of the folder holding <image id>.<format>; a user's path (engine.core.roots)
+    folder: str = field(default="", metadata={"path": "read"})
     format: str = "png"  # "png" (label maps) or "npy" (WSSS score dicts)
     score_key: str | None = None  # npy: which scores to read; None = first of SCORE_KEYS present
     bg_threshold: float | None = None  # npy: constant background score; None = DEFAULT_BG_THRESHOLDS

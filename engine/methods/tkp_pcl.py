@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,8 @@ class TKPPCLConfig:
     """
 
     backbone: str = "efficientnet_lite0"  # engine.ops.backbone key; the encoder when vit_weights is ""
-    vit_weights: str = ""  # local timm ViT state dict; non-empty = ViT encoder (the paper's)
+    # a local timm ViT state dict; non-empty = the ViT encoder (the paper's); a user's path (engine.core.roots)
+    vit_weights: str = field(default="", metadata={"path": "read"})
     vit_name: str = "vit_base_patch16_224"  # timm architecture of vit_weights (paper: ViT-B/16)
     input_size: int = 256  # images resized to a square of this side: 16 x 16 patches (paper: 384, 24 x 24)
     flip: bool = True  # also encode the mirrored image; each training sample draws one view

@@ -45,6 +45,7 @@ from cache.rows import Job
 from cache.classes import ClassSet
 from engine.core.chains import Step, dataset_id_for
 from engine.core.dataset import DatasetError, default_voc_root
+from engine.core.roots import DataRoots, PathRefused
 from engine.isle import assignments
 from engine.isle.export import IMAGE_MODES, ExportError, export_assignment, export_variant
 from engine.isle.numerics import OVERLAP_RULES, Subset
@@ -59,8 +60,9 @@ from engine.runtime.worker import WorkerConfig, serve
 Handler = Callable[[argparse.Namespace], None]
 
 
-def _steps(names: list[str], params: list[str]) -> list[Step]:
-    """``names`` plus ``--param step.key=value`` overrides (values parsed as JSON when they can be)."""
+def _steps(names: list[str], params: list[str], roots: DataRoots) -> list[Step]:
+    """``names`` plus ``--param step.key=value`` overrides (values parsed as JSON when they can be);
+    a path parameter outside the data ``roots`` exits with the refusal (``engine.core.roots``)."""
     overrides: dict[str, dict] = {name: {} for name in names}
     for text in params:
         key, sep, value = text.partition("=")
@@ -71,7 +73,12 @@ def _steps(names: list[str], params: list[str]) -> list[Step]:
             overrides[step][field] = json.loads(value)
         except json.JSONDecodeError:
             overrides[step][field] = value
-    return [Step(name, overrides[name]) for name in names]
+    steps = [Step(name, overrides[name]) for name in names]
+    try:
+        roots.check_steps(steps)
+    except PathRefused as exc:
+        raise SystemExit(f"--param {exc}") from None
+    return steps
 
 
 class _Bars:
@@ -210,7 +217,7 @@ def _add_submit_and_run(sub: argparse._SubParsersAction) -> None:
             raise SystemExit(f"{args.command}: --plan and --yes go with --all")
         if not args.steps:
             raise SystemExit(f"{args.command}: give a method then refinements (e.g. cam dcrf), or --all")
-        _queue_and_work(args, _steps(args.steps, args.param), args.from_variant, work=work)
+        _queue_and_work(args, _steps(args.steps, args.param, args.roots), args.from_variant, work=work)
 
     for name in ("submit", "run"):
         p = sub.add_parser(name, help="queue a chain" + (" and work until idle" if name == "run" else "")
@@ -228,7 +235,7 @@ def _add_submit_and_run(sub: argparse._SubParsersAction) -> None:
 
 def _add_import(sub: argparse._SubParsersAction) -> None:
     def handle(args: argparse.Namespace) -> None:
-        params = _steps(["import"], args.param)[0].params
+        params = _steps(["import"], args.param, args.roots)[0].params
         if args.format:
             params["format"] = args.format
         try:
@@ -471,7 +478,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
     def handle(args: argparse.Namespace) -> None:
         """Queue a training, work until done, print every training's mIoU on ``--on``."""
-        params = _steps([final], args.param)[0].params
+        params = _steps([final], args.param, args.roots)[0].params
         try:
             queued = submit_training(args.cache, args.root, args.label_set, params,
                                      then=[Step(name) for name in args.then], split=args.on, train_split=args.split)
@@ -698,5 +705,23 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args.cache = (args.cache or default_cache_dir()).resolve()
+    args.roots = DataRoots.configured(args.cache)
+    try:
+        _check_path_arguments(args)
+    except PathRefused as exc:
+        raise SystemExit(str(exc)) from None
     args.root = (args.root or default_voc_root()).resolve()
     args.func(args)
+
+
+# Every path argument a subcommand takes, and whether it is read or written (engine.core.roots).
+PATH_ARGUMENTS = {"root": ("read", "--dataset"), "folder": ("read", "import folder"),
+                  "dest": ("write", "export destination"), "export": ("write", "--export")}
+
+
+def _check_path_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before anything is read, a path argument outside the data roots."""
+    for attr, (mode, what) in PATH_ARGUMENTS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            (args.roots.check_write if mode == "write" else args.roots.check_read)(value, what)

@@ -7,10 +7,10 @@ then run that page file directly, bypassing this router (for every later session
 
 import streamlit as st
 
+from cache.db import CacheCorrupt
 from ui.common import keep_worker_alive
 
 st.set_page_config(page_title="ISLE Workbench", layout="wide")
-keep_worker_alive()  # a job queued from any page is run without a terminal (ISLE_WORKER=off: not)
 HOME = "app_pages/home.py"
 navigation = st.navigation([
     st.Page(HOME, title="Home", icon=":material/home:", url_path="index", default=True),
@@ -22,4 +22,8 @@ navigation = st.navigation([
     # expects, is the same page kept out of the menu.
     st.Page(HOME, title="Home", url_path="home", visibility="hidden"),
 ])
-navigation.run()
+try:
+    keep_worker_alive()  # a job queued from any page is run without a terminal (ISLE_WORKER=off: not)
+    navigation.run()
+except CacheCorrupt as exc:  # every page reads the cache: say what is wrong and how to recover
+    st.error(str(exc))

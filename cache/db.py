@@ -9,6 +9,7 @@ the same file side by side.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -27,6 +28,29 @@ _schema_ready: set[tuple[Path, int]] = set()  # (file, inode) whose schema this 
 
 class CacheBusy(TimeoutError):
     """The cache file stayed locked by another process for longer than the timeout."""
+
+
+class CacheCorrupt(RuntimeError):
+    """The cache's DuckDB file is not a valid database, or is cut short; it was left as it is."""
+
+
+# What DuckDB says of a file that is not a database, or of one cut short (a read past its end).
+_DAMAGE_SIGNS = ("not a valid DuckDB database file", "Could not read enough bytes", "database file is corrupt",
+                 "checksum")
+
+
+def _is_damage(exc: BaseException) -> bool:
+    return isinstance(exc, duckdb.Error) and any(sign in str(exc) for sign in _DAMAGE_SIGNS)
+
+
+def damaged(path: Path, exc: BaseException) -> CacheCorrupt:
+    """The error for a damaged cache file: what DuckDB saw, that nothing was changed, how to recover."""
+    seen = str(exc).strip().splitlines()[0]
+    return CacheCorrupt(
+        f"{path}: the cache database is damaged ({seen}). It was left as it is. To recover: stop the worker "
+        f"(python -m engine worker --stop), move the file aside (mv {path} {path}.damaged) and queue the jobs "
+        f"again: a new database is made, the trained models in {path.parent / 'models'} are reused and the "
+        "label maps are made again. Keep the damaged file for a DuckDB expert (or the EXPORT of an older copy).")
 
 
 def default_cache_dir() -> Path:
@@ -51,7 +75,9 @@ def connect(cache_dir: Path, *, read_only: bool = False, timeout: float = 60.0) 
     A writer creates the directory and the schema and runs inside one transaction (committed on
     success, rolled back on error). The first reader in a process also opens a writer once, so a
     cache made by an older schema version gets its new tables. Raises ``FileNotFoundError`` for a read-only connection to a
-    cache that does not exist yet, and ``CacheBusy`` after ``timeout`` seconds of lock conflicts.
+    cache that does not exist yet, ``CacheBusy`` after ``timeout`` seconds of lock conflicts, and
+    ``CacheCorrupt`` (naming the file and how to recover) when the file is not a valid database
+    or a query reads past its end; the file is never rewritten then.
     """
     path = db_path(cache_dir)
     if read_only and not path.exists():
@@ -71,6 +97,8 @@ def connect(cache_dir: Path, *, read_only: bool = False, timeout: float = 60.0) 
                 con = duckdb.connect(str(path), read_only=read_only)
                 break
             except (duckdb.IOException, duckdb.ConnectionException) as exc:
+                if _is_damage(exc):
+                    raise damaged(path, exc) from exc
                 if not _is_lock_conflict(exc) or time.monotonic() > deadline:
                     if _is_lock_conflict(exc):
                         raise CacheBusy(f"{path}: still locked by another process after {timeout:.0f} s") from exc
@@ -88,9 +116,14 @@ def connect(cache_dir: Path, *, read_only: bool = False, timeout: float = 60.0) 
                 try:
                     yield con
                 except BaseException:
-                    con.execute("ROLLBACK")
+                    with contextlib.suppress(duckdb.Error):  # on a damaged file the rollback fails too;
+                        con.execute("ROLLBACK")              # closing discards the transaction anyway
                     raise
                 con.execute("COMMIT")
                 _schema_ready.add(file_key)
+        except duckdb.Error as exc:  # a read past the end of a file cut short surfaces in a query
+            if _is_damage(exc):
+                raise damaged(path, exc) from exc
+            raise
         finally:
             con.close()

@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cache import diagnostics, qa, queries, reports
-from cache.db import connect, default_cache_dir
+from cache.db import CacheCorrupt, connect, default_cache_dir
 from cache.rows import Job
 from cache.classes import ClassSet
 from engine.core.chains import Step, dataset_id_for
@@ -711,7 +711,10 @@ def main(argv: list[str] | None = None) -> None:
     except PathRefused as exc:
         raise SystemExit(str(exc)) from None
     args.root = (args.root or default_voc_root()).resolve()
-    args.func(args)
+    try:
+        args.func(args)
+    except CacheCorrupt as exc:  # what is wrong and how to recover, not a traceback; the file is untouched
+        raise SystemExit(str(exc)) from None
 
 
 # Every path argument a subcommand takes, and whether it is read or written (engine.core.roots).

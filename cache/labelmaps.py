@@ -9,8 +9,12 @@ under the final name. Their paths are recorded only in DuckDB (``cache/queries.p
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,34 @@ class LabelMapError(ValueError):
     """A label map file that cannot be used; the message names the file and the problem."""
 
 
+class DiskFull(RuntimeError):
+    """No space left (or the quota reached) where a label map or scores file was being written.
+
+    Not a per-image problem: the job stops (its finished images stay recorded) and resumes once
+    space is freed. The partial temporary file is removed; the final name was never touched.
+    """
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """A temporary name for ``path``, renamed onto it when the block succeeds and removed when it
+    fails; ``DiskFull`` naming the file and the free space for a full device or quota."""
+    tmp = atomic_target(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            free = shutil.disk_usage(path.parent).free
+            raise DiskFull(f"{path}: no space left on its device ({free:,} bytes free; {exc.strerror}). Free "
+                           "space, then queue the job again: it resumes at its first image not recorded") from exc
+        raise
+
+
 def atomic_target(path: Path) -> Path:
     """A temporary name next to ``path``, unique per process and thread (the app's sessions are
     threads of one process and may write the same thumbnail at once)."""
@@ -37,7 +69,8 @@ def write_label_map(path: Path, label: np.ndarray, classes: ClassSet | None = No
 
     classes: the class set its values must belong to, whose palette colours the file; None
     (a map already checked, e.g. a thumbnail) skips the check and uses the VOC bit pattern.
-    Raises ``LabelMapError`` naming the file for a wrong shape, dtype or label value.
+    Raises ``LabelMapError`` naming the file for a wrong shape, dtype or label value, and
+    ``DiskFull`` when the device or quota is full.
     """
     label = np.asarray(label)
     if label.ndim != 2 or label.dtype != np.uint8:
@@ -48,9 +81,8 @@ def write_label_map(path: Path, label: np.ndarray, classes: ClassSet | None = No
             raise LabelMapError(f"{path}: label values {bad} are not classes ({classes.valid_range()})")
     image = Image.fromarray(label, mode="P")
     image.putpalette(_BIT_PALETTE if classes is None else classes.palette.flatten().tolist())
-    tmp = atomic_target(path)
-    image.save(tmp, format="PNG", compress_level=1)  # zlib's fastest: label maps are flat regions
-    os.replace(tmp, path)
+    with _atomic(path) as tmp:
+        image.save(tmp, format="PNG", compress_level=1)  # zlib's fastest: label maps are flat regions
 
 
 def read_label_map(path: Path) -> np.ndarray:
@@ -77,10 +109,8 @@ def write_scores(path: Path, classes: tuple[int, ...], scores: np.ndarray) -> No
     scores = np.asarray(scores)
     if scores.ndim != 3 or scores.shape[0] != len(classes):
         raise LabelMapError(f"{path}: expected scores of shape ({len(classes)}, h, w), got {scores.shape}")
-    tmp = atomic_target(path)
-    with open(tmp, "wb") as f:
+    with _atomic(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, classes=np.asarray(classes, np.int16), scores=scores.astype(np.float16))
-    os.replace(tmp, path)
 
 
 def read_scores(path: Path) -> tuple[tuple[int, ...], np.ndarray]:

@@ -355,8 +355,8 @@ def test_a_killed_training_task_is_rerun_by_ray_and_resumes_from_its_checkpoint(
 
     reports: list = []
     weights = _trained_weights(tmp_path, cluster, reports, during=killing)
-    assert killed and reruns, "the training task was not seen again after the kill"
-    assert killed[0] not in reruns  # Ray ran it again in another process ...
+    # Ray ran it again in another process (the killed one may still be listed for a moment) ...
+    assert killed and reruns - set(killed), "the training task was not seen again after the kill"
     steps = [done for stage, done, _ in reports if stage == "train"]
     assert steps.count(1) == 1 and steps[-1] == 20  # ... from its checkpoint, not from step 0
     _assert_same_training(weights, local_training)

@@ -1,11 +1,11 @@
 """Gradient-free forward passes on CPU through ONNX Runtime: the same network, executed faster.
 
-``checked_runner(fn, channels, device)`` exports ``fn`` (a module, or a method such as a trained
-network's ``class_maps``; dynamic batch, height and width) to ONNX in memory with torch's
+``checked_onnx(fn)`` exports ``fn`` (a module, or a method such as a trained network's
+``class_maps``; image input, dynamic batch, height and width) to ONNX in memory with torch's
 exporter, opens an ONNX Runtime CPU session on as many threads as torch uses, and checks it
 against the PyTorch forward on a probe before it is used: the outputs must agree within
-``TOLERANCE`` of their peak, else (or when the export fails) PyTorch runs as before and a warning
-says why. On CUDA the PyTorch forward is used. ``class_maps_runner`` is it for CAM labelling;
+``TOLERANCE`` of their peak, else (or when the export fails) it gives None and a warning says
+why, and PyTorch runs as before. ``class_maps_runner`` is it for CAM labelling (PyTorch on CUDA);
 CAM training runs its frozen stages through it (their forward pass needs no gradient).
 
 ONNX Runtime: onnxruntime.ai, "CPU execution provider"; torch.onnx: pytorch.org/docs, "torch.onnx
@@ -49,25 +49,20 @@ def _as_module(fn: nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> nn.Mod
     return fn if isinstance(fn, nn.Module) else _Method(fn)
 
 
-def export_forward(fn: nn.Module | Callable[[torch.Tensor], torch.Tensor], channels: int = 3) -> bytes:
+def export_forward(fn: nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> bytes:
     """``fn`` (a module or a module's method) as an ONNX model (opset 17), input
-    ``x: (B, channels, H, W) float32`` with B, H, W dynamic, output ``y`` (``cams`` for CAMs).
-    The module is put in eval mode for the export and left so."""
+    ``x: (B, 3, H, W) float32`` with B, H, W dynamic, output ``y``. The module is put in eval
+    mode for the export and left so."""
     module = _as_module(fn)
     module.eval()
     buffer = io.BytesIO()
-    probe = torch.zeros(2, channels, *PROBE_HW)
+    probe = torch.zeros(2, 3, *PROBE_HW)
     with warnings.catch_warnings():  # the TorchScript exporter warns that it is deprecated
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (probe,), buffer, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}}, opset_version=17,
                           dynamo=False)
     return buffer.getvalue()
-
-
-def export_class_maps(net: nn.Module) -> bytes:
-    """``net.class_maps`` as an ONNX model: ``export_forward`` of it, ``(B, 3, H, W)`` input."""
-    return export_forward(net.class_maps)
 
 
 def onnx_forward(model: bytes, threads: int) -> ClassMaps:
@@ -86,17 +81,16 @@ def onnx_forward(model: bytes, threads: int) -> ClassMaps:
     return forward
 
 
-def checked_onnx(fn: nn.Module | Callable[[torch.Tensor], torch.Tensor],
-                 channels: int = 3) -> ClassMaps | None:
-    """An ONNX Runtime CPU session of ``fn`` (a module or a module's method, ``(B, channels, H, W)
+def checked_onnx(fn: nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> ClassMaps | None:
+    """An ONNX Runtime CPU session of ``fn`` (a module or a module's method, ``(B, 3, H, W)
     float32`` in) when its export matches PyTorch on a probe within ``TOLERANCE`` of the peak, else
     None (a warning says why). Export and check take a few seconds once per network. Puts the
     module in eval mode; ``fn``'s output must not depend on the mode afterwards (a trained network,
     or frozen stages with frozen batch norm and no dropout)."""
     module = _as_module(fn)
     try:
-        runner = onnx_forward(export_forward(module, channels), torch.get_num_threads())
-        probe = torch.from_numpy(np.random.default_rng(0).standard_normal((2, channels, *PROBE_HW), dtype=np.float32))
+        runner = onnx_forward(export_forward(module), torch.get_num_threads())
+        probe = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, *PROBE_HW), dtype=np.float32))
         with torch.inference_mode():
             expected = module(probe.contiguous(memory_format=torch.channels_last))
         error = float((runner(probe) - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
@@ -110,18 +104,12 @@ def checked_onnx(fn: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     return runner
 
 
-def checked_runner(fn: nn.Module | Callable[[torch.Tensor], torch.Tensor], device: str,
-                   channels: int = 3) -> ClassMaps:
-    """The fastest checked way to run ``fn`` without gradients on ``device``: ``checked_onnx(fn)``
-    on CPU when it matches PyTorch, else ``fn`` itself (and always on CUDA)."""
-    return (checked_onnx(fn, channels) if device == "cpu" else None) or fn
-
-
 def _name(fn: nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> str:
     return type(fn).__name__ if isinstance(fn, nn.Module) else f"{type(fn.__self__).__name__}.{fn.__name__}"
 
 
 def class_maps_runner(net: nn.Module, device: str) -> ClassMaps:
-    """``checked_runner(net.class_maps, device)``: the CAMs ``(B, N, h, w) float32`` of a trained
-    network, through ONNX Runtime on CPU when it matches PyTorch."""
-    return checked_runner(net.class_maps, device)
+    """The fastest checked way to compute the CAMs ``(B, N, h, w) float32`` of a trained network
+    on ``device``: ``checked_onnx(net.class_maps)`` on CPU when it matches PyTorch, else
+    ``net.class_maps`` itself (always on CUDA)."""
+    return (checked_onnx(net.class_maps) if device == "cpu" else None) or net.class_maps

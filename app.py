@@ -8,9 +8,11 @@ then run that page file directly, bypassing this router (for every later session
 import streamlit as st
 
 from cache.db import CacheCorrupt
+from ui.auth import require_sign_in
 from ui.common import keep_worker_alive
 
 st.set_page_config(page_title="ISLE Workbench", layout="wide")
+require_sign_in()  # team mode: nothing but the sign-in form until this session signs in
 HOME = "app_pages/home.py"
 navigation = st.navigation([
     st.Page(HOME, title="Home", icon=":material/home:", url_path="index", default=True),

@@ -31,6 +31,7 @@ from engine.isle import assignments
 from engine.isle.assignments import AssignRule, ClassConfidence, ClassSummary
 from engine.isle.export import IMAGE_MODES, ExportError, export_assignment
 from engine.isle.numerics import OVERLAP_RULES, Subset
+from ui.auth import current_user
 from ui.charts import budget_chart
 from ui.common import (cache_dir, data_roots, has_active_jobs, jobs_panel, pick_dataset_and_split, queue_chain, read,
                        refresh)
@@ -336,7 +337,7 @@ with left:
     if st.button("Save assignment", key="save_assignment", type="primary"):
         try:
             with connect(directory) as con:
-                version_id = assignments.save(con, plan, name, note.strip() or None)
+                version_id = assignments.save(con, plan, name, note.strip() or None, current_user())
         except ValueError as exc:
             st.error(str(exc))
         else:
@@ -384,7 +385,7 @@ else:
     decoded = [assignments.decode(r) for r in history]
     st.dataframe(
         [{"version": k, "id": s.id, "saved at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_at)),
-          "note": s.note, "candidates": len(s.candidates), "assignment rule": s.assign.label(),
+          "by": s.created_by or "—", "note": s.note, "candidates": len(s.candidates), "assignment rule": s.assign.label(),
           "overlap rule": s.rule,
           "selection": "whole split" if s.subset.fraction >= 1 else f"{s.subset.fraction:g} (seed {s.subset.seed})",
           # The stored automatic choice is Algorithm 2's: for a stable version this lists what the rule moved too.

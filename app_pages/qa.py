@@ -26,6 +26,7 @@ from cache.db import connect
 from cache.labelmaps import LabelMapError
 from cache.thumbnails import ThumbnailError
 from engine.core.types import ImageError
+from ui.auth import current_user
 from ui.charts import row_labels
 from ui.common import cache_dir, pick_dataset_and_split, read, refresh
 from ui.qa_view import (
@@ -248,7 +249,8 @@ def _close() -> None:
 
 def _save_flag(image_id: str, variant_id: str | None) -> None:
     with connect(directory) as con:
-        qa.set_flag(con, dataset.id, image_id, state["qa_flag_kind"], state.get("qa_flag_note", ""), variant_id)
+        qa.set_flag(con, dataset.id, image_id, state["qa_flag_kind"], state.get("qa_flag_note", ""), variant_id,
+                    current_user())
     state["qa_flag_note"] = ""
     refresh()
 
@@ -357,11 +359,12 @@ def flag_list() -> None:
                            format_func=qa.FLAG_KINDS.get, key="qa_flag_kinds")
     rows = [r for r in rows if r["kind"] in kinds]
     table_rows = [{"image": r["image_id"], "kind": qa.FLAG_KINDS[r["kind"]], "note": r["note"],
-                   "variant": r["variant_name"], "splits": ", ".join(r["splits"] or [])} for r in rows]
+                   "variant": r["variant_name"], "by": r["created_by"] or "—",
+                   "splits": ", ".join(r["splits"] or [])} for r in rows]
     st.dataframe(table_rows, hide_index=True)
     ids = sorted({r["image_id"] for r in rows})
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=["image", "kind", "note", "variant", "splits"])
+    writer = csv.DictWriter(text, fieldnames=["image", "kind", "note", "variant", "by", "splits"])
     writer.writeheader()
     writer.writerows(table_rows)
     left, right = st.columns(2)

@@ -31,6 +31,7 @@ from engine.core.dataset import DatasetError
 from engine.core.registry import Role
 from engine.isle import assignments
 from engine.runtime.trainings import GROUND_TRUTH, ISLE_PREFIX, final_plugin, submit_training, trainings
+from ui.auth import current_user
 from ui.charts import column_order, iou_heatmap, loss_curve, miou_bars, truth_note, validation_curve
 from ui.common import (
     ACTIVE,
@@ -127,7 +128,7 @@ if st.button("Train", key="train_submit", type="primary"):
     try:
         data_roots().check_steps([Step(FINAL.name, params), *then])  # e.g. encoder_weights: under the roots
         queued = submit_training(directory, root, label_set, params, then=then, split=eval_split,
-                                 train_split=train_split)
+                                 train_split=train_split, created_by=current_user())
     except (DatasetError, KeyError, ValueError) as exc:
         st.error(str(exc))
     else:

@@ -229,16 +229,17 @@ def image_label_maps(con: Con, dataset_id: str, image_id: str) -> dict[str, tupl
 
 
 def set_flag(con: Con, dataset_id: str, image_id: str, kind: str, note: str = "",
-             variant_id: str | None = None) -> None:
-    """Flag an image (replacing its flag of the same kind). Raises ``ValueError`` for an unknown
-    kind, and ``KeyError`` for an image the dataset does not list."""
+             variant_id: str | None = None, created_by: str | None = None) -> None:
+    """Flag an image (replacing its flag of the same kind); ``created_by``: the signed-in user
+    (team mode), else None. Raises ``ValueError`` for an unknown kind, and ``KeyError`` for an
+    image the dataset does not list."""
     if kind not in FLAG_KINDS:
         raise ValueError(f"unknown flag kind {kind!r}; expected one of {list(FLAG_KINDS)}")
     if con.execute("SELECT count(*) FROM images WHERE dataset_id = ? AND image_id = ?",
                    [dataset_id, image_id]).fetchone()[0] == 0:
         raise KeyError(f"image {image_id!r} is not in dataset {dataset_id}")
-    con.execute("INSERT OR REPLACE INTO flags VALUES (?, ?, ?, ?, ?, ?)",
-                [dataset_id, image_id, kind, note, variant_id, time.time()])
+    con.execute("INSERT OR REPLACE INTO flags (dataset_id, image_id, kind, note, variant_id, created_at, created_by) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)", [dataset_id, image_id, kind, note, variant_id, time.time(), created_by])
 
 
 def remove_flag(con: Con, dataset_id: str, image_id: str, kind: str) -> None:
@@ -247,10 +248,10 @@ def remove_flag(con: Con, dataset_id: str, image_id: str, kind: str) -> None:
 
 def flags(con: Con, dataset_id: str, kinds: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Every flag of the dataset (of ``kinds`` when given), newest first, with the flagged
-    variant's name and the splits listing the image."""
+    variant's name, who flagged it (team mode) and the splits listing the image."""
     kind_filter = "AND f.kind IN (SELECT unnest(?::VARCHAR[]))" if kinds is not None else ""
     return _dicts(con.execute(
-        f"""SELECT f.image_id, f.kind, f.note, f.variant_id, v.name AS variant_name, f.created_at,
+        f"""SELECT f.image_id, f.kind, f.note, f.variant_id, v.name AS variant_name, f.created_at, f.created_by,
                    (SELECT list(DISTINCT i.split ORDER BY i.split) FROM images i
                     WHERE i.dataset_id = f.dataset_id AND i.image_id = f.image_id) AS splits
             FROM flags f LEFT JOIN variants v ON v.id = f.variant_id

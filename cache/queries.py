@@ -391,11 +391,11 @@ def save_assignment(con: Con, row: dict[str, Any]) -> int:
     """Add a version of a named assignment (see ``assignments`` in schema.py); returns its id."""
     return con.execute(
         """INSERT INTO assignments (dataset_id, split, name, candidates, selection, rule, choice, auto,
-                                    note, created_at, assign)
+                                    note, created_at, assign, created_by)
            VALUES ($dataset_id, $split, $name, $candidates, $selection, $rule, $choice, $auto, $note,
-                   $created_at, $assign) RETURNING id""",
+                   $created_at, $assign, $created_by) RETURNING id""",
         {**row, "created_at": row.get("created_at") or time.time(), "note": row.get("note"),
-         "assign": row.get("assign")},
+         "assign": row.get("assign"), "created_by": row.get("created_by")},
     ).fetchone()[0]
 
 
@@ -425,11 +425,12 @@ def assignment_history(con: Con, dataset_id: str, split: str, name: str) -> list
 
 
 def insert_job(con: Con, kind: str, dataset_id: str, variant_id: str | None, split: str | None,
-               depends_on: int | None) -> int:
+               depends_on: int | None, created_by: str | None = None) -> int:
+    """Queue a job; ``created_by``: the signed-in user who asked for it (team mode), else None."""
     return con.execute(
-        """INSERT INTO jobs (kind, dataset_id, variant_id, split, status, depends_on, created_at)
-           VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id""",
-        [kind, dataset_id, variant_id, split, JobStatus.QUEUED.value, depends_on, time.time()],
+        """INSERT INTO jobs (kind, dataset_id, variant_id, split, status, depends_on, created_at, created_by)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id""",
+        [kind, dataset_id, variant_id, split, JobStatus.QUEUED.value, depends_on, time.time(), created_by],
     ).fetchone()[0]
 
 

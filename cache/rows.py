@@ -123,6 +123,7 @@ class Job:
     started_at: float | None
     heartbeat_at: float | None
     finished_at: float | None
+    created_by: str | None = None  # the signed-in user who queued it (team mode), else None
     variant_name: str | None = None
     dependency_status: str | None = None
 

@@ -17,7 +17,8 @@ import duckdb
 # 9: sweep_totals (per-split sums of sweep_counts), built once from the rows of an older cache;
 # 10: stage_costs (measured seconds per stage and unit of work), workers (live workers and their
 #     heartbeats, whether or not they run a job)
-SCHEMA_VERSION = 10
+# 11: created_by (the signed-in user of team mode, NULL otherwise) of jobs, assignments and flags
+SCHEMA_VERSION = 11
 TOTALS_SINCE = 6  # the version that added count_totals
 SWEEP_TOTALS_SINCE = 9  # the version that added sweep_totals
 
@@ -108,7 +109,8 @@ STATEMENTS = (
         id BIGINT PRIMARY KEY DEFAULT nextval('assignment_ids'), dataset_id VARCHAR NOT NULL,
         split VARCHAR NOT NULL, name VARCHAR NOT NULL, candidates VARCHAR NOT NULL,
         selection VARCHAR NOT NULL, rule VARCHAR NOT NULL, choice VARCHAR NOT NULL,
-        auto VARCHAR NOT NULL, note VARCHAR, created_at DOUBLE NOT NULL, assign VARCHAR)""",
+        auto VARCHAR NOT NULL, note VARCHAR, created_at DOUBLE NOT NULL, assign VARCHAR,
+        created_by VARCHAR)""",
     # Training curves of a variant that trains a network (DeepLabV3+): name is "loss" (per step)
     # or "val_miou" (per epoch, on the first images of the job's split); step counts from 1.
     """CREATE TABLE IF NOT EXISTS train_log (
@@ -120,7 +122,7 @@ STATEMENTS = (
     """CREATE TABLE IF NOT EXISTS flags (
         dataset_id VARCHAR NOT NULL, image_id VARCHAR NOT NULL, kind VARCHAR NOT NULL,
         note VARCHAR NOT NULL DEFAULT '', variant_id VARCHAR, created_at DOUBLE NOT NULL,
-        PRIMARY KEY (dataset_id, image_id, kind))""",
+        created_by VARCHAR, PRIMARY KEY (dataset_id, image_id, kind))""",
     "CREATE SEQUENCE IF NOT EXISTS job_ids START 1",
     # kind 'scan' registers a dataset; kind 'label' makes a variant's label maps for a split;
     # kind 'recount' counts a variant's stored label maps again (engine.runtime.worker._run_recount).
@@ -132,7 +134,7 @@ STATEMENTS = (
         depends_on BIGINT, cancel_requested BOOLEAN NOT NULL DEFAULT FALSE,
         attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL DEFAULT 3,
         worker VARCHAR, created_at DOUBLE NOT NULL, started_at DOUBLE, heartbeat_at DOUBLE,
-        finished_at DOUBLE)""",
+        finished_at DOUBLE, created_by VARCHAR)""",
     # What one stage of a job cost on this machine: seconds over units (images; training: steps)
     # done in the runs of that job (a resumed run adds only its own), for the estimates shown
     # before a run is queued (engine.runtime.plan). plugin: the step's registry name (the job's
@@ -178,6 +180,8 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
             if int(row[0]) < since:
                 rebuild_totals(con, totals)
         con.execute("ALTER TABLE assignments ADD COLUMN IF NOT EXISTS assign VARCHAR")
+        for table in ("jobs", "assignments", "flags"):
+            con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS created_by VARCHAR")
         con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
 
 

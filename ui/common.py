@@ -27,6 +27,7 @@ from engine.core.chains import Step, dataset_id_for
 from engine.core.dataset import DatasetError, default_voc_root
 from engine.core.registry import Offer, Plugin, Role
 from engine.core.roots import DataRoots
+from ui.auth import current_user
 from engine.runtime import supervisor
 from engine.runtime.jobs import cancel, submit_chain
 
@@ -171,7 +172,7 @@ def jobs_panel() -> None:
                    "(Start on Home, or `python -m engine worker`).")
     st.dataframe(
         [{"job": j.id, "kind": j.kind, "variant": j.variant_name, "split": j.split, "status": j.status,
-          "stage": j.stage, "done": j.done, "total": j.total, "bad images": j.n_errors, "error": j.error}
+          "by": j.created_by or "—", "stage": j.stage, "done": j.done, "total": j.total, "bad images": j.n_errors, "error": j.error}
          for j in jobs],
         hide_index=True,
     )
@@ -192,7 +193,7 @@ def queue_chain(root: Path, split: str, steps: list[Step], source_variant_id: st
     returns the job ids, or None after showing the error of a refused chain."""
     try:
         data_roots().check_steps(steps)  # a path parameter outside the data roots: refused, unread
-        ids = submit_chain(cache_dir(), Path(root), split, steps, source_variant_id)
+        ids = submit_chain(cache_dir(), Path(root), split, steps, source_variant_id, created_by=current_user())
     except (DatasetError, KeyError, ValueError) as exc:
         st.error(str(exc))
         return None

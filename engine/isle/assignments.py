@@ -256,8 +256,9 @@ def step_variant_id(dataset_id: str, step: Step) -> str:
     return chain_variants(dataset_id, [step])[0].id
 
 
-def save(con: queries.Con, plan: Plan, name: str, note: str | None = None) -> int:
-    """Store ``plan``'s assignment as a new version of ``name``; returns the version's id."""
+def save(con: queries.Con, plan: Plan, name: str, note: str | None = None, created_by: str | None = None) -> int:
+    """Store ``plan``'s assignment as a new version of ``name``; returns the version's id.
+    ``created_by``: the signed-in user (team mode), else None."""
     if not name.strip():
         raise ValueError("an assignment needs a name")
     return queries.save_assignment(con, {
@@ -265,7 +266,7 @@ def save(con: queries.Con, plan: Plan, name: str, note: str | None = None) -> in
         "candidates": json.dumps(plan.candidates), "selection": json.dumps(asdict(plan.subset)),
         "rule": plan.rule, "choice": json.dumps(plan.choice_dict()),
         "auto": json.dumps(plan.choice_dict(plan.auto.choice)), "note": note,
-        "assign": json.dumps(asdict(plan.assign)),
+        "assign": json.dumps(asdict(plan.assign)), "created_by": created_by,
     })
 
 
@@ -299,6 +300,7 @@ class Saved:
     note: str | None
     created_at: float
     assign: AssignRule = AssignRule()
+    created_by: str | None = None  # the signed-in user who saved it (team mode)
 
 
 def decode(row: Mapping[str, Any]) -> Saved:
@@ -310,7 +312,8 @@ def decode(row: Mapping[str, Any]) -> Saved:
                  rule=row["rule"], choice={int(c): v for c, v in json.loads(row["choice"]).items()},
                  auto={int(c): v for c, v in json.loads(row["auto"]).items()}, note=row["note"],
                  created_at=row["created_at"],
-                 assign=AssignRule(**json.loads(row["assign"])) if row.get("assign") else AssignRule())
+                 assign=AssignRule(**json.loads(row["assign"])) if row.get("assign") else AssignRule(),
+                 created_by=row.get("created_by"))
 
 
 def rebuild(con: queries.Con, dataset_id: str, split: str, saved: Saved) -> Plan:

@@ -20,8 +20,10 @@ BASELINE = (Step("cam"), Step("dcrf"))  # what `make demo` and Home's baseline b
 
 
 def submit_chain(cache_dir: Path, root: Path, split: str, steps: Sequence[Step] = BASELINE,
-                 source_variant_id: str | None = None, after: int | None = None) -> list[int]:
+                 source_variant_id: str | None = None, after: int | None = None,
+                 created_by: str | None = None) -> list[int]:
     """Queue what is missing to have every variant of the chain on ``split``; returns job ids.
+    ``created_by``: the signed-in user who asked (team mode), recorded with each new job.
 
     A variant that already has label maps for all the split's usable images needs no job, and
     a job already queued or running for the same variant and split is reused, so submitting the
@@ -46,7 +48,7 @@ def submit_chain(cache_dir: Path, root: Path, split: str, steps: Sequence[Step] 
         dependency = None
         if dataset.scanned_at is None:
             scan = queries.open_job(con, "scan", dataset_id, None, None)
-            dependency = scan.id if scan else queries.insert_job(con, "scan", dataset_id, None, None, None)
+            dependency = scan.id if scan else queries.insert_job(con, "scan", dataset_id, None, None, None, created_by)
             job_ids.append(dependency)
         if after is not None:
             dependency = after  # it waits for the scan itself, if one is queued
@@ -63,7 +65,8 @@ def submit_chain(cache_dir: Path, root: Path, split: str, steps: Sequence[Step] 
             elif usable is not None and dependency is None and usable and labelled.get(variant.id, 0) >= usable:
                 continue  # complete already, and so is everything it depends on
             else:
-                dependency = queries.insert_job(con, "label", dataset_id, variant.id, split, dependency)
+                dependency = queries.insert_job(con, "label", dataset_id, variant.id, split, dependency,
+                                                created_by)
             job_ids.append(dependency)
     return job_ids
 

@@ -56,7 +56,8 @@ class Queued:
 
 
 def submit_training(cache_dir: Path, root: Path, label_set: str, params: dict[str, Any] | None = None, *,
-                    then: Sequence[Step] = (), split: str = "val", train_split: str = "train") -> Queued:
+                    then: Sequence[Step] = (), split: str = "val", train_split: str = "train",
+                    created_by: str | None = None) -> Queued:
     """Queue the training of the final network on ``label_set`` and its predictions on ``split``.
 
     label_set: a variant id (complete or being made on ``train_split``), ``"gt"`` (the ground
@@ -64,6 +65,7 @@ def submit_training(cache_dir: Path, root: Path, label_set: str, params: dict[st
     saved version of that ISLE assignment, queued if missing). params: the final training's
     config fields that differ from the defaults. ``then``: refinements of the predictions (e.g.
     test-time dCRF), each a variant and figure of its own. Resubmitting queues nothing new.
+    ``created_by``: the signed-in user (team mode), recorded with each new job.
     Raises ``KeyError`` for an unknown variant or assignment and ``ValueError`` for bad params.
     """
     root = Path(root).resolve()
@@ -93,10 +95,10 @@ def submit_training(cache_dir: Path, root: Path, label_set: str, params: dict[st
         after = pending.id if pending else None
     else:
         source_id = chain_variants(dataset_id, [step])[0].id
-        jobs = submit_chain(cache_dir, root, train_split, [step])
+        jobs = submit_chain(cache_dir, root, train_split, [step], created_by=created_by)
         after = jobs[-1] if jobs else None
     steps = [Step(final.name, dict(params or {})), *then]
-    jobs += submit_chain(cache_dir, root, split, steps, source_id, after=after)
+    jobs += submit_chain(cache_dir, root, split, steps, source_id, after=after, created_by=created_by)
     with connect(cache_dir, read_only=True) as con:
         made = chain_variants(dataset_id, steps, queries.get_variant(con, source_id))
     return Queued(list(dict.fromkeys(jobs)), source_id, made[0].id, [v.id for v in made[1:]])

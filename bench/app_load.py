@@ -33,7 +33,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from websockets.exceptions import ConnectionClosed
 
@@ -43,6 +45,7 @@ from engine.core.chains import Step
 from engine.runtime.jobs import submit_chain
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 PAGES = ("per-class-iou", "ensemble", "pseudo-label-qa")
 PAGE_TIMEOUT = 120.0
 BAD_TEXT = ("CacheBusy", "Could not set lock", "lock on file")
@@ -120,10 +123,10 @@ def _done(cache_dir: Path, job_id: int) -> int:
         return queries.get_job(con, job_id).done
 
 
-def _rate(cache_dir: Path, job_id: int, seconds: float, during=None) -> float:
-    """Images/s the worker recorded over ``seconds`` (while ``during()`` runs, if given)."""
+def _rate(cache_dir: Path, job_id: int, during: Callable[[], T]) -> tuple[float, T]:
+    """The images/s the worker recorded while ``during()`` ran, and what it returned."""
     first, began = _done(cache_dir, job_id), time.monotonic()
-    result = during() if during else time.sleep(seconds)
+    result = during()
     return (_done(cache_dir, job_id) - first) / (time.monotonic() - began), result
 
 
@@ -162,9 +165,9 @@ def main() -> None:
                     time.sleep(0.3)
             while _done(cache_dir, job_id) == 0:  # the job's pool is up and recording
                 time.sleep(0.5)
-            loaded, (times, errors) = _rate(cache_dir, job_id, args.seconds,
+            loaded, (times, errors) = _rate(cache_dir, job_id,
                                             lambda: asyncio.run(_load(port, args.sessions, args.seconds)))
-            alone, _ = _rate(cache_dir, job_id, args.seconds)
+            alone, _ = _rate(cache_dir, job_id, lambda: time.sleep(args.seconds))
         finally:
             for process in (app, worker):
                 process.terminate()

@@ -64,6 +64,10 @@ class DataRoots:
         ``$ISLE_EXPORT_ROOTS``); else ``PathRefused``."""
         return _inside(path, self.write, what, "written", ENV_EXPORT_ROOTS)
 
+    def check(self, mode: str, path: str | Path, what: str) -> Path:
+        """``check_write`` when ``mode`` is ``"write"``, else ``check_read``."""
+        return (self.check_write if mode == "write" else self.check_read)(path, what)
+
     def check_params(self, config: type, params: dict[str, Any], step: str) -> None:
         """Check every non-empty value of ``params`` whose field of the dataclass ``config`` is
         marked ``metadata={"path": "read"}`` (or ``"write"``). Raises ``PathRefused``."""
@@ -72,11 +76,7 @@ class DataRoots:
             value = params.get(field.name)
             if mode is None or value in (None, ""):
                 continue
-            what = f"{step}.{field.name}"
-            if mode == "write":
-                self.check_write(str(value), what)
-            else:
-                self.check_read(str(value), what)
+            self.check(mode, str(value), f"{step}.{field.name}")
 
     def check_steps(self, steps: Iterable[Step]) -> None:
         """``check_params`` of every step of a chain against its plugin's config; an unknown

@@ -727,4 +727,4 @@ def _check_path_arguments(args: argparse.Namespace) -> None:
     for attr, (mode, what) in PATH_ARGUMENTS.items():
         value = getattr(args, attr, None)
         if value is not None:
-            (args.roots.check_write if mode == "write" else args.roots.check_read)(value, what)
+            args.roots.check(mode, value, what)
